@@ -1,0 +1,1 @@
+"""Engine: the training step and loop, evaluation and metrics, checkpoints, distributed helpers."""
