@@ -1,0 +1,90 @@
+"""The few torch.distributed helpers training needs: setup from torchrun's environment and
+row gathers in rank order (so every rank ends up with the same memories and features)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise from torchrun's variables (NCCL on GPU, gloo on CPU); a plain `python train.py`
+    runs as a world of one without a process group."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` (same shape on every rank) along dim 0, in rank order."""
+    world = world_size()
+    if world == 1:
+        return x
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if x.device.type == "cuda":
+        dist.all_gather_into_tensor(out, x.contiguous())
+    else:
+        dist.all_gather(list(out.chunk(world)), x.contiguous())
+    return out
+
+
+def gather_varying_rows(x: torch.Tensor) -> torch.Tensor:
+    """Like all_gather_rows for per-rank row counts that differ (evaluation slices)."""
+    world = world_size()
+    if world == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    counts = all_gather_rows(n).tolist()
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    rows = all_gather_rows(padded).chunk(world)
+    return torch.cat([r[:c] for r, c in zip(rows, counts)])
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether it is set on any rank: one small all-reduce, so that all ranks
+    stop (on a signal or a non-finite loss) at the same iteration."""
+    if world_size() == 1:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

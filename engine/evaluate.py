@@ -1,0 +1,42 @@
+"""Feature extraction split over ranks, target-domain evaluation and memory initialisation."""
+from __future__ import annotations
+
+import torch
+
+from engine.distributed import gather_varying_rows
+from engine.metrics import evaluate_features
+from engine.optim import autocast
+
+
+@torch.no_grad()
+def extract_features(model, loader, device: torch.device, amp_dtype) -> torch.Tensor:
+    """Features of every row of `loader`, in row order, on every rank: each rank extracts its
+    contiguous part and the parts are gathered in rank order."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for images, _ in loader:
+        with autocast(device, amp_dtype):
+            parts.append(model(images).float())
+    model.train(was_training)
+    local = torch.cat(parts) if parts else torch.empty(0, model.num_features, device=device)
+    return gather_varying_rows(local)
+
+
+def evaluate_target(model, loader, device: torch.device, amp_dtype, rerank: bool = False) -> dict:
+    """mAP and CMC of the target's query against its gallery (Market-1501 protocol)."""
+    feats = extract_features(model, loader, device, amp_dtype)
+    q = torch.as_tensor(loader.is_query, device=feats.device)
+    pids = torch.as_tensor(loader.pids)
+    camids = torch.as_tensor(loader.camids)
+    return evaluate_features(feats[q], feats[~q], pids[q.cpu()], pids[~q.cpu()],
+                             camids[q.cpu()], camids[~q.cpu()], rerank=rerank)
+
+
+def init_memories(model, loaders, memories, device: torch.device, amp_dtype) -> None:
+    """Each memory starts as the L2-normalised mean feature of every identity of its source
+    (eval mode, test transform), computed from all ranks' parts so every rank agrees."""
+    for loader, memory in zip(loaders, memories):
+        feats = extract_features(model, loader, device, amp_dtype)
+        labels = torch.as_tensor(loader.labels, device=feats.device)
+        memory.init_centers(feats, labels)

@@ -1,0 +1,411 @@
+"""The shard format (DESIGN section 4): write, index, verify and read WebDataset tars.
+
+Each split of a dataset becomes ``<split>-NNNNNN.tar`` files holding ``<key>.jpg`` (the JPEG
+bytes as stored, never re-encoded) and ``<key>.json`` (pid, camid, dataset, split, file), each
+with the index DALI's WebDataset reader takes (the text ``wds2idx`` writes) and one
+``manifest.json`` per dataset. The manifest is written last, so a folder without one is an
+unfinished build. Tars are byte-for-byte reproducible (fixed mtime/owner/mode, record order),
+so a rebuild gives the same sha256. :class:`SplitReader` reads samples at random through the
+index offsets into a memory-mapped tar, which is what the identity sampler needs.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import mmap
+import multiprocessing
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.records import SPLITS, DatasetSplits, Record, mix_labels
+
+FORMAT_VERSION = 1
+INDEX_VERSION = "v1.2"  # the index text version DALI's wds2idx writes: "ext offset size name" per member
+MANIFEST = "manifest.json"
+_TMP = ".tmp-"
+_OURS = re.compile(rf"^(({'|'.join(SPLITS)})-\d{{6}}\.(tar|idx)|{re.escape(MANIFEST)}|{re.escape(_TMP)}.*)$")
+_BLOCK = 512
+
+
+class ShardError(ValueError):
+    """A shard folder, tar or index that is missing, damaged, foreign or of another format."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_dataset(splits: DatasetSplits, out_root: Path, *, shard_size: int = 5000, workers: int = 1,
+                  skip_bad: bool = False, progress: bool = True, extra: dict | None = None) -> dict:
+    """Write ``out_root/<name>/`` (tars, indexes, manifest) and return the manifest.
+
+    Each worker process builds whole shards under temporary names; only when every shard is
+    done are they renamed into place and the manifest written, so a failure (a corrupt image
+    without ``skip_bad``) leaves the previous contents, or nothing, behind. ``extra`` keys are
+    stored in the manifest (e.g. which CUHK03 variant was built).
+    """
+    if shard_size < 1:
+        raise ShardError(f"shard_size must be at least 1, got {shard_size}")
+    out = Path(out_root) / splits.name
+    foreign = sorted(p.name for p in out.iterdir() if not _OURS.match(p.name)) if out.is_dir() else []
+    if foreign:
+        raise ShardError(f"{out} holds files that are not shards of this program ({', '.join(foreign[:5])}): "
+                         "refusing to write there; choose another --out or move them")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for split in SPLITS:
+        records = splits.split(split)
+        _check_keys(records, out)
+        for c in range(0, len(records), shard_size):
+            tmp = out / f"{_TMP}{split}-{c // shard_size:06d}"
+            tasks.append((records[c:c + shard_size], str(tmp) + ".tar", str(tmp) + ".idx", skip_bad))
+    total = sum(len(t[0]) for t in tasks)
+    bar = tqdm(total=total, desc=splits.name, unit="img", disable=not progress)
+    try:
+        results = _run(tasks, workers, bar)
+    except BaseException:
+        _remove_temporaries(out)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return _commit(splits, out, tasks, results, extra or {})
+
+
+def _check_keys(records: list[Record], out: Path) -> None:
+    seen = set()
+    for r in records:
+        if "." in r.key or "/" in r.key or not r.key or len(r.key) > 95 or r.key in seen:
+            raise ShardError(f"{out}: record key {r.key!r} ({r.file}) must be unique, non-empty, at most "
+                             "95 characters, without dots or slashes")
+        seen.add(r.key)
+
+
+def _run(tasks: list[tuple], workers: int, bar: tqdm) -> list[dict]:
+    """Build every shard, in this process (workers <= 1) or in a pool; results in task order."""
+    if workers <= 1 or len(tasks) <= 1:
+        results = []
+        for t in tasks:
+            results.append(_build_shard(*t))
+            bar.update(len(t[0]))
+        return results
+    # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit locked
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
+        futures = {pool.submit(_build_shard, *t): i for i, t in enumerate(tasks)}
+        results: list[dict] = [{}] * len(tasks)
+        try:
+            for f in cf.as_completed(futures):
+                results[futures[f]] = f.result()
+                bar.update(len(tasks[futures[f]][0]))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # let running shards finish before cleanup
+            raise
+    return results
+
+
+def _build_shard(records: list[Record], tar_path: str, idx_path: str, skip_bad: bool) -> dict:
+    """Write one tar (+ index) of ``records``; returns samples, sha256 and the skipped images."""
+    from pipeline.datasets import image_bytes  # parsers (h5py, scipy) are only needed for writing
+
+    skipped = []
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for r in records:
+            try:
+                data = image_bytes(r)
+                _check_jpeg(data)
+            except Exception as e:  # noqa: BLE001 - any failure to read or decode makes the image bad
+                reason = f"{r.path} ({r.dataset} {r.file}): unreadable or corrupt image: {type(e).__name__}: {e}"
+                if not skip_bad:
+                    raise ShardError(reason + " (use --skip-bad to skip such images)") from None
+                skipped.append({"key": r.key, "file": r.file, "error": reason})
+                continue
+            meta = {"pid": r.pid, "camid": r.camid, "dataset": r.dataset, "split": r.split, "file": r.file}
+            _add_member(tar, r.key + ".jpg", data)
+            _add_member(tar, r.key + ".json", json.dumps(meta, sort_keys=True).encode())
+    samples = len(records) - len(skipped)
+    if samples:
+        write_index(tar_path, idx_path)
+    return {"samples": samples, "sha256": _sha256(tar_path), "skipped": skipped}
+
+
+def _check_jpeg(data: bytes) -> None:
+    """Decode the whole image: a truncated or damaged JPEG must fail here, not in training."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format != "JPEG":
+            raise ValueError(f"expected JPEG data, found {im.format}")
+        im.load()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+        len(data), 0, 0o644, 0, 0, "", "")
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _commit(splits: DatasetSplits, out: Path, tasks: list[tuple], results: list[dict], extra: dict) -> dict:
+    """Rename finished shards into place, remove stale ones, write the manifest last."""
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete from here until the manifest lands
+    skipped = {s["key"] for r in results for s in r["skipped"]}
+    manifest: dict = {"format": FORMAT_VERSION, "dataset": splits.name, "splits": {}}
+    kept_files = set()
+    for split in SPLITS:
+        shards = []
+        for (records, tmp_tar, tmp_idx, _), res in zip(tasks, results):
+            if records[0].split != split:
+                continue
+            if not res["samples"]:
+                os.remove(tmp_tar)
+                continue
+            name = f"{split}-{len(shards):06d}"
+            os.replace(tmp_tar, out / f"{name}.tar")
+            os.replace(tmp_idx, out / f"{name}.idx")
+            kept_files |= {f"{name}.tar", f"{name}.idx"}
+            shards.append({"tar": f"{name}.tar", "idx": f"{name}.idx", "samples": res["samples"],
+                           "sha256": res["sha256"]})
+        kept = [r for r in splits.split(split) if r.key not in skipped]
+        if kept:
+            manifest["splits"][split] = {"images": len(kept), "ids": len({r.pid for r in kept}),
+                                         "cams": len({r.camid for r in kept}), "shards": shards}
+    everything = [r for s in SPLITS for r in splits.split(s) if r.key not in skipped]
+    labels = mix_labels([(r.dataset, r.split, r.pid) for r in everything])
+    manifest["mix"] = {"images": sum(lab >= 0 for lab in labels), "ids": len({lab for lab in labels if lab >= 0})}
+    if skipped:
+        manifest["skipped"] = {"count": len(skipped),
+                               "images": [s for r in results for s in r["skipped"]]}
+    manifest.update(extra)
+    for p in out.iterdir():
+        if p.name != MANIFEST and p.name not in kept_files:
+            p.unlink()  # shards of an earlier, larger build, and leftover temporaries
+    tmp = out / f"{_TMP}{MANIFEST}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _remove_temporaries(out: Path) -> None:
+    for p in out.glob(_TMP + "*"):
+        p.unlink(missing_ok=True)
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- index
+
+def write_index(tar_path: str | Path, idx_path: str | Path) -> None:
+    """Write the DALI WebDataset index of a tar (the format of DALI's ``wds2idx``).
+
+    Line 1 is ``v1.2 <samples>``; then one line per sample (members sharing the name up to the
+    first dot of the file name, in tar order): ``ext data_offset size member_name`` repeated for
+    each of its regular-file members. ``data_offset`` is where the member's bytes start (just
+    after its 512-byte header).
+    """
+    samples: list[list[str]] = []
+    last = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for m in tar:
+            if not m.isreg():
+                continue
+            key, ext = _split_name(m.name)
+            if not key or key.endswith("/"):
+                continue
+            if key != last:
+                samples.append([])
+                last = key
+            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    if not samples:
+        raise ShardError(f"{tar_path}: no samples to index (empty tar)")
+    with open(idx_path, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(samples)}\n")
+        f.writelines(" ".join(s) + "\n" for s in samples)
+
+
+def read_index(idx_path: str | Path) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
+    """Parse an index: per sample ``(key, {ext: (data_offset, size, member_name)})``, in tar order."""
+    lines = Path(idx_path).read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ShardError(f"{idx_path}: expected a '{INDEX_VERSION} <samples>' header, found {lines[:1]}")
+    if int(head[1]) != len(lines) - 1:
+        raise ShardError(f"{idx_path}: header says {head[1]} samples, the file has {len(lines) - 1} lines")
+    out = []
+    for n, line in enumerate(lines[1:], start=2):
+        tok = line.split(" ")
+        if len(tok) % 4:
+            raise ShardError(f"{idx_path}:{n}: expected groups of 'ext offset size name', found {line!r}")
+        comps = {tok[i]: (int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)}
+        out.append((_split_name(tok[3])[0], comps))
+    return out
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """Sample key and extension: split at the first dot of the file name, as WebDataset does."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+# ----------------------------------------------------------------------------- checking
+
+def load_manifest(dataset_dir: Path) -> dict:
+    """Read ``manifest.json``; refuse another format version and list every missing shard file."""
+    d = Path(dataset_dir)
+    path = d / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path} not found: {d} holds no complete shards (build them with tools/make_shards.py)")
+    try:
+        manifest = json.loads(path.read_text())
+        fmt = manifest.get("format")
+    except (ValueError, AttributeError) as e:
+        raise ShardError(f"{path} is not a valid manifest ({e}): rebuild with tools/make_shards.py") from None
+    if fmt != FORMAT_VERSION:
+        raise ShardError(f"{path}: shards built with format {fmt}, this program reads format {FORMAT_VERSION}: "
+                         "rebuild with tools/make_shards.py")
+    missing = [str(d / s[k]) for info in manifest["splits"].values() for s in info["shards"]
+               for k in ("tar", "idx") if not (d / s[k]).is_file()]
+    if missing:
+        raise ShardError(f"{d}: {len(missing)} shard file(s) named in {MANIFEST} are missing "
+                         "(rebuild with tools/make_shards.py):\n  " + "\n  ".join(missing))
+    return manifest
+
+
+def verify_dataset(dataset_dir: Path) -> list[str]:
+    """Re-hash every shard against the manifest and check each index against its tar.
+
+    Returns the problems found, one sentence each (empty when the dataset is sound).
+    """
+    d = Path(dataset_dir)
+    try:
+        manifest = load_manifest(d)
+    except ShardError as e:
+        return [str(e)]
+    problems = []
+    for split, info in manifest["splits"].items():
+        for s in info["shards"]:
+            tar, idx = d / s["tar"], d / s["idx"]
+            digest = _sha256(tar)
+            if digest != s["sha256"]:
+                problems.append(f"{tar}: sha256 {digest} differs from the manifest's {s['sha256']} "
+                                "(the file was changed or damaged)")
+            try:
+                entries = read_index(idx)
+            except (ShardError, ValueError) as e:
+                problems.append(f"{idx}: unreadable index: {e}")
+                continue
+            if len(entries) != s["samples"]:
+                problems.append(f"{idx}: {len(entries)} samples, the manifest says {s['samples']}")
+            problems += _check_tar_against_index(tar, entries)
+        total = sum(s["samples"] for s in info["shards"])
+        if total != info["images"]:
+            problems.append(f"{d / MANIFEST}: split {split} has {total} samples in its shards, "
+                            f"{info['images']} images in its summary")
+    return problems
+
+
+def _check_tar_against_index(tar: Path, entries: list) -> list[str]:
+    """Each index entry must point at a member header of that name and size; the lists must agree."""
+    size = tar.stat().st_size
+    if size == 0:
+        return [f"{tar} is empty"]
+    indexed = [c for _, comps in entries for c in comps.values()]
+    with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for off, n, name in indexed:
+            if off + n > size:
+                return [f"{tar} is truncated: member {name} ends at byte {off + n}, the file has {size} bytes"]
+            header = mm[off - _BLOCK:off]
+            h_name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+            try:
+                h_size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                h_size = -1
+            if off < _BLOCK or h_name != name or h_size != n:
+                return [f"{tar}: index entry {name} (offset {off}, {n} bytes) does not point at that member "
+                        f"(header there: {h_name!r}, {h_size} bytes)"]
+    try:
+        with tarfile.open(tar, "r:") as t:
+            members = [(m.offset_data, m.size, m.name) for m in t if m.isreg()]
+    except tarfile.TarError as e:
+        return [f"{tar}: unreadable tar: {e}"]
+    if members != indexed:
+        return [f"{tar}: holds {len(members)} members, its index lists {len(indexed)} (or they differ)"]
+    return []
+
+
+# ----------------------------------------------------------------------------- reading
+
+class SplitReader:
+    """Random access to one split's samples: ``read(i)`` gives the JPEG bytes of sample ``i``.
+
+    Keys and labels are read once, when the reader is made (each tar opened once); the tars
+    are memory-mapped lazily in each process that reads, so the reader pickles small and
+    works in DataLoader workers.
+    """
+
+    def __init__(self, dataset_dir: Path, split: str):
+        self.dataset_dir = Path(dataset_dir)
+        self.split = split
+        manifest = load_manifest(self.dataset_dir)
+        if split not in manifest["splits"]:
+            raise ShardError(f"{self.dataset_dir}: no split {split!r} (it has {', '.join(manifest['splits'])})")
+        shards = manifest["splits"][split]["shards"]
+        self.tars = [str(self.dataset_dir / s["tar"]) for s in shards]
+        self.keys: list[str] = []
+        shard, offsets, sizes, pids, camids = [], [], [], [], []
+        for si, s in enumerate(shards):
+            entries = read_index(self.dataset_dir / s["idx"])
+            with open(self.tars[si], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                for key, comps in entries:
+                    if "jpg" not in comps or "json" not in comps:
+                        raise ShardError(f"{self.tars[si]}:{key}: sample lacks a .jpg or .json member")
+                    (jo, jn, _), (mo, mn, _) = comps["jpg"], comps["json"]
+                    if max(jo + jn, mo + mn) > len(mm):
+                        raise ShardError(f"{self.tars[si]} is truncated (sample {key}): run "
+                                         "tools/make_shards.py --verify")
+                    meta = json.loads(mm[mo:mo + mn])
+                    self.keys.append(key)
+                    shard.append(si)
+                    offsets.append(jo)
+                    sizes.append(jn)
+                    pids.append(meta["pid"])
+                    camids.append(meta["camid"])
+        self._shard = np.asarray(shard, dtype=np.int32)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._sizes = np.asarray(sizes, dtype=np.int64)
+        self.pids = np.asarray(pids, dtype=np.int64)
+        self.camids = np.asarray(camids, dtype=np.int64)
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, i: int) -> bytes:
+        si, off = int(self._shard[i]), int(self._offsets[i])
+        mm = self._maps.get(si)
+        if mm is None:
+            with open(self.tars[si], "rb") as f:
+                mm = self._maps[si] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mm[off:off + int(self._sizes[i])]
+
+    def location(self, i: int) -> str:
+        return f"{self.tars[int(self._shard[i])]}:{self.keys[i]}"
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = {}  # each process maps the tars itself
+        return state

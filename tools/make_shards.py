@@ -1,0 +1,159 @@
+"""Turn the raw re-ID datasets into WebDataset shards (DESIGN section 4), once.
+
+    python tools/make_shards.py --data-dir DATA --out shards --workers 8
+    python tools/make_shards.py --out shards --verify
+
+Datasets whose shards are already complete are skipped, so an interrupted run can simply be
+started again.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import shards  # noqa: E402
+from pipeline.records import DATASETS, SPLITS  # noqa: E402
+
+# What OUT itself may hold besides dataset folders (the repository's shards/ keeps a README).
+_OUT_EXTRAS = {"README.md", ".gitignore", ".gitkeep"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path,
+                   help="raw datasets, laid out as DATA/<name>/<folder> (README, 'Datasets'); "
+                        "not needed with --verify")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder; each dataset goes to OUT/<name>/ (tars, .idx indexes, manifest.json)")
+    p.add_argument("--datasets", default=None,
+                   help=f"comma-separated subset of {','.join(DATASETS)} "
+                        "(default: every one found in --data-dir; with --verify: every one in --out)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that read, check and pack images in parallel, one shard each (default 1)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per tar (default 5000)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable or corrupt images (counted and listed in manifest.json) "
+                        "instead of stopping at the first one")
+    p.add_argument("--verify", action="store_true",
+                   help="build nothing: re-hash every shard in --out, check every index against its tar, "
+                        "exit 1 naming any problem")
+    p.add_argument("--cuhk03-labeled", action="store_true",
+                   help="CUHK03: use the hand-labelled boxes instead of the detected ones (the default)")
+    args = p.parse_args(argv)
+    if args.datasets is not None:
+        args.datasets = [n.strip() for n in args.datasets.split(",") if n.strip()]
+        unknown = [n for n in args.datasets if n not in DATASETS]
+        if unknown or not args.datasets:
+            p.error(f"--datasets: unknown name(s) {', '.join(unknown) or '(none given)'}; "
+                    f"valid names: {', '.join(DATASETS)}")
+    if not args.verify and args.data_dir is None:
+        p.error("--data-dir is required to build shards")
+    if args.workers < 1 or args.shard_size < 1:
+        p.error("--workers and --shard-size must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return verify(args) if args.verify else build(args)
+    except (shards.ShardError, ValueError, OSError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 1
+
+
+def verify(args: argparse.Namespace) -> int:
+    names = args.datasets or [n for n in DATASETS if (args.out / n).is_dir()]
+    if not names:
+        print(f"make_shards: error: no dataset folders in {args.out}", file=sys.stderr)
+        return 1
+    failed = 0
+    for name in names:
+        problems = shards.verify_dataset(args.out / name)
+        print(f"{name}: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+        for msg in problems:
+            print(f"  {msg}")
+        failed += bool(problems)
+    return 1 if failed else 0
+
+
+def build(args: argparse.Namespace) -> int:
+    from pipeline.datasets import parse  # the parsers need h5py/scipy; --verify does not
+
+    names = args.datasets or [n for n in DATASETS if (args.data_dir / n).is_dir()]
+    if not names:
+        raise shards.ShardError(f"{args.data_dir}: no dataset folders found (expected some of "
+                                f"{', '.join(DATASETS)}, each as DATA/<name>/<folder>)")
+    _check_out(args.out)
+    rows = []
+    for name in names:
+        extra = {"cuhk03_labeled": args.cuhk03_labeled} if name == "cuhk03" else {}
+        reason = _needs_build(args.out / name, extra)
+        if reason is None:
+            print(f"{name}: complete in {args.out / name}, skipped (delete that folder to rebuild)")
+            rows.append((name, shards.load_manifest(args.out / name), None))
+            continue
+        print(f"{name}: {reason}, building")
+        start = time.perf_counter()
+        splits = parse(name, args.data_dir, cuhk03_labeled=args.cuhk03_labeled)
+        manifest = shards.write_dataset(splits, args.out, shard_size=args.shard_size, workers=args.workers,
+                                        skip_bad=args.skip_bad, extra=extra)
+        rows.append((name, manifest, time.perf_counter() - start))
+        if "skipped" in manifest:
+            print(f"{name}: skipped {manifest['skipped']['count']} bad image(s), listed in "
+                  f"{args.out / name / shards.MANIFEST}")
+    print(summary(rows))
+    return 0
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an OUT that holds anything but our dataset folders (and a README)."""
+    if out.exists() and not out.is_dir():
+        raise shards.ShardError(f"--out {out} is a file, expected a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASETS and p.name not in _OUT_EXTRAS) \
+        if out.is_dir() else []
+    if foreign:
+        raise shards.ShardError(f"--out {out} holds things that are not shards of this program "
+                                f"({', '.join(foreign[:5])}): refusing to write there")
+
+
+def _needs_build(dataset_dir: Path, extra: dict) -> str | None:
+    """Why the dataset must be (re)built, or None when its shards are complete (cheap: no hashing)."""
+    if not (dataset_dir / shards.MANIFEST).is_file():
+        return "no manifest" if not dataset_dir.exists() else "incomplete earlier build"
+    try:
+        manifest = shards.load_manifest(dataset_dir)
+        for info in manifest["splits"].values():
+            for s in info["shards"]:
+                entries = shards.read_index(dataset_dir / s["idx"])
+                end = max(off + n for _, comps in entries for off, n, _ in comps.values())
+                if len(entries) != s["samples"] or (dataset_dir / s["tar"]).stat().st_size < end:
+                    return f"shard {s['tar']} is incomplete"
+    except (shards.ShardError, ValueError, KeyError) as e:
+        return f"existing shards unusable ({str(e).splitlines()[0]})"
+    if any(manifest.get(k) != v for k, v in extra.items()):
+        return f"built with other options ({', '.join(f'{k}={manifest.get(k)}' for k in extra)})"
+    return None
+
+
+def summary(rows: list[tuple[str, dict, float | None]]) -> str:
+    """Images/ids per split and of the mix set, build time and speed, one line per dataset."""
+    head = f"{'dataset':<11}" + "".join(f"{s + ' img/ids':>16}" for s in SPLITS) + \
+        f"{'mix img/ids':>16}{'time s':>9}{'img/s':>9}"
+    lines = [head, "-" * len(head)]
+    for name, m, secs in rows:
+        cells = [f"{m['splits'][s]['images']}/{m['splits'][s]['ids']}" if s in m["splits"] else "-"
+                 for s in SPLITS]
+        images = sum(info["images"] for info in m["splits"].values())
+        timing = f"{secs:>9.1f}{images / secs:>9.0f}" if secs else f"{'skipped':>9}{'':>9}"
+        lines.append(f"{name:<11}" + "".join(f"{c:>16}" for c in cells) +
+                     f"{m['mix']['images']}/{m['mix']['ids']:<}".rjust(16) + timing)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
