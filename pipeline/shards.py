@@ -116,24 +116,25 @@ def _build_shard(records: list[Record], tar_path: str, idx_path: str, skip_bad: 
     """Write one tar (+ index) of ``records``; returns samples, sha256 and the skipped images."""
     from pipeline.datasets import image_bytes  # parsers (h5py, scipy) are only needed for writing
 
-    skipped = []
+    skipped, members = [], []
     with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for r in records:
             try:
                 data = image_bytes(r)
                 _check_jpeg(data)
             except Exception as e:  # noqa: BLE001 - any failure to read or decode makes the image bad
-                reason = f"{r.path} ({r.dataset} {r.file}): unreadable or corrupt image: {type(e).__name__}: {e}"
+                reason = (f"{r.path} ({r.dataset} {r.file}): unreadable or corrupt image: "
+                          f"{type(e).__name__}: {e}")
                 if not skip_bad:
                     raise ShardError(reason + " (use --skip-bad to skip such images)") from None
                 skipped.append({"key": r.key, "file": r.file, "error": reason})
                 continue
             meta = {"pid": r.pid, "camid": r.camid, "dataset": r.dataset, "split": r.split, "file": r.file}
-            _add_member(tar, r.key + ".jpg", data)
-            _add_member(tar, r.key + ".json", json.dumps(meta, sort_keys=True).encode())
+            members.append(_add_member(tar, r.key + ".jpg", data))
+            members.append(_add_member(tar, r.key + ".json", json.dumps(meta, sort_keys=True).encode()))
     samples = len(records) - len(skipped)
     if samples:
-        write_index(tar_path, idx_path)
+        _write_index_file(idx_path, members)  # offsets known from writing: no second pass over the tar
     return {"samples": samples, "sha256": _sha256(tar_path), "skipped": skipped}
 
 
@@ -147,11 +148,14 @@ def _check_jpeg(data: bytes) -> None:
         im.load()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[str, int, int]:
+    """Append a file with fixed metadata; returns (name, data offset, size) for the index."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
         len(data), 0, 0o644, 0, 0, "", "")
+    offset = tar.offset + _BLOCK  # a ustar header of a short name is one block
     tar.addfile(info, io.BytesIO(data))
+    return name, offset, len(data)
 
 
 def _commit(splits: DatasetSplits, out: Path, tasks: list[tuple], results: list[dict], extra: dict) -> dict:
@@ -180,7 +184,8 @@ def _commit(splits: DatasetSplits, out: Path, tasks: list[tuple], results: list[
                                          "cams": len({r.camid for r in kept}), "shards": shards}
     everything = [r for s in SPLITS for r in splits.split(s) if r.key not in skipped]
     labels = mix_labels([(r.dataset, r.split, r.pid) for r in everything])
-    manifest["mix"] = {"images": sum(lab >= 0 for lab in labels), "ids": len({lab for lab in labels if lab >= 0})}
+    used = [lab for lab in labels if lab >= 0]
+    manifest["mix"] = {"images": len(used), "ids": len(set(used))}
     if skipped:
         manifest["skipped"] = {"count": len(skipped),
                                "images": [s for r in results for s in r["skipped"]]}
@@ -217,21 +222,25 @@ def write_index(tar_path: str | Path, idx_path: str | Path) -> None:
     each of its regular-file members. ``data_offset`` is where the member's bytes start (just
     after its 512-byte header).
     """
+    with tarfile.open(tar_path, "r:") as tar:
+        members = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+    if not members:
+        raise ShardError(f"{tar_path}: no samples to index (empty tar)")
+    _write_index_file(idx_path, members)
+
+
+def _write_index_file(idx_path: str | Path, members: list[tuple[str, int, int]]) -> None:
+    """Group ``(name, data_offset, size)`` of regular files, in tar order, into index lines."""
     samples: list[list[str]] = []
     last = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for m in tar:
-            if not m.isreg():
-                continue
-            key, ext = _split_name(m.name)
-            if not key or key.endswith("/"):
-                continue
-            if key != last:
-                samples.append([])
-                last = key
-            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    if not samples:
-        raise ShardError(f"{tar_path}: no samples to index (empty tar)")
+    for name, offset, size in members:
+        key, ext = _split_name(name)
+        if not key or key.endswith("/"):  # hidden files and the like are no samples (as in wds2idx)
+            continue
+        if key != last:
+            samples.append([])
+            last = key
+        samples[-1].append(f"{ext} {offset} {size} {name}")
     with open(idx_path, "w") as f:
         f.write(f"{INDEX_VERSION} {len(samples)}\n")
         f.writelines(" ".join(s) + "\n" for s in samples)
@@ -268,15 +277,16 @@ def load_manifest(dataset_dir: Path) -> dict:
     d = Path(dataset_dir)
     path = d / MANIFEST
     if not path.is_file():
-        raise ShardError(f"{path} not found: {d} holds no complete shards (build them with tools/make_shards.py)")
+        raise ShardError(f"{path} not found: {d} holds no complete shards "
+                         "(build them with tools/make_shards.py)")
     try:
         manifest = json.loads(path.read_text())
         fmt = manifest.get("format")
     except (ValueError, AttributeError) as e:
         raise ShardError(f"{path} is not a valid manifest ({e}): rebuild with tools/make_shards.py") from None
     if fmt != FORMAT_VERSION:
-        raise ShardError(f"{path}: shards built with format {fmt}, this program reads format {FORMAT_VERSION}: "
-                         "rebuild with tools/make_shards.py")
+        raise ShardError(f"{path}: shards built with format {fmt}, this program reads format "
+                         f"{FORMAT_VERSION}: rebuild with tools/make_shards.py")
     missing = [str(d / s[k]) for info in manifest["splits"].values() for s in info["shards"]
                for k in ("tar", "idx") if not (d / s[k]).is_file()]
     if missing:
@@ -327,7 +337,8 @@ def _check_tar_against_index(tar: Path, entries: list) -> list[str]:
     with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         for off, n, name in indexed:
             if off + n > size:
-                return [f"{tar} is truncated: member {name} ends at byte {off + n}, the file has {size} bytes"]
+                return [f"{tar} is truncated: member {name} ends at byte {off + n}, "
+                        f"the file has {size} bytes"]
             header = mm[off - _BLOCK:off]
             h_name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
             try:
@@ -362,7 +373,8 @@ class SplitReader:
         self.split = split
         manifest = load_manifest(self.dataset_dir)
         if split not in manifest["splits"]:
-            raise ShardError(f"{self.dataset_dir}: no split {split!r} (it has {', '.join(manifest['splits'])})")
+            raise ShardError(f"{self.dataset_dir}: no split {split!r} "
+                             f"(it has {', '.join(manifest['splits'])})")
         shards = manifest["splits"][split]["shards"]
         self.tars = [str(self.dataset_dir / s["tar"]) for s in shards]
         self.keys: list[str] = []

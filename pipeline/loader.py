@@ -1,0 +1,268 @@
+"""The loaders' common API: configuration, the training batch, the mix set, and the choice of backend.
+
+Both backends (``pipeline.dali`` and ``pipeline.torch_loader``) read the same shards through
+:class:`TrainPlan`, so they sample the same indices for a given (seed, epoch, rank) and differ
+only in how the pixels are decoded and augmented.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.records import SPLITS, mix_labels
+from pipeline.sampler import identity_batches, rank_slice
+from pipeline.shards import ShardError, SplitReader, load_manifest
+
+log = logging.getLogger(__name__)
+LOADERS = ("auto", "dali", "torch")
+
+
+@dataclass
+class LoaderConfig:
+    """What both loaders need. Batch sizes are GLOBAL: each of ``world`` ranks gets its slice."""
+
+    height: int = 256
+    width: int = 128
+    num_ids: int = 16
+    num_instances: int = 4  # batch per source = num_ids * num_instances
+    iters: int = 200
+    seed: int = 0
+    workers: int = 4
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world: int = 1
+    loader: str = "auto"
+    test_batch_size: int = 256
+    replace_bad: bool = False  # replace undecodable images by another of the same identity (counted)
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_ids * self.num_instances
+
+
+@dataclass
+class TrainBatch:
+    """One iteration: the three sources' rows for this rank, stacked in source order."""
+
+    images: torch.Tensor  # [sum(sizes), 3, H, W], channels_last, normalised, config dtype
+    labels: torch.Tensor  # int64 [sum(sizes)], mix labels of each row's own source
+    sizes: list[int]
+    replaced: int = 0  # undecodable images replaced in this batch (replace_bad only)
+
+    def per_source(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-source (images, labels) views, no copies."""
+        return list(zip(self.images.split(self.sizes), self.labels.split(self.sizes)))
+
+
+class Rows:
+    """Random access to chosen rows of several splits of one dataset; picklable (workers read it)."""
+
+    def __init__(self, readers: list[SplitReader], part: np.ndarray, row: np.ndarray):
+        self.readers, self.part, self.row = readers, part, row
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def read(self, j: int) -> bytes:
+        return self.readers[self.part[j]].read(int(self.row[j]))
+
+    def location(self, j: int) -> str:
+        return self.readers[self.part[j]].location(int(self.row[j]))
+
+
+def split_rows(dataset_dir: Path, splits: tuple[str, ...]) -> tuple[Rows, np.ndarray, np.ndarray, np.ndarray]:
+    """All rows of ``splits`` (those the dataset has) in order: rows, pids, camids, split index."""
+    manifest = load_manifest(Path(dataset_dir))  # lists every missing shard
+    readers = [SplitReader(Path(dataset_dir), s) for s in splits if s in manifest["splits"]]
+    if not readers:
+        raise ShardError(f"{dataset_dir}: none of the splits {', '.join(splits)} in its manifest")
+    part = np.concatenate([np.full(len(r), k, dtype=np.int64) for k, r in enumerate(readers)])
+    row = np.concatenate([np.arange(len(r), dtype=np.int64) for r in readers])
+    pids = np.concatenate([r.pids for r in readers])
+    camids = np.concatenate([r.camids for r in readers])
+    which = np.asarray([SPLITS.index(readers[k].split) for k in part], dtype=np.int64)
+    return Rows(readers, part, row), pids, camids, which
+
+
+class SourceSet(Rows):
+    """One dataset's mix training set (train + query + gallery, relabelled, distractors dropped)."""
+
+    def __init__(self, dataset_dir: Path):
+        rows, pids, camids, which = split_rows(Path(dataset_dir), SPLITS)
+        self.name = load_manifest(Path(dataset_dir))["dataset"]
+        labels = np.asarray(mix_labels([(self.name, SPLITS[w], int(p)) for w, p in zip(which, pids)]),
+                            dtype=np.int64)
+        keep = labels >= 0
+        super().__init__(rows.readers, rows.part[keep], rows.row[keep])
+        self.labels, self.camids, self.pids = labels[keep], camids[keep], pids[keep]
+        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self._by_label = np.argsort(self.labels, kind="stable")
+        self._label_start = np.searchsorted(self.labels[self._by_label], np.arange(self.num_classes + 1))
+
+    def same_identity(self, j: int) -> np.ndarray:
+        """Rows of j's identity, starting at j and going round: the order replacements are tried in."""
+        lab = self.labels[j]
+        members = self._by_label[self._label_start[lab]:self._label_start[lab + 1]]
+        return np.roll(members, -int(np.flatnonzero(members == j)[0]))
+
+
+def check_header(data: bytes) -> bytes:
+    """Cheap check (header parse, no decode) that catches bytes that are not an image at all."""
+    Image.open(io.BytesIO(data))
+    return data
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Full PIL decode; raises on truncated or garbled data."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+class TrainPlan:
+    """Which rows this rank reads in each iteration, and how they are fetched. Picklable."""
+
+    def __init__(self, sets: list[SourceSet], cfg: LoaderConfig):
+        self.sets = sets
+        self.num_ids, self.num_instances, self.iters = cfg.num_ids, cfg.num_instances, cfg.iters
+        self.seed, self.rank, self.world = cfg.seed, cfg.rank, cfg.world
+        self.replace_bad = cfg.replace_bad
+        self.bad: set[tuple[int, int]] = set()  # (source, row) found undecodable
+        self._cache: dict[int, list[np.ndarray]] = {}
+        rank_slice(np.zeros(cfg.batch_size), cfg.rank, cfg.world)  # refuse a batch that does not split
+        self.sizes = [cfg.batch_size // cfg.world] * len(sets)
+
+    def indices(self, epoch: int) -> list[np.ndarray]:
+        """Per source, this rank's rows for every iteration of ``epoch``: [iters, batch / world]."""
+        if epoch not in self._cache:
+            self._cache = {epoch: [
+                np.stack([rank_slice(b, self.rank, self.world) for b in identity_batches(
+                    s.labels, s.camids, num_ids=self.num_ids, num_instances=self.num_instances,
+                    num_batches=self.iters, seed=self.seed, epoch=epoch, source=k, name=s.name)])
+                for k, s in enumerate(self.sets)]}
+        return self._cache[epoch]
+
+    def fetch(self, s: int, j: int, decode: Callable[[bytes], object]) -> tuple[object, bool]:
+        """``decode`` of row j of source s, or (replace_bad) of the next good row of its identity."""
+        src = self.sets[s]
+        for k in src.same_identity(j):
+            if (s, int(k)) in self.bad:
+                continue
+            try:
+                return decode(src.read(int(k))), int(k) != j
+            except Exception as err:
+                if not self.replace_bad:
+                    raise ShardError(f"{src.location(int(k))}: cannot decode the image ({err}); "
+                                     "replace_bad=True replaces such images") from err
+                self.bad.add((s, int(k)))
+        raise ShardError(f"{src.name}: no decodable image left for label {src.labels[j]}")
+
+    def iteration(self, epoch: int, it: int,
+                  decode: Callable[[bytes], object]) -> tuple[list, np.ndarray, np.ndarray]:
+        """Decoded items, labels and replaced flags of one iteration's rows (sources in order)."""
+        items, labels, replaced = [], [], []
+        for s, rows in enumerate(self.indices(epoch)):
+            for j in rows[it]:
+                item, swapped = self.fetch(s, int(j), decode)
+                items.append(item)
+                replaced.append(swapped)
+            labels.append(self.sets[s].labels[rows[it]])
+        return items, np.concatenate(labels), np.asarray(replaced, dtype=np.int64)
+
+    def find_bad(self, epoch: int, iterations: range) -> list[tuple[int, int]]:
+        """Rows that fail a full decode in these iterations (maps a decoder error back to samples)."""
+        found = []
+        for it in iterations:
+            if it >= self.iters:
+                epoch, it = epoch + it // self.iters, it % self.iters
+            for s, rows in enumerate(self.indices(epoch)):
+                for j in rows[it]:
+                    try:
+                        decode_rgb(self.sets[s].read(int(j)))
+                    except Exception:
+                        if (s, int(j)) not in self.bad:
+                            found.append((s, int(j)))
+        return found
+
+
+class EvalRows:
+    """Rows of an evaluation pass in order, and this rank's contiguous part of them."""
+
+    def __init__(self, shards_dir: Path, dataset: str, what: str, cfg: LoaderConfig):
+        if what == "test":
+            rows, pids, camids, which = split_rows(Path(shards_dir) / dataset, ("query", "gallery"))
+            self.rows, self.pids, self.camids = rows, pids, camids
+            self.is_query = which == SPLITS.index("query")
+            self.labels = None
+        elif what == "mix":
+            self.rows = SourceSet(Path(shards_dir) / dataset)
+            self.pids, self.camids, self.labels = self.rows.pids, self.rows.camids, self.rows.labels
+            self.is_query = np.zeros(len(self.rows), dtype=bool)
+        else:
+            raise ValueError(f"what={what!r}: expected 'test' (query + gallery) or 'mix'")
+        n = len(self.rows)
+        self.start, self.stop = n * cfg.rank // cfg.world, n * (cfg.rank + 1) // cfg.world
+        self.batch = cfg.test_batch_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def num_batches(self) -> int:
+        return -(-(self.stop - self.start) // self.batch)
+
+    def batch_rows(self, b: int) -> np.ndarray:
+        return np.arange(self.start + b * self.batch, min(self.stop, self.start + (b + 1) * self.batch))
+
+
+def select_loader(kind: str = "auto") -> str:
+    """"dali" when asked (or auto) and importable, else "torch"; says which one runs."""
+    if kind not in LOADERS:
+        raise ValueError(f"loader={kind!r}: expected one of {', '.join(LOADERS)}")
+    if kind != "torch":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as err:
+            if kind == "dali":
+                raise ImportError("loader='dali' but NVIDIA DALI is not installed: "
+                                  "pip install -e '.[dali]', or use loader='torch'") from err
+        else:
+            log.info("data loader: DALI")
+            return "dali"
+    log.info("data loader: torch (PIL + torchvision)")
+    return "torch"
+
+
+def build_train_loader(shards_dir: Path, sources: list[str], cfg: LoaderConfig):
+    """Training loader over the mix sets of ``sources``: ``.epoch(e)`` yields cfg.iters TrainBatch."""
+    plan = TrainPlan([SourceSet(Path(shards_dir) / s) for s in sources], cfg)
+    plan.indices(0)  # refuse an unusable source here, not inside a worker
+    if select_loader(cfg.loader) == "dali":
+        from pipeline.dali import DaliTrainLoader
+        return DaliTrainLoader(plan, cfg)
+    from pipeline.torch_loader import TorchTrainLoader
+    return TorchTrainLoader(plan, cfg)
+
+
+def build_eval_loader(shards_dir: Path, dataset: str, what: str, cfg: LoaderConfig):
+    """Evaluation loader: "test" (query then gallery) or "mix" (centre initialisation), test transform."""
+    rows = EvalRows(shards_dir, dataset, what, cfg)
+    if select_loader(cfg.loader) == "dali":
+        from pipeline.dali import DaliEvalLoader
+        return DaliEvalLoader(rows, cfg)
+    from pipeline.torch_loader import TorchEvalLoader
+    return TorchEvalLoader(rows, cfg)
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor,
+              cfg: LoaderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """NHWC host tensor -> NCHW channels_last view on the device in the config dtype."""
+    cuda = cfg.device.type == "cuda"
+    images = images.to(cfg.device, non_blocking=cuda).to(cfg.dtype)
+    return images.permute(0, 3, 1, 2), labels.to(cfg.device, non_blocking=cuda)

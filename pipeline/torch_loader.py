@@ -1,0 +1,109 @@
+"""Fallback loaders for machines without DALI: PIL + torchvision in a torch DataLoader.
+
+Same sampler (through :class:`pipeline.loader.TrainPlan`) and transforms as the DALI path;
+one DataLoader item is one whole iteration (all sources), built in a worker as an NHWC tensor
+so the NCHW view is channels_last, like the DALI path's output.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, decode_rgb, to_device
+from pipeline.shards import ShardError
+from pipeline.transforms import test_transform, train_transform
+
+
+def _stack_nhwc(images: list, transform) -> torch.Tensor:
+    first = transform(images[0])
+    out = torch.empty((len(images), *first.shape[1:], first.shape[0]), dtype=first.dtype)
+    out[0] = first.permute(1, 2, 0)
+    for i, im in enumerate(images[1:], 1):
+        out[i] = transform(im).permute(1, 2, 0)
+    return out
+
+
+class _Iterations(Dataset):
+    """Item (epoch, it) = that iteration's images (NHWC), labels and replaced count."""
+
+    def __init__(self, plan: TrainPlan, cfg: LoaderConfig):
+        self.plan, self.transform = plan, train_transform(cfg.height, cfg.width)
+
+    def __len__(self) -> int:
+        return self.plan.iters
+
+    def __getitem__(self, key: tuple[int, int]):
+        images, labels, replaced = self.plan.iteration(*key, decode_rgb)
+        return _stack_nhwc(images, self.transform), torch.from_numpy(labels), int(replaced.sum())
+
+
+class _EpochSampler(Sampler):
+    """Yields (epoch, iteration) keys; read in the main process, so setting ``epoch`` is enough."""
+
+    def __init__(self, iters: int):
+        self.iters, self.epoch = iters, 0
+
+    def __len__(self) -> int:
+        return self.iters
+
+    def __iter__(self):
+        return ((self.epoch, it) for it in range(self.iters))
+
+
+def _data_loader(dataset: Dataset, sampler, cfg: LoaderConfig) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=cfg.workers,
+                      pin_memory=cfg.device.type == "cuda", persistent_workers=cfg.workers > 0,
+                      prefetch_factor=2 if cfg.workers > 0 else None)
+
+
+class TorchTrainLoader:
+    name = "torch"
+
+    def __init__(self, plan: TrainPlan, cfg: LoaderConfig):
+        self.plan, self.cfg = plan, cfg
+        self.num_classes = [s.num_classes for s in plan.sets]
+        self.replaced = 0
+        self._sampler = _EpochSampler(plan.iters)
+        self._loader = _data_loader(_Iterations(plan, cfg), self._sampler, cfg)
+
+    def epoch(self, e: int):
+        self._sampler.epoch = e
+        for images, labels, replaced in self._loader:
+            images, labels = to_device(images, labels, self.cfg)
+            self.replaced += replaced
+            yield TrainBatch(images, labels, list(self.plan.sizes), replaced)
+
+
+class _EvalBatches(Dataset):
+    def __init__(self, rows: EvalRows, cfg: LoaderConfig):
+        self.rows, self.transform = rows, test_transform(cfg.height, cfg.width)
+
+    def __len__(self) -> int:
+        return self.rows.num_batches()
+
+    def __getitem__(self, b: int):
+        index = self.rows.batch_rows(b)
+        images = []
+        for j in index.tolist():
+            try:
+                images.append(decode_rgb(self.rows.rows.read(j)))
+            except Exception as err:
+                raise ShardError(f"{self.rows.rows.location(j)}: cannot decode the image ({err})") from err
+        return _stack_nhwc(images, self.transform), torch.from_numpy(index)
+
+
+class TorchEvalLoader:
+    name = "torch"
+
+    def __init__(self, rows: EvalRows, cfg: LoaderConfig):
+        self.rows, self.cfg = rows, cfg
+        self.pids, self.camids = rows.pids, rows.camids
+        self.is_query, self.labels = rows.is_query, rows.labels
+        self._loader = _data_loader(_EvalBatches(rows, cfg), range(rows.num_batches()), cfg)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        for images, index in self._loader:
+            yield to_device(images, index, self.cfg)

@@ -1,0 +1,142 @@
+"""MemoryClassifier against the published per-sample loop and a plain cross-entropy."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.memory import MemoryClassifier
+
+
+def loop_update(centers, features, labels, m):
+    """DESIGN section 5, sample by sample in batch order."""
+    c = centers.clone()
+    for f, y in zip(features, labels.tolist()):
+        c[y] = m * c[y] + (1 - m) * f
+        c[y] = c[y] / c[y].norm()
+    return c
+
+
+def memory(num_classes=100, dim=64, seed=0):
+    mem = MemoryClassifier(dim, num_classes, temp=0.05, momentum=0.2)
+    g = torch.Generator().manual_seed(seed)
+    mem.centers.copy_(F.normalize(torch.randn(num_classes, dim, generator=g), dim=1))
+    return mem
+
+
+def unit(n, dim, seed):
+    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def test_update_pk_batch_matches_loop():
+    """192 rows, 48 identities x 4 images, shuffled as in the memory-update forward."""
+    mem = memory(num_classes=300, dim=256)
+    labels = torch.randperm(300)[:48].repeat_interleave(4)[torch.randperm(192)]
+    f = unit(192, 256, 1)
+    want = loop_update(mem.centers, f, labels, 0.2)
+    mem.update(f, labels)
+    torch.testing.assert_close(mem.centers, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_update_random_repeats_matches_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    mem = memory(num_classes=40, dim=32, seed=seed)
+    counts = torch.randint(1, 9, (25,), generator=g)          # 1..8 repeats per label
+    ids = torch.randperm(40, generator=g)[:25]
+    labels = ids.repeat_interleave(counts)
+    labels = labels[torch.randperm(len(labels), generator=g)].int()
+    f = unit(len(labels), 32, seed + 10)
+    want = loop_update(mem.centers, f, labels, 0.2)
+    mem.update(f, labels)
+    torch.testing.assert_close(mem.centers, want, rtol=0, atol=1e-5)
+
+
+def test_update_bf16_features_and_empty_batch():
+    mem = memory()
+    before = mem.centers.clone()
+    mem.update(torch.empty(0, 64), torch.empty(0, dtype=torch.long))
+    assert torch.equal(mem.centers, before)
+    f = unit(8, 64, 3).bfloat16()
+    labels = torch.tensor([1, 2, 1, 3, 1, 2, 5, 5])
+    want = loop_update(before, f.float(), labels, 0.2)
+    mem.update(f, labels)
+    torch.testing.assert_close(mem.centers, want, rtol=0, atol=1e-5)
+
+
+def test_loss_and_gradient_match_cross_entropy():
+    mem = memory()
+    f = unit(20, 64, 4).requires_grad_()
+    y = torch.randint(0, 100, (20,))
+    loss = mem(f, y)
+    loss.backward()
+    f2 = f.detach().clone().requires_grad_()
+    c = mem.centers.clone().requires_grad_()
+    want = F.cross_entropy(f2 @ c.t() / 0.05, y)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(f.grad, f2.grad)
+    assert not mem.centers.requires_grad and mem.centers.grad is None
+    assert [n for n, _ in mem.named_parameters()] == []
+
+
+def test_logits_fp32_under_autocast():
+    mem = memory()
+    f = unit(6, 64, 5)
+    y = torch.arange(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = mem.logits(f.bfloat16())
+        loss = mem(f.bfloat16(), y)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    torch.testing.assert_close(logits, f.bfloat16().float() @ mem.centers.t() / 0.05)
+
+
+def test_init_centers_normalised_means():
+    mem = memory(num_classes=5, dim=16)
+    f = torch.randn(40, 16)
+    y = torch.arange(40) % 5
+    mem.init_centers(f, y)
+    want = F.normalize(torch.stack([f[y == k].mean(0) for k in range(5)]), dim=1)
+    torch.testing.assert_close(mem.centers, want)
+
+
+def test_init_centers_names_missing_classes():
+    mem = memory(num_classes=6, dim=16)
+    before = mem.centers.clone()
+    with pytest.raises(ValueError, match=r"2 of 6 classes.*\[3, 5\]"):
+        mem.init_centers(torch.randn(8, 16), torch.tensor([0, 1, 2, 4, 0, 1, 2, 4]))
+    assert torch.equal(mem.centers, before)
+
+
+@pytest.mark.parametrize("features, labels, match", [
+    (torch.randn(4, 64), torch.tensor([0, 1, 100, 2]), "outside"),
+    (torch.randn(4, 64), torch.tensor([0, -1, 1, 2]), "outside"),
+    (torch.randn(4, 63), torch.tensor([0, 1, 2, 3]), r"\[N, 64\]"),
+    (torch.randn(4, 64), torch.tensor([0, 1, 2]), "one per feature row"),
+    (torch.randn(4, 64), torch.tensor([0., 1., 2., 3.]), "integer"),
+    (torch.randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), torch.arange(4), "NaN"),
+    (torch.randn(4, 64).index_fill_(0, torch.tensor([1]), float("inf")), torch.arange(4), r"rows \[1\]"),
+])
+def test_bad_input_refused_memory_untouched(features, labels, match):
+    mem = memory()
+    before = mem.centers.clone()
+    with pytest.raises(ValueError, match=match):
+        mem.update(features, labels)
+    with pytest.raises(ValueError, match=match):
+        mem.init_centers(features, labels)
+    assert torch.equal(mem.centers, before)
+
+
+def test_forward_rejects_bad_shapes_and_labels():
+    mem = memory()
+    with pytest.raises(ValueError, match=r"\[N, 64\]"):
+        mem(torch.randn(4, 32), torch.arange(4))
+    with pytest.raises(IndexError, match="out of bounds"):
+        mem(torch.randn(4, 64), torch.tensor([0, 1, 2, 100]))
+
+
+def test_huge_finite_features_are_not_mistaken_for_nan():
+    """Rows whose sum overflows are checked element by element before being refused."""
+    mem = memory()
+    f = torch.zeros(2, 64)
+    f[0, :2] = 3e38
+    f[1, 0] = 1.0
+    mem.update(f, torch.tensor([0, 1]))

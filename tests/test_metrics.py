@@ -1,0 +1,129 @@
+"""engine.metrics against a literal per-query Market-1501 implementation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.metrics import benchmark_eval, evaluate_features, evaluate_rank, pairwise_distance
+
+
+def literal_market(dist, q_pids, g_pids, q_camids, g_camids, max_rank=50):
+    """The protocol written out plainly: one query at a time, a stable argsort of its row."""
+    all_cmc, all_ap = [], []
+    for i in range(len(q_pids)):
+        order = np.argsort(dist[i], kind="stable")
+        remove = (g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])
+        hits = (g_pids[order] == q_pids[i])[~remove].astype(np.float64)
+        if not hits.any():
+            continue
+        cmc = np.minimum(hits.cumsum(), 1.0)
+        cmc = np.concatenate([cmc, np.ones(max(0, max_rank - len(cmc)))])[:max_rank]
+        all_cmc.append(cmc)
+        precision = hits.cumsum() / np.arange(1, len(hits) + 1)
+        all_ap.append((precision * hits).sum() / hits.sum())
+    return np.mean(all_cmc, axis=0), float(np.mean(all_ap))
+
+
+def make_ids(rng, nq, ng, num_ids, num_cams):
+    q_pids = rng.integers(0, num_ids, nq)
+    g_pids = rng.integers(0, num_ids, ng)
+    q_cams = rng.integers(0, num_cams, nq)
+    g_cams = rng.integers(0, num_cams, ng)
+    q_pids[0] = num_ids + 5  # a pid absent from the gallery
+    g_pids[g_pids == q_pids[1]] = num_ids + 6  # query 1: only same-camera matches (all removed)
+    g_pids[:2], g_cams[:2] = q_pids[1], q_cams[1]
+    return q_pids, g_pids, q_cams, g_cams
+
+
+def check(dist, ids, max_rank=50, chunk=None, to_torch=False):
+    ref_cmc, ref_map = literal_market(np.asarray(dist), *ids, max_rank=max_rank)
+    args = [torch.from_numpy(np.asarray(a)) for a in (dist, *ids)] if to_torch else [dist, *ids]
+    cmc, mAP = evaluate_rank(*args, max_rank=max_rank, chunk=chunk)
+    assert isinstance(cmc, np.ndarray) and cmc.dtype.kind == "f" and cmc.shape == (max_rank,)
+    assert isinstance(mAP, float) and 0.0 <= mAP <= 1.0
+    np.testing.assert_allclose(cmc, ref_cmc, atol=1e-6)
+    assert abs(mAP - ref_map) < 1e-6
+
+
+@pytest.mark.parametrize("to_torch", [False, True])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_evaluate_rank_random(to_torch, chunk):
+    rng = np.random.default_rng(0)
+    ids = make_ids(rng, 40, 300, 15, 4)
+    check(rng.random((40, 300), dtype=np.float32), ids, chunk=chunk, to_torch=to_torch)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_evaluate_rank_ties(dtype):
+    """Few distinct distances: ties everywhere, broken by gallery index like a stable sort."""
+    rng = np.random.default_rng(1)
+    ids = make_ids(rng, 50, 200, 10, 3)
+    dist = rng.integers(0, 4, (50, 200)).astype(dtype)
+    check(dist, ids, chunk=16)
+    check(dist, ids, to_torch=True)
+
+
+def test_evaluate_rank_negative_and_short_gallery():
+    rng = np.random.default_rng(2)
+    ids = make_ids(rng, 20, 30, 5, 2)
+    dist = np.round(rng.normal(size=(20, 30)), 1)  # negative values, -0.0 and ties
+    dist[3, :5] = -0.0
+    check(dist, ids, max_rank=50)  # max_rank longer than the gallery
+    check(dist.astype(np.float32), ids, max_rank=5, to_torch=True)
+
+
+def test_evaluate_rank_no_valid_query():
+    with pytest.raises(ValueError, match="no query has a correct match"):
+        evaluate_rank(np.zeros((2, 3)), [1, 2], [1, 3, 4], [0, 0], [0, 1, 1])
+    with pytest.raises(ValueError, match="g_pids has shape"):
+        evaluate_rank(np.zeros((2, 3)), [1, 2], [1, 3], [0, 0], [0, 1, 1])
+
+
+def features(rng, n, dim, dtype=torch.float32):
+    return torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(n, dim))).float(), dim=1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluate_features_matches_full_matrix(dtype):
+    rng = np.random.default_rng(3)
+    ids = make_ids(rng, 60, 400, 20, 6)
+    qf, gf = features(rng, 60, 32, dtype), features(rng, 400, 32, dtype)
+    cmc, mAP = evaluate_rank(pairwise_distance(qf, gf), *ids)
+    res = evaluate_features(qf, gf, *ids, chunk=9)
+    assert set(res) == {"mAP", "rank1", "rank5", "rank10", "cmc"}
+    np.testing.assert_allclose(res["cmc"], cmc, atol=1e-6)
+    assert abs(res["mAP"] - mAP) < 1e-6
+    assert res["rank1"] == cmc[0] and res["rank5"] == cmc[4] and res["rank10"] == cmc[9]
+    if dtype != torch.float32:
+        return  # re-normalising rounded bf16 features moves distances: compare rankings in fp32 only
+    cos = evaluate_features(qf, gf, *ids, chunk=13, metric="cosine")
+    np.testing.assert_allclose(cos["cmc"], cmc, atol=1e-6)
+    assert abs(cos["mAP"] - mAP) < 1e-6
+
+
+def test_evaluate_features_rerank_and_errors():
+    rng = np.random.default_rng(4)
+    ids = make_ids(rng, 30, 120, 10, 3)
+    qf, gf = features(rng, 30, 16), features(rng, 120, 16)
+    res = evaluate_features(qf, gf, *ids, rerank=True)
+    assert 0.0 <= res["mAP"] <= 1.0 and np.isfinite(res["cmc"]).all()
+    with pytest.raises(ValueError, match="metric"):
+        evaluate_features(qf, gf, *ids, metric="l1")
+
+
+def test_benchmark_eval_small():
+    out = benchmark_eval(50, 500, 64, "cpu", num_ids=40, num_cams=4)
+    assert out["seconds"] > 0 and 0.0 <= out["mAP"] <= 1.0 and out["num_gallery"] == 500
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_evaluate_features_cuda_matches_cpu():
+    rng = np.random.default_rng(5)
+    ids = make_ids(rng, 64, 500, 20, 6)
+    qf, gf = features(rng, 64, 64), features(rng, 500, 64)
+    cpu = evaluate_features(qf, gf, *ids, chunk=10)
+    gpu = evaluate_features(qf.cuda(), gf.cuda(), *[torch.from_numpy(a).cuda() for a in ids], chunk=10)
+    np.testing.assert_allclose(gpu["cmc"], cpu["cmc"], atol=1e-6)
+    assert abs(gpu["mAP"] - cpu["mAP"]) < 1e-6

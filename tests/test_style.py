@@ -1,0 +1,90 @@
+"""UBS against a step-by-step version written from DESIGN.md section 5."""
+import pytest
+import torch
+
+from model.style import UBS
+
+
+def literal_ubs(x, rho=3.0, eps=1e-6):
+    """Every step as DESIGN words it, in fp32, on a plain NCHW copy."""
+    x = x.float().contiguous()
+    B, C, H, W = x.shape
+    flat = x.reshape(B, C, H * W)
+    mu = flat.mean(dim=2)                                  # per-sample channel mean
+    var = flat.var(dim=2, unbiased=True)
+    sig = torch.sqrt(var + eps)
+    x_norm = (x - mu[:, :, None, None]) / sig[:, :, None, None]
+    std = torch.sqrt(var)                                  # unbiased std, no eps
+    mu_mu, mu_std = mu.mean(dim=0), mu.std(dim=0, unbiased=True)
+    sig_mu, sig_std = std.mean(dim=0), std.std(dim=0, unbiased=True)
+    mu_std = torch.clamp(mu_std, min=eps)
+    sig_std = torch.clamp(sig_std, min=eps)
+    u_mu = torch.rand((B, C))                              # mean first
+    u_sig = torch.rand((B, C))                             # then the std
+    mu_new = (mu_mu - rho * mu_std) + u_mu * (2 * rho * mu_std)
+    sig_new = (sig_mu - rho * sig_std) + u_sig * (2 * rho * sig_std)
+    return x_norm * sig_new[:, :, None, None] + mu_new[:, :, None, None]
+
+
+def features(shape=(16, 24, 12, 6), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # distinct per-sample styles, as after layer1
+    scale = torch.rand(shape[0], shape[1], 1, 1, generator=g) * 2 + 0.2
+    shift = torch.randn(shape[0], shape[1], 1, 1, generator=g)
+    return torch.randn(shape, generator=g) * scale + shift
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fp32_matches_literal(channels_last):
+    x = features()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    torch.manual_seed(7)
+    want = literal_ubs(x)
+    torch.manual_seed(7)
+    got = UBS(rho=3.0, eps=1e-6).train()(x)
+    assert got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_bf16_input_stats_in_fp32():
+    x = features().bfloat16().to(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    want = literal_ubs(x)
+    torch.manual_seed(3)
+    got = UBS().train()(x)
+    assert got.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    # one bf16 rounding of the fp32 result
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)
+
+
+def test_gradient_path():
+    x = features().requires_grad_()
+    UBS().train()(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    xb = features().bfloat16().requires_grad_()
+    out = UBS().train()(xb)
+    assert out.dtype == torch.bfloat16 and out.requires_grad
+
+
+def test_identity_in_eval():
+    x = features()
+    m = UBS().eval()
+    assert m(x) is x
+
+
+def test_restyled_statistics_stay_in_range():
+    """Each output sample's channel mean lies within mean +- rho*std of the batch's means."""
+    x = features((32, 8, 16, 8))
+    mu = x.mean(dim=(2, 3))
+    lo = mu.mean(0) - 0.5 * mu.std(0)
+    hi = mu.mean(0) + 0.5 * mu.std(0)
+    out = UBS(rho=0.5).train()(x).mean(dim=(2, 3))
+    assert ((out >= lo - 1e-4) & (out <= hi + 1e-4)).all()
+
+
+def test_single_sample_refused():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        UBS().train()(torch.randn(1, 4, 8, 8))

@@ -1,0 +1,117 @@
+"""Training-loader throughput, side by side: DALI, the torch/PIL fallback, and the published way.
+
+"folder" is how the published code loads: a per-image dataset that opens each JPEG from the raw
+folders with PIL, the same transforms, a DataLoader collating the three sources' 64-image
+batches (here one 192-image batch per iteration, same sampler). All three run with the same
+worker count; images/s counts training images delivered (decoded, augmented, normalised) after
+a warm-up that absorbs worker start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from pipeline.loader import LoaderConfig, build_train_loader  # noqa: E402
+from pipeline.records import mix_labels  # noqa: E402
+from pipeline.sampler import identity_batches  # noqa: E402
+from pipeline.transforms import train_transform  # noqa: E402
+
+
+class _Files(Dataset):
+    """(path, label) per image; PIL decode + torchvision transform per item, as the published code."""
+
+    def __init__(self, items: list[tuple[str, int]]):
+        self.items, self.transform = items, train_transform()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        return self.transform(Image.open(path).convert("RGB")), label
+
+
+def _folder_loader(data_dir: Path, sources: list[str], cfg: LoaderConfig):
+    """An iterator of (images, labels) batches read from the raw folders, one per iteration."""
+    from pipeline.datasets import parse
+
+    items, per_source = [], []
+    for k, name in enumerate(sources):
+        splits = parse(name, data_dir)
+        records = splits.train + splits.query + splits.gallery
+        if any(r.box or r.h5_ref for r in records):
+            raise SystemExit(f"--sources: {name} is not a folder of JPEG files, as the folder baseline needs")
+        labels = np.asarray(mix_labels([(r.dataset, r.split, r.pid) for r in records]))
+        keep = np.flatnonzero(labels >= 0)
+        camids = np.asarray([records[i].camid for i in keep])
+        rows = identity_batches(labels[keep], camids, num_ids=cfg.num_ids, num_instances=cfg.num_instances,
+                                num_batches=cfg.iters, seed=0, epoch=0, source=k)
+        per_source.append(len(items) + rows)
+        items += [(records[i].path, int(labels[i])) for i in keep]
+    order = np.concatenate(per_source, axis=1).reshape(-1).tolist()
+    return DataLoader(_Files(items), batch_size=cfg.batch_size * len(sources), sampler=order,
+                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+
+
+def _measure(batches, warmup: int) -> tuple[float, int]:
+    """Images/s over the batches after the first ``warmup`` ones."""
+    count, start = 0, None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        if i >= warmup:
+            images = batch.images if hasattr(batch, "images") else batch[0]
+            count += len(images)
+    return count / (time.perf_counter() - start), count
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", type=Path, required=True, help="shards folder (tools/make_shards.py --out)")
+    p.add_argument("--data-dir", type=Path, help="raw datasets folder, for the folder baseline")
+    p.add_argument("--sources", default="market1501,dukemtmc,msmt17v1",
+                   help="comma-separated source datasets")
+    p.add_argument("--loaders", default="dali,torch,folder", help="which of dali,torch,folder to measure")
+    p.add_argument("--workers", type=int, default=2, help="worker processes for every loader")
+    p.add_argument("--iters", type=int, default=20, help="iterations measured per loader")
+    p.add_argument("--warmup", type=int, default=3, help="iterations run first, not measured")
+    p.add_argument("--num-ids", type=int, default=16, help="identities per source batch")
+    p.add_argument("--num-instances", type=int, default=4, help="images per identity")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    sources = args.sources.split(",")
+    torch.set_num_threads(1)
+    results = []
+    for kind in args.loaders.split(","):
+        cfg = LoaderConfig(iters=args.warmup + args.iters, workers=args.workers, num_ids=args.num_ids,
+                           num_instances=args.num_instances, loader=kind if kind != "folder" else "torch")
+        if kind == "folder":
+            if args.data_dir is None:
+                raise SystemExit("--loaders folder needs --data-dir")
+            batches = iter(_folder_loader(args.data_dir, sources, cfg))
+        else:
+            batches = build_train_loader(args.shards, sources, cfg).epoch(0)
+        rate, count = _measure(batches, args.warmup)
+        results.append({"loader": kind, "images_per_s": round(rate, 1), "images": count,
+                        "workers": args.workers, "batch": cfg.batch_size * len(sources)})
+        print(f"{kind}: {rate:.1f} images/s", file=sys.stderr)
+    print(f"{'loader':<8} {'workers':>7} {'batch':>6} {'images/s':>10}")
+    for r in results:
+        print(f"{r['loader']:<8} {r['workers']:>7} {r['batch']:>6} {r['images_per_s']:>10.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
