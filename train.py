@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from engine.evaluate import evaluate_target, init_memories
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
 from engine.step import MODES, shuffle_plan, train_step
 from model.memory import MemoryClassifier
-from model.resnet import build_model
+from model.resnet import build_model, convert_sync_bn
 from model.style import UBS
 from pipeline.loader import LoaderConfig, build_eval_loader, build_train_loader, select_loader
 from pipeline.records import DATASETS, SOURCE_ONLY
@@ -150,6 +150,8 @@ def check_args(args, cfg: RunConfig, world: int) -> None:
         raise SystemExit(f"-b {cfg.batch_size} must be a multiple of --num-instances {cfg.num_instances}")
     if cfg.batch_size % world:
         raise SystemExit(f"-b {cfg.batch_size} (global per source) must divide over {world} ranks")
+    if args.sync_bn and args.device == "cpu" or args.sync_bn and not torch.cuda.is_available():
+        raise SystemExit("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
     if args.evaluate and args.resume is None:
         raise SystemExit("--evaluate needs --resume CHECKPOINT")
 
@@ -189,9 +191,20 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Style draws are seeded per epoch and rank, so a resumed run repeats them exactly."""
-    return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
+@dataclass
+class RunResult:
+    """What a run leaves in memory: tests compare it across ranks and runs."""
+
+    exit_code: int
+    history: list[dict] = field(default_factory=list)
+    model: torch.nn.Module | None = None
+    memories: list[MemoryClassifier] = field(default_factory=list)
+
+
+def iteration_seed(seed: int, epoch: int, it: int, rank: int) -> int:
+    """The style draws of every iteration are seeded from (seed, epoch, iteration, rank), so a
+    run resumed anywhere, even mid-epoch after a SIGTERM, repeats them exactly."""
+    return ((seed * 1_000_003 + epoch) * 100_003 + it) * 1009 + rank
 
 
 def save_plot(history: list[dict], path: Path, title: str) -> None:
@@ -240,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     try:
         check_args(args, cfg, dist_info.world)
-        return train(args, cfg, dist_info)
+        return train(args, cfg, dist_info).exit_code
     finally:
         du.cleanup()
 
 
-def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> int:
+def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
     device = dist_info.device
     prepare_shards(args, cfg, dist_info)
     dtype = amp_dtype(args.amp, device)
@@ -259,6 +272,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> int:
              else "single process", dtype or "fp32", loader_kind, cfg.mode)
 
     target_loader = build_eval_loader(args.shards, cfg.target, "test", lcfg)
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, "none" if args.resume else args.pretrained, stem_relu=cfg.stem_relu,
                         style=UBS(rho=cfg.rho)).to(device, memory_format=torch.channels_last)
     ckpt = load_checkpoint(args.resume) if args.resume else None
@@ -274,11 +288,12 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> int:
         if dist_info.is_main:
             print(f"{cfg.target}: mAP {100 * res['mAP']:.1f}  rank-1 {100 * res['rank1']:.1f}  "
                   f"rank-5 {100 * res['rank5']:.1f}  rank-10 {100 * res['rank10']:.1f}")
-        return 0
+        return RunResult(0, [res], model)
 
     train_loader = build_train_loader(args.shards, cfg.sources, lcfg)
     memories = [MemoryClassifier(model.num_features, n, temp=cfg.temp, momentum=cfg.momentum).to(device)
                 for n in train_loader.num_classes]
+    du.broadcast_state(model)
     if ckpt is None:
         log.info("initialising memories from source features (%s)",
                  ", ".join(f"{s}: {n} ids" for s, n in zip(cfg.sources, train_loader.num_classes)))
@@ -290,7 +305,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> int:
 
     net = model
     if args.sync_bn and dist_info.world > 1:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = convert_sync_bn(net)
     if dist_info.world > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                       gradient_as_bucket_view=True)
@@ -330,7 +345,6 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> int:
     images_per_iter = 3 * cfg.batch_size
     show_bar = dist_info.is_main and not args.no_progress
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, dist_info.rank))
         net.train()
         losses = torch.zeros(cfg.iters, device=device)
         first = checked = start_iter if epoch == start_epoch else 0
@@ -343,6 +357,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> int:
         t0, n_done = time.perf_counter(), 0
         for it in range(checked, cfg.iters):
             batch = next(batches)
+            torch.manual_seed(iteration_seed(cfg.seed, epoch, it, dist_info.rank))
             plan = shuffle_plan(batch.sizes, dist_info.world, dist_info.rank, cfg.seed, epoch, it,
                                 shuffle=cfg.mode != "fb")
             losses[it] = train_step(net, memories, batch.images, batch.labels, batch.sizes, optimizer,
@@ -367,11 +382,12 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> int:
                     checkpoint(epoch, it + 1)
                     log.warning("stop signal: checkpoint saved at epoch %d iteration %d; resume with "
                                 "--resume %s", epoch + 1, it + 1, logs / "latest.pth")
-                    return 128 + (stop.signal or signal.SIGTERM)
+                    return RunResult(128 + (stop.signal or signal.SIGTERM), history, model, memories)
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
         scheduler.step()
+        du.broadcast_state(model, buffers_only=True)
         row = {"epoch": epoch + 1, "loss": float(losses[first:].mean()), "lr": optimizer.param_groups[0]["lr"],
                "images_per_s": n_done * images_per_iter / elapsed, "time_s": elapsed}
         if (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == cfg.epochs:
@@ -404,7 +420,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> int:
         print_table(history, cfg.target)
         if writer is not None:
             writer.close()
-    return 0
+    return RunResult(0, history, model, memories)
 
 
 if __name__ == "__main__":

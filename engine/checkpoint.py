@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-# Settings that must agree between a run and the checkpoint it resumes from.
+# Settings that must agree between a run and the checkpoint it resumes from (the number of
+# epochs may grow: a finished run can be continued).
 RESUME_KEYS = ("arch", "sources", "target", "batch_size", "num_instances", "height", "width",
-               "update_style", "baseline", "epochs", "iters", "seed", "lr", "weight_decay",
+               "update_style", "baseline", "iters", "seed", "lr", "weight_decay",
                "temp", "momentum", "rho", "stem_relu")
 
 

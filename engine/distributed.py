@@ -70,6 +70,17 @@ def gather_varying_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([r[:c] for r, c in zip(rows, counts)])
 
 
+def broadcast_state(module: torch.nn.Module, buffers_only: bool = False) -> None:
+    """Copy rank 0's parameters and buffers to every rank. BatchNorm running statistics drift
+    apart between ranks (each sees its own images in the no-grad second forward), so they are
+    re-synchronised before every evaluation and checkpoint."""
+    if world_size() == 1:
+        return
+    tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -15,6 +15,7 @@ the work, and it runs per query chunk on whatever device the distances live on.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -53,6 +54,20 @@ class _Gallery:
         return idx, real, junk
 
 
+def _searchsorted_rows(sorted_rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Row-wise searchsorted; torch runs it on one CPU thread, so there the rows are split over
+    torch's thread count (the op releases the GIL)."""
+    parts = min(torch.get_num_threads(), len(values)) if values.device.type == "cpu" else 1
+    if parts < 2:
+        return torch.searchsorted(sorted_rows, values)
+    out = torch.empty(values.shape, dtype=torch.int64)
+    cuts = np.linspace(0, len(values), parts + 1).astype(int)
+    with ThreadPoolExecutor(parts) as pool:
+        list(pool.map(lambda a, b: torch.searchsorted(sorted_rows[a:b], values[a:b], out=out[a:b]),
+                      cuts[:-1], cuts[1:]))
+    return out
+
+
 def _rank_chunk(dist: torch.Tensor, q_pids, q_camids, gallery: _Gallery):
     """AP, first-match rank and validity of each query (row) of one distance block."""
     c, g = dist.shape
@@ -64,7 +79,7 @@ def _rank_chunk(dist: torch.Tensor, q_pids, q_camids, gallery: _Gallery):
     valid = real & ~junk
 
     # place[r, j] = number of same-pid images ranked before gallery image j (ties by index).
-    place = torch.searchsorted(ds, dist)
+    place = _searchsorted_rows(ds, dist)
     ds_end = torch.cat([ds, torch.full_like(ds[:, :1], torch.inf)], 1)  # place == k is a valid index
     tie = dist == ds_end.gather(1, place)
     rows, cols = tie.nonzero(as_tuple=True)  # same-pid images themselves, plus rare exact ties
@@ -170,17 +185,22 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, max_rank: i
     if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
         raise ValueError(f"evaluate_features: expected [num_query, dim] and [num_gallery, dim] features, "
                          f"got {tuple(qf.shape)} and {tuple(gf.shape)}")
-    if rerank:
-        from engine.rerank import check_size, re_ranking
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32: it would reorder near-tied distances
+    try:
+        if rerank:
+            from engine.rerank import check_size, re_ranking
 
-        check_size(len(qf), len(gf))
-        dist = re_ranking(*(_distance(x, y, metric, y.pow(2).sum(1)).cpu().numpy()
-                            for x, y in ((qf, gf), (qf, qf), (gf, gf))))
-        cmc, mAP = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank, chunk)
-    else:
-        g_sq = gf.pow(2).sum(1)
-        cmc, mAP = _evaluate_chunks(lambda a, b: _distance(qf[a:b], gf, metric, g_sq), (len(qf), len(gf)),
-                                    qf.device, q_pids, g_pids, q_camids, g_camids, max_rank, chunk)
+            check_size(len(qf), len(gf))
+            dist = re_ranking(*(_distance(x, y, metric, y.pow(2).sum(1)).cpu().numpy()
+                                for x, y in ((qf, gf), (qf, qf), (gf, gf))))
+            cmc, mAP = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank, chunk)
+        else:
+            g_sq = gf.pow(2).sum(1)
+            cmc, mAP = _evaluate_chunks(lambda a, b: _distance(qf[a:b], gf, metric, g_sq), (len(qf), len(gf)),
+                                        qf.device, q_pids, g_pids, q_camids, g_camids, max_rank, chunk)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return {"mAP": mAP, "rank1": float(cmc[0]), "rank5": float(cmc[min(4, max_rank - 1)]),
             "rank10": float(cmc[min(9, max_rank - 1)]), "cmc": cmc}
 

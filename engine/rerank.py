@@ -2,8 +2,9 @@
 Encoding", CVPR 2017), written from the paper's description.
 
 Queries and gallery images form one pool. For each image p:
-  - R(p, k1): its k1 nearest neighbours that also count p among their own k1 nearest
-    (k-reciprocal neighbours: far fewer false matches than plain nearest neighbours);
+  - R(p, k1): those of its k1 + 1 nearest images (p itself first) that also count p among
+    their own k1 + 1 nearest (k-reciprocal neighbours: far fewer false matches than plain
+    nearest neighbours);
   - R*(p, k1): R(p, k1) grown by R(c, k1/2) of each member c whose half-size set mostly
     (at least 2/3) lies inside R(p, k1), to win back true matches a pose change pushed out;
   - V_p: the members of R*(p) weighted by exp(-d), normalised to sum 1 (a soft set),

@@ -48,6 +48,27 @@ class ChunkBatchNorm1d(_ChunkBN, nn.BatchNorm1d):
     """nn.BatchNorm1d with per-chunk batch statistics (the neck)."""
 
 
+class ChunkSyncBatchNorm(_ChunkBN, nn.SyncBatchNorm):
+    """nn.SyncBatchNorm with per-chunk statistics: each source's chunk is synchronised over
+    the ranks on its own (every rank holds an equal slice of every source)."""
+
+
+def convert_sync_bn(model: nn.Module) -> nn.Module:
+    """`--sync-bn`: replace every chunk-aware BatchNorm by its synchronised twin, keeping the
+    per-source statistics (torch's convert_sync_batchnorm would merge the sources)."""
+    for name, child in model.named_children():
+        if isinstance(child, _ChunkBN) and not isinstance(child, nn.SyncBatchNorm):
+            sync = ChunkSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            for p_new, p_old in zip(sync.parameters(), child.parameters()):
+                p_new.requires_grad_(p_old.requires_grad)
+            setattr(model, name, sync.to(child.weight.device))
+        else:
+            convert_sync_bn(child)
+    return model
+
+
 def _chunk_bns(module: nn.Module) -> None:
     """Replace every BatchNorm2d below `module` by a ChunkBatchNorm2d (same settings, fresh
     init: weights are loaded afterwards)."""

@@ -22,42 +22,41 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, check_header, decode_rgb, to_device
 from pipeline.shards import ShardError
-from pipeline.transforms import FLIP_P, MEAN, PAD, STD
+from pipeline.transforms import MEAN, STD
 
 DEPTH = 2  # batches prepared ahead, so decoding overlaps the training step
 _TORCH = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16}
 
 
-def _images(jpegs, cfg: LoaderConfig, train: bool):
-    """The shared part of both graphs: decode, resize, (augment), normalise to NHWC."""
+def _images(jpegs, cfg: LoaderConfig, shift=None, mirror=0):
+    """The shared part of both graphs: decode, resize, (shifted crop), (mirror), normalise to
+    NHWC. Training passes the random parts in (pipeline.transforms.augment_params)."""
     gpu = cfg.device.type == "cuda"
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     # Cubic for both up- and downscaling, antialiased: as close to PIL's bicubic as DALI gets.
     images = fn.resize(images, resize_x=cfg.width, resize_y=cfg.height, interp_type=types.INTERP_CUBIC,
                        min_filter=types.INTERP_CUBIC, mag_filter=types.INTERP_CUBIC, antialias=True)
-    mirror = 0
-    if train:
-        shift = fn.random.uniform(values=list(range(-PAD, PAD + 1)), shape=[2], dtype=types.INT32)
+    if shift is not None:
         images = fn.slice(images, start=shift, shape=[cfg.height, cfg.width], axis_names="HW",
                           out_of_bounds_policy="pad", fill_values=0)
-        mirror = fn.random.coin_flip(probability=FLIP_P)
     return fn.crop_mirror_normalize(images, mirror=mirror, mean=[m * 255 for m in MEAN],
                                     std=[s * 255 for s in STD], dtype=_dali_dtype(cfg), output_layout="HWC")
 
 
 @pipeline_def
 def _train_graph(source, cfg: LoaderConfig):
-    jpegs, labels, replaced = fn.external_source(
-        source=source, num_outputs=3, batch=True, parallel=True, batch_info=True,
-        prefetch_queue_depth=max(DEPTH, cfg.workers), dtype=[types.UINT8, types.INT64, types.INT64])
-    return _images(jpegs, cfg, train=True), labels, replaced
+    jpegs, labels, replaced, mirror, shift = fn.external_source(
+        source=source, num_outputs=5, batch=True, parallel=True, batch_info=True,
+        prefetch_queue_depth=max(DEPTH, cfg.workers),
+        dtype=[types.UINT8, types.INT64, types.INT64, types.INT32, types.INT32])
+    return _images(jpegs, cfg, shift, mirror), labels, replaced
 
 
 @pipeline_def
 def _eval_graph(source, cfg: LoaderConfig):
     jpegs = fn.external_source(source=source, batch=True, parallel=True, batch_info=True,
                                prefetch_queue_depth=max(DEPTH, cfg.workers), dtype=types.UINT8)
-    return _images(jpegs, cfg, train=False)
+    return _images(jpegs, cfg)
 
 
 def _dali_dtype(cfg: LoaderConfig):
@@ -95,7 +94,8 @@ class _TrainSource:
     def __call__(self, info):
         epoch, it = divmod(self.first + info.iteration, self.plan.iters)
         items, labels, replaced = self.plan.iteration(epoch, it, check_header)
-        return [np.frombuffer(b, dtype=np.uint8) for b in items], labels, replaced
+        mirror, shift = self.plan.augmentation(epoch, it)
+        return [np.frombuffer(b, dtype=np.uint8) for b in items], labels, replaced, mirror, shift
 
 
 class DaliTrainLoader:
@@ -109,8 +109,8 @@ class DaliTrainLoader:
         self.replaced = 0  # images replaced so far (replace_bad)
         self._pipe, self._next = None, None  # the pipeline and the global iteration it yields next
 
-    def epoch(self, e: int):
-        for it in range(self.plan.iters):
+    def epoch(self, e: int, start: int = 0):
+        for it in range(start, self.plan.iters):
             images, labels, replaced = self._run(e * self.plan.iters + it)
             labels = torch.from_numpy(labels.as_array())
             images, labels = to_device(_to_torch(images, self.cfg.device), labels, self.cfg)

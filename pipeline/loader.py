@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline.records import SPLITS, mix_labels
 from pipeline.sampler import identity_batches, rank_slice
 from pipeline.shards import ShardError, SplitReader, load_manifest
+from pipeline.transforms import augment_params
 
 log = logging.getLogger(__name__)
 LOADERS = ("auto", "dali", "torch")
@@ -176,6 +177,10 @@ class TrainPlan:
             labels.append(self.sets[s].labels[rows[it]])
         return items, np.concatenate(labels), np.asarray(replaced, dtype=np.int64)
 
+    def augmentation(self, epoch: int, it: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mirror flags and crop shifts of this rank's images of one iteration."""
+        return augment_params(self.seed, epoch, it, self.rank, sum(self.sizes))
+
     def find_bad(self, epoch: int, iterations: range) -> list[tuple[int, int]]:
         """Rows that fail a full decode in these iterations (maps a decoder error back to samples)."""
         found = []
@@ -240,7 +245,8 @@ def select_loader(kind: str = "auto") -> str:
 
 
 def build_train_loader(shards_dir: Path, sources: list[str], cfg: LoaderConfig):
-    """Training loader over the mix sets of ``sources``: ``.epoch(e)`` yields cfg.iters TrainBatch."""
+    """Training loader over the mix sets of ``sources``: ``.epoch(e, start=0)`` yields the
+    TrainBatch of iterations start..cfg.iters-1 of epoch e."""
     plan = TrainPlan([SourceSet(Path(shards_dir) / s) for s in sources], cfg)
     plan.indices(0)  # refuse an unusable source here, not inside a worker
     if select_loader(cfg.loader) == "dali":

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, decode_rgb, to_device
 from pipeline.shards import ShardError
-from pipeline.transforms import test_transform, train_transform
+from pipeline.transforms import test_transform, train_augment
 
 
 def _stack_nhwc(images: list, transform) -> torch.Tensor:
@@ -27,27 +27,33 @@ class _Iterations(Dataset):
     """Item (epoch, it) = that iteration's images (NHWC), labels and replaced count."""
 
     def __init__(self, plan: TrainPlan, cfg: LoaderConfig):
-        self.plan, self.transform = plan, train_transform(cfg.height, cfg.width)
+        self.plan, self.size = plan, (cfg.height, cfg.width)
 
     def __len__(self) -> int:
         return self.plan.iters
 
     def __getitem__(self, key: tuple[int, int]):
         images, labels, replaced = self.plan.iteration(*key, decode_rgb)
-        return _stack_nhwc(images, self.transform), torch.from_numpy(labels), int(replaced.sum())
+        mirror, shift = self.plan.augmentation(*key)
+        params = iter(zip(images, mirror, shift))
+
+        def augment(image):
+            _, m, (dy, dx) = next(params)
+            return train_augment(image, m, dy, dx, *self.size)
+        return _stack_nhwc(images, augment), torch.from_numpy(labels), int(replaced.sum())
 
 
 class _EpochSampler(Sampler):
     """Yields (epoch, iteration) keys; read in the main process, so setting ``epoch`` is enough."""
 
     def __init__(self, iters: int):
-        self.iters, self.epoch = iters, 0
+        self.iters, self.epoch, self.start = iters, 0, 0
 
     def __len__(self) -> int:
-        return self.iters
+        return self.iters - self.start
 
     def __iter__(self):
-        return ((self.epoch, it) for it in range(self.iters))
+        return ((self.epoch, it) for it in range(self.start, self.iters))
 
 
 def _data_loader(dataset: Dataset, sampler, cfg: LoaderConfig) -> DataLoader:
@@ -66,8 +72,8 @@ class TorchTrainLoader:
         self._sampler = _EpochSampler(plan.iters)
         self._loader = _data_loader(_Iterations(plan, cfg), self._sampler, cfg)
 
-    def epoch(self, e: int):
-        self._sampler.epoch = e
+    def epoch(self, e: int, start: int = 0):
+        self._sampler.epoch, self._sampler.start = e, start
         for images, labels, replaced in self._loader:
             images, labels = to_device(images, labels, self.cfg)
             self.replaced += replaced

@@ -3,10 +3,19 @@
 Train: resize 256x128 (bicubic), horizontal flip p=0.5, pad 10 (zeros), random crop back to
 256x128, ImageNet mean/std. Test: resize + normalise. The torchvision versions below are the
 PIL path (torch fallback loader, folder baseline); ``pipeline.dali`` builds the same graph.
+
+The training loaders draw the random parts (flip, crop offset) with :func:`augment_params`
+from a generator seeded by (seed, epoch, iteration, rank) rather than inside the decoding
+workers, so an iteration's augmentation is the same whichever loader runs it, however many
+workers there are, and after a resume.
 """
 from __future__ import annotations
 
+import numpy as np
+import torch
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -33,3 +42,23 @@ def test_transform(height: int = 256, width: int = 128) -> T.Compose:
         T.ToTensor(),
         T.Normalize(MEAN, STD),
     ])
+
+
+def augment_params(seed: int, epoch: int, it: int, rank: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of one iteration: mirror flag (p=FLIP_P) and crop shift (dy, dx) in
+    [-PAD, PAD], i.e. the crop's corner in the padded image minus PAD."""
+    rng = np.random.default_rng([seed, epoch, it, rank, 0xA06])
+    mirror = (rng.random(n) < FLIP_P).astype(np.int32)
+    shift = rng.integers(-PAD, PAD + 1, size=(n, 2)).astype(np.int32)
+    return mirror, shift
+
+
+def train_augment(image: Image.Image, mirror: int, dy: int, dx: int, height: int = 256,
+                  width: int = 128) -> torch.Tensor:
+    """The training transform with given random parts: resize, pad, crop at the shift, mirror
+    (the order of the DALI graph), normalise. Same distribution as :func:`train_transform`."""
+    image = TF.resize(image, [height, width], interpolation=T.InterpolationMode.BICUBIC)
+    image = TF.crop(TF.pad(image, PAD), PAD + int(dy), PAD + int(dx), height, width)
+    if mirror:
+        image = TF.hflip(image)
+    return TF.normalize(TF.to_tensor(image), MEAN, STD)

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_REPO))
 
 from pipeline import shards  # noqa: E402
 from pipeline.records import DATASETS, SPLITS  # noqa: E402
@@ -27,8 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path,
                    help="raw datasets, laid out as DATA/<name>/<folder> (README, 'Datasets'); "
                         "not needed with --verify")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output folder; each dataset goes to OUT/<name>/ (tars, .idx indexes, manifest.json)")
+    p.add_argument("--out", type=Path, default=_REPO / "shards",
+                   help="output folder; each dataset goes to OUT/<name>/ (tars, .idx indexes, "
+                        "manifest.json); default: the repository's shards/")
     p.add_argument("--datasets", default=None,
                    help=f"comma-separated subset of {','.join(DATASETS)} "
                         "(default: every one found in --data-dir; with --verify: every one in --out)")

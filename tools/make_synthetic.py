@@ -112,7 +112,7 @@ def _plan_market(rng, n_train: int, n_test: int) -> list[Shot]:
 
     def add(split, pid, cam, look):
         nonlocal frame
-        frame += int(rng.integers(1, 400))
+        frame += int(rng.integers(1, 150))
         tag = "-1" if pid < 0 else f"{pid:04d}"
         name = f"{tag}_c{cam + 1}s{rng.integers(1, 7)}_{frame:06d}_{rng.integers(0, 9):02d}.jpg"
         shots.append(Shot(split, pid, cam, look, f"{folder[split]}/{name}"))

@@ -1,0 +1,159 @@
+"""train.py end to end on the synthetic shards: 2-process gloo DDP, stop/resume, the three
+training paths, refusals of bad configurations, and a non-finite loss."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from engine.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["--dataset_src1", "dukemtmc", "--dataset_src2", "cuhk03", "--dataset_src3", "msmt17v1",
+           "-d", "market1501"]
+
+
+def small_run(shards: Path, logs: Path, *extra: str, loader: str = "torch") -> list[str]:
+    """A configuration small enough for 2 CPU cores: resnet18 at 64x32, 4 ids x 4 per source."""
+    return ["--shards", str(shards), "--logs-dir", str(logs), *SOURCES, "-a", "resnet18",
+            "--pretrained", "none", "--height", "64", "--width", "32", "-b", "16", "--iters", "3",
+            "--epochs", "1", "--workers", "1", "--test-batch-size", "64", "--loader", loader,
+            "--device", "cpu", "--no-progress", "--update-style", *extra]
+
+
+def history(logs: Path) -> list[dict]:
+    return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(synthetic_shards, tmp_path):
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_train_check.py"), str(result),
+           *small_run(synthetic_shards, tmp_path / "logs", "--iters", "4")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(result.read_text())
+    assert res["world"] == 2 and res["exit_code"] == 0
+    assert res["weights_max_diff"] == 0.0
+    assert res["memories_max_diff"] == 0.0
+    assert 0.0 <= res["history"][-1]["mAP"] <= 1.0
+
+
+def test_stop_and_resume_repeats_the_uninterrupted_run(synthetic_shards, tmp_path):
+    whole = tmp_path / "whole"
+    assert train.main(small_run(synthetic_shards, whole, "--epochs", "2")) == 0
+    part = tmp_path / "part"
+    assert train.main(small_run(synthetic_shards, part, "--epochs", "1")) == 0
+    assert train.main(small_run(synthetic_shards, part, "--epochs", "2",
+                                "--resume", str(part / "latest.pth"))) == 0
+    a, b = history(whole), history(part)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
+        assert ra["mAP"] == pytest.approx(rb["mAP"], abs=1e-6)
+    ca, cb = load_checkpoint(whole / "latest.pth"), load_checkpoint(part / "latest.pth")
+    for ma, mb in zip(ca["memories"], cb["memories"]):
+        torch.testing.assert_close(ma, mb, rtol=1e-5, atol=1e-6)
+    assert (part / "best.pth").is_file() and (part / "metrics.png").stat().st_size > 0
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(synthetic_shards, tmp_path):
+    logs = tmp_path / "logs"
+    args = small_run(synthetic_shards, logs, "--iters", "40", "--log-every", "1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "mode il" in line:  # training set up: let it run a moment, then stop it
+            time.sleep(3)
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + out
+    assert "checkpoint saved" in out
+    ckpt = load_checkpoint(logs / "latest.pth")
+    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] <= 40
+    assert train.main([*args, "--resume", str(logs / "latest.pth")]) == 0
+    assert history(logs)[-1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("mode", [[], ["--baseline", "fb"]], ids=["fbf", "fb"])
+def test_baselines_run(synthetic_shards, tmp_path, mode):
+    argv = [a for a in small_run(synthetic_shards, tmp_path, *mode) if a != "--update-style"]
+    assert train.main(argv) == 0
+    assert len(history(tmp_path)) == 1
+
+
+def test_dali_loader_trains(synthetic_shards, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    assert train.main(small_run(synthetic_shards, tmp_path, loader="dali")) == 0
+    assert history(tmp_path)[0]["loss"] > 0
+
+
+def test_evaluate_a_checkpoint(synthetic_shards, tmp_path, capsys):
+    assert train.main(small_run(synthetic_shards, tmp_path)) == 0
+    capsys.readouterr()
+    assert train.main(small_run(synthetic_shards, tmp_path, "--evaluate",
+                                "--resume", str(tmp_path / "best.pth"))) == 0
+    out = capsys.readouterr().out
+    assert "market1501: mAP" in out and "rank-1" in out
+
+
+def test_nonfinite_loss_stops_and_keeps_the_checkpoint(synthetic_shards, tmp_path):
+    assert train.main(small_run(synthetic_shards, tmp_path)) == 0
+    ckpt_path = tmp_path / "latest.pth"
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt["memories"][0][0] = float("nan")  # a poisoned memory gives a NaN loss at once
+    torch.save(ckpt, ckpt_path)
+    before = ckpt_path.read_bytes()
+    with pytest.raises(train.NonFiniteLoss, match="epoch 2, iteration 1"):
+        train.main(small_run(synthetic_shards, tmp_path, "--epochs", "2", "--resume", str(ckpt_path)))
+    assert ckpt_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-d", "dukemtmc"], "the target is also a source"),
+    (["-d", "viper"], "unknown dataset"),
+    (["-d", "cuhk_sysu"], "can only be a source"),
+    (["-b", "18"], "multiple of --num-instances"),
+])
+def test_bad_configurations_are_refused(synthetic_shards, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(small_run(synthetic_shards, tmp_path, *flags))
+    assert not (tmp_path / "latest.pth").exists()
+
+
+def test_shards_of_another_format_are_refused(synthetic_shards, tmp_path):
+    shards = tmp_path / "shards"
+    for name in ("dukemtmc", "cuhk03", "msmt17v1"):
+        (shards / name).parent.mkdir(exist_ok=True)
+        (shards / name).symlink_to(synthetic_shards / name)
+    (shards / "market1501").mkdir()
+    for f in (synthetic_shards / "market1501").iterdir():
+        if f.name != "manifest.json":
+            (shards / "market1501" / f.name).symlink_to(f)
+    manifest = json.loads((synthetic_shards / "market1501" / "manifest.json").read_text())
+    manifest["format"] = 0
+    (shards / "market1501" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="format"):
+        train.main(small_run(shards, tmp_path / "logs"))
+    assert not (tmp_path / "logs").exists()
+
+
+def test_resume_from_another_configuration_names_the_settings(synthetic_shards, tmp_path):
+    assert train.main(small_run(synthetic_shards, tmp_path)) == 0
+    with pytest.raises(SystemExit, match=r"seed: checkpoint 1, now 7"):
+        train.main(small_run(synthetic_shards, tmp_path, "--seed", "7", "--epochs", "2",
+                             "--resume", str(tmp_path / "latest.pth")))
