@@ -10,7 +10,6 @@ its slice of each sampled batch, so 1 and N GPUs train on the same global batche
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import signal
@@ -27,7 +26,7 @@ from engine.checkpoint import config_differences, load_checkpoint, save_checkpoi
 from engine.evaluate import evaluate_target, init_memories
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
 from engine.step import MODES, shuffle_plan, train_step
-from model.memory import MemoryClassifier
+from model.memory import MemoryClassifier, NonFiniteFeatures
 from model.resnet import build_model, convert_sync_bn
 from model.style import UBS
 from pipeline.loader import LoaderConfig, build_eval_loader, build_train_loader, select_loader
@@ -348,7 +347,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
         net.train()
         losses = torch.zeros(cfg.iters, device=device)
         first = checked = start_iter if epoch == start_epoch else 0
-        batches = itertools.islice(train_loader.epoch(epoch), first, None)
+        batches = train_loader.epoch(epoch, start=first)
         bar = None
         if show_bar:
             from tqdm import tqdm
@@ -360,8 +359,13 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
             torch.manual_seed(iteration_seed(cfg.seed, epoch, it, dist_info.rank))
             plan = shuffle_plan(batch.sizes, dist_info.world, dist_info.rank, cfg.seed, epoch, it,
                                 shuffle=cfg.mode != "fb")
-            losses[it] = train_step(net, memories, batch.images, batch.labels, batch.sizes, optimizer,
-                                    scaler, dtype, cfg.mode, plan)
+            try:
+                losses[it] = train_step(net, memories, batch.images, batch.labels, batch.sizes, optimizer,
+                                        scaler, dtype, cfg.mode, plan)
+            except NonFiniteFeatures as e:
+                raise NonFiniteLoss(f"non-finite features at epoch {epoch + 1}, iteration {it + 1} ({e}): "
+                                    f"training stopped; the last good checkpoint ({logs / 'latest.pth'}) "
+                                    "is kept") from e
             n_done += 1
             last = it + 1 == cfg.iters
             if (it + 1) % args.log_every == 0 or last:

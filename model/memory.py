@@ -7,6 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class NonFiniteFeatures(ValueError):
+    """NaN/inf features offered to a memory (refused: the memory is left unchanged)."""
+
+
 class MemoryClassifier(nn.Module):
     """Class centres ``[num_classes, num_features]`` (a buffer: no gradient reaches them).
 
@@ -49,7 +53,7 @@ class MemoryClassifier(nn.Module):
         if suspect_rows:
             rows = (~torch.isfinite(features)).any(dim=1).nonzero().flatten().tolist()
             if rows:
-                raise ValueError(f"NaN/inf values in {len(rows)} feature row(s) (rows {rows[:10]}); "
+                raise NonFiniteFeatures(f"NaN/inf values in {len(rows)} feature row(s) (rows {rows[:10]}); "
                                  "the memory was not changed")
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import shards
 from pipeline.loader import LoaderConfig, SourceSet, build_eval_loader, build_train_loader, select_loader
 from pipeline.sampler import identity_batches, rank_slice
-from pipeline.transforms import MEAN, PAD, STD, train_transform
+from pipeline.transforms import MEAN, PAD, STD, augment_params, train_augment
 
 try:
     import nvidia.dali  # noqa: F401
@@ -112,7 +112,7 @@ def _offset_image() -> bytes:
     return buf.getvalue()
 
 
-def _dali_train_images(data: bytes, n: int) -> torch.Tensor:
+def _dali_train_images(data: bytes, mirror: np.ndarray, shift: np.ndarray) -> torch.Tensor:
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -121,38 +121,54 @@ def _dali_train_images(data: bytes, n: int) -> torch.Tensor:
 
     @pipeline_def
     def graph():
-        return dali._images(fn.external_source(name="jpegs", dtype=types.UINT8), LoaderConfig(), train=True)
+        return dali._images(fn.external_source(name="jpegs", dtype=types.UINT8), LoaderConfig(),
+                            shift=fn.external_source(name="shift", dtype=types.INT32),
+                            mirror=fn.external_source(name="mirror", dtype=types.INT32))
 
+    n = len(mirror)
     pipe = graph(batch_size=n, num_threads=1, device_id=None, seed=7)
     pipe.build()
     pipe.feed_input("jpegs", [np.frombuffer(data, np.uint8)] * n)
+    pipe.feed_input("shift", list(shift))
+    pipe.feed_input("mirror", list(mirror))
     return torch.from_numpy(pipe.run()[0].as_array()).permute(0, 3, 1, 2)
 
 
-def _torch_train_images(data: bytes, n: int) -> torch.Tensor:
-    torch.manual_seed(7)
-    image, tf = Image.open(io.BytesIO(data)).convert("RGB"), train_transform()
-    return torch.stack([tf(image) for _ in range(n)])
+def _torch_train_images(data: bytes, mirror: np.ndarray, shift: np.ndarray) -> torch.Tensor:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return torch.stack([train_augment(image, m, dy, dx) for m, (dy, dx) in zip(mirror, shift)])
 
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_train_augmentation_statistics(loader):
     n = 256
+    mirror, shift = augment_params(seed=7, epoch=0, it=0, rank=0, n=n)
     make = _dali_train_images if loader == "dali" else _torch_train_images
-    px = _pixels(make(_offset_image(), n)) * 255
+    px = _pixels(make(_offset_image(), mirror, shift)) * 255
     r, g, b = px[:, 0], px[:, 1], px[:, 2]
     rows, cols = torch.arange(256.0).view(256, 1), torch.arange(128.0).view(1, 128)
     centre = (slice(None), slice(100, 156), slice(40, 88))  # never padding: shifts are at most PAD
     flipped = r[:, 128, 88] < r[:, 128, 40]
     assert 0.4 < flipped.float().mean() < 0.6
+    np.testing.assert_array_equal(flipped.numpy(), mirror.astype(bool))
     dy = (g - rows)[centre].flatten(1).median(1).values.round()
     x_seen = torch.where(flipped.view(-1, 1, 1), 127 - cols, cols)
     dx = (r / 2 - x_seen)[centre].flatten(1).median(1).values.round()
     for d in (dy, dx):
         assert d.abs().max() <= PAD and d.min() == -PAD and d.max() == PAD
+    # The crop starts where the drawn shift says.
+    np.testing.assert_array_equal(dy.numpy(), shift[:, 0])
+    np.testing.assert_array_equal(dx.numpy(), shift[:, 1])
     # The rows shifted in from outside the image are zero padding, as many as the shift says.
     pad_rows = (b.mean(2) < 50).sum(1)
     np.testing.assert_array_equal(pad_rows.numpy(), dy.abs().numpy())
+
+
+def test_augmentation_is_fixed_by_seed_epoch_iteration_rank():
+    a = augment_params(1, 2, 3, 0, 64)
+    assert all(np.array_equal(x, y) for x, y in zip(a, augment_params(1, 2, 3, 0, 64)))
+    for other in (augment_params(1, 2, 4, 0, 64), augment_params(1, 3, 3, 0, 64), augment_params(1, 2, 3, 1, 64)):
+        assert not np.array_equal(a[1], other[1])
 
 
 def _corrupt(src, dst, row_key: str, how: str):
