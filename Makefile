@@ -21,7 +21,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 demo: install
-	$(BIN)/python tools/demo.py
+	$(BIN)/python tools/demo.py --out logs/demo
 
 bench: install
 	$(BIN)/python tools/benchmark.py --mode all

@@ -30,8 +30,8 @@ from pipeline.transforms import train_transform  # noqa: E402
 class _Files(Dataset):
     """(path, label) per image; PIL decode + torchvision transform per item, as the published code."""
 
-    def __init__(self, items: list[tuple[str, int]]):
-        self.items, self.transform = items, train_transform()
+    def __init__(self, items: list[tuple[str, int]], cfg: LoaderConfig):
+        self.items, self.transform = items, train_transform(cfg.height, cfg.width)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -41,11 +41,12 @@ class _Files(Dataset):
         return self.transform(Image.open(path).convert("RGB")), label
 
 
-def _folder_loader(data_dir: Path, sources: list[str], cfg: LoaderConfig):
-    """An iterator of (images, labels) batches read from the raw folders, one per iteration."""
+def folder_loader(data_dir: Path, sources: list[str], cfg: LoaderConfig) -> tuple[DataLoader, list[int]]:
+    """A DataLoader of (images, labels) batches read from the raw folders, one per iteration
+    (the sources' batches in order), and each source's number of classes."""
     from pipeline.datasets import parse
 
-    items, per_source = [], []
+    items, per_source, num_classes = [], [], []
     for k, name in enumerate(sources):
         splits = parse(name, data_dir)
         records = splits.train + splits.query + splits.gallery
@@ -53,14 +54,17 @@ def _folder_loader(data_dir: Path, sources: list[str], cfg: LoaderConfig):
             raise SystemExit(f"--sources: {name} is not a folder of JPEG files, as the folder baseline needs")
         labels = np.asarray(mix_labels([(r.dataset, r.split, r.pid) for r in records]))
         keep = np.flatnonzero(labels >= 0)
+        num_classes.append(int(labels.max()) + 1)
         camids = np.asarray([records[i].camid for i in keep])
         rows = identity_batches(labels[keep], camids, num_ids=cfg.num_ids, num_instances=cfg.num_instances,
                                 num_batches=cfg.iters, seed=0, epoch=0, source=k)
         per_source.append(len(items) + rows)
         items += [(records[i].path, int(labels[i])) for i in keep]
     order = np.concatenate(per_source, axis=1).reshape(-1).tolist()
-    return DataLoader(_Files(items), batch_size=cfg.batch_size * len(sources), sampler=order,
-                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    loader = DataLoader(_Files(items, cfg), batch_size=cfg.batch_size * len(sources), sampler=order,
+                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                        pin_memory=cfg.device.type == "cuda")
+    return loader, num_classes
 
 
 def _measure(batches, warmup: int) -> tuple[float, int]:
@@ -75,6 +79,25 @@ def _measure(batches, warmup: int) -> tuple[float, int]:
     return count / (time.perf_counter() - start), count
 
 
+def measure_loaders(shards: Path, data_dir: Path | None, sources: list[str], kinds: list[str],
+                    cfg: LoaderConfig, warmup: int) -> list[dict]:
+    """Images/s of each loader kind ("dali", "torch", "folder") with the same configuration."""
+    results = []
+    for kind in kinds:
+        cfg.loader = kind if kind != "folder" else "torch"
+        if kind == "folder":
+            if data_dir is None:
+                raise SystemExit("the folder loader needs --data-dir (the raw JPEG folders)")
+            batches = iter(folder_loader(data_dir, sources, cfg)[0])
+        else:
+            batches = build_train_loader(shards, sources, cfg).epoch(0)
+        rate, count = _measure(batches, warmup)
+        results.append({"mode": "data", "loader": kind, "images_per_s": round(rate, 1), "images": count,
+                        "workers": cfg.workers, "batch": cfg.batch_size * len(sources)})
+        print(f"{kind}: {rate:.1f} images/s", file=sys.stderr)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, required=True, help="shards folder (tools/make_shards.py --out)")
@@ -87,24 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="iterations run first, not measured")
     p.add_argument("--num-ids", type=int, default=16, help="identities per source batch")
     p.add_argument("--num-instances", type=int, default=4, help="images per identity")
+    p.add_argument("--device", default="cpu", help="where the batches are delivered (cpu or cuda)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    sources = args.sources.split(",")
     torch.set_num_threads(1)
-    results = []
-    for kind in args.loaders.split(","):
-        cfg = LoaderConfig(iters=args.warmup + args.iters, workers=args.workers, num_ids=args.num_ids,
-                           num_instances=args.num_instances, loader=kind if kind != "folder" else "torch")
-        if kind == "folder":
-            if args.data_dir is None:
-                raise SystemExit("--loaders folder needs --data-dir")
-            batches = iter(_folder_loader(args.data_dir, sources, cfg))
-        else:
-            batches = build_train_loader(args.shards, sources, cfg).epoch(0)
-        rate, count = _measure(batches, args.warmup)
-        results.append({"loader": kind, "images_per_s": round(rate, 1), "images": count,
-                        "workers": args.workers, "batch": cfg.batch_size * len(sources)})
-        print(f"{kind}: {rate:.1f} images/s", file=sys.stderr)
+    cfg = LoaderConfig(iters=args.warmup + args.iters, workers=args.workers, num_ids=args.num_ids,
+                       num_instances=args.num_instances, device=torch.device(args.device))
+    results = measure_loaders(args.shards, args.data_dir, args.sources.split(","), args.loaders.split(","),
+                              cfg, args.warmup)
     print(f"{'loader':<8} {'workers':>7} {'batch':>6} {'images/s':>10}")
     for r in results:
         print(f"{r['loader']:<8} {r['workers']:>7} {r['batch']:>6} {r['images_per_s']:>10.1f}")

@@ -54,7 +54,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, default=Path("shards"), help="shards for data/train modes")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="raw datasets for the reference folder loader (data/train modes)")
-    p.add_argument("--sources", default="market1501,dukemtmc,cuhk03", help="three source datasets")
+    p.add_argument("--sources", default="market1501,dukemtmc,msmt17v1",
+                   help="three source datasets (JPEG-folder datasets, so the reference loader can read them)")
     p.add_argument("-j", "--workers", type=int, default=4, help="loader worker processes per rank")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
     p.add_argument("--window", type=int, default=10, help="iterations per timed window")
@@ -211,26 +212,58 @@ def worker_step_or_train(args, impl: str, mode: str) -> dict:
     return result
 
 
-def make_train_loader(args, impl: str, info, sources: list[str]):
-    """The fast path reads shards through pipeline.loader; the reference reads JPEG files from
-    the raw folders with PIL, as the published code does."""
-    from pipeline.loader import LoaderConfig, build_train_loader
+def loader_config(args, device: torch.device, rank: int = 0, world: int = 1, iters: int = 1):
+    from pipeline.loader import LoaderConfig
 
-    per_id = 4
+    return LoaderConfig(height=args.height, width=args.width, num_ids=args.batch_size // 4, num_instances=4,
+                        iters=iters, workers=args.workers, device=device, rank=rank, world=world)
+
+
+def make_train_loader(args, impl: str, info, sources: list[str]):
+    """The fast path reads shards through pipeline.loader (DALI when installed); the reference
+    reads JPEG files from the raw folders with PIL, as the published code does, and yields
+    per-source lists of images and labels."""
+    from engine.optim import amp_dtype
+    from pipeline.loader import build_train_loader
+
     total = args.warmup + args.window * args.repeats
-    cfg = LoaderConfig(height=args.height, width=args.width, num_ids=args.batch_size // per_id,
-                       num_instances=per_id, iters=total, workers=args.workers, device=info.device,
-                       rank=info.rank, world=info.world, loader="auto" if impl == "fast" else "torch")
+    cfg = loader_config(args, info.device, info.rank, info.world, total)
     if impl == "fast":
-        from engine.optim import amp_dtype
         cfg.dtype = amp_dtype(args.amp, info.device) or torch.float32
         loader = build_train_loader(args.shards, sources, cfg)
         return loader, loader.num_classes
-    from tools.bench_loaders import FolderTrainLoader
+    from tools.bench_loaders import folder_loader
     if args.data_dir is None:
-        raise SystemExit("--impl reference in train/data mode needs --data-dir (the raw JPEG folders)")
-    loader = FolderTrainLoader(args.data_dir, args.shards, sources, cfg)
-    return loader, loader.num_classes
+        raise SystemExit("--impl reference in train mode needs --data-dir (the raw JPEG folders)")
+    loader, num_classes = folder_loader(args.data_dir, sources, cfg)
+    return FolderBatches(loader, info.device, len(sources)), num_classes
+
+
+class FolderBatches:
+    """The published loader's batches moved to the device and split per source."""
+
+    name = "folder"
+
+    def __init__(self, loader, device: torch.device, num_sources: int) -> None:
+        self.loader, self.device, self.num_sources = loader, device, num_sources
+
+    def iterate(self, total: int):
+        for (images, labels), _ in zip(self.loader, range(total)):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            yield list(images.chunk(self.num_sources)), list(labels.chunk(self.num_sources))
+
+
+def run_data(args) -> list[dict]:
+    """The loaders alone, side by side, with the same worker count, in this process."""
+    from pipeline.loader import select_loader
+    from tools.bench_loaders import measure_loaders
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kinds = (["dali"] if select_loader("auto") == "dali" else []) + ["torch"]
+    kinds += ["folder"] if args.data_dir is not None else []
+    cfg = loader_config(args, device, iters=args.warmup + args.window * args.repeats)
+    return measure_loaders(args.shards, args.data_dir, args.sources.split(","), kinds, cfg, args.warmup)
 
 
 # ---------------------------------------------------------------- launching and reporting
@@ -263,23 +296,37 @@ def report(results: list[dict], out: Path, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps({"machine": info, "results": results}, indent=1))
     print(f"\nmachine: {info}")
-    print(f"{'mode':6} {'impl':10} {'procs':>5} {'images/s':>10} {'ms/iter':>9} {'vs ref':>7} {'eff.':>6}")
+    print(f"{'mode':6} {'impl':16} {'procs':>5} {'images/s':>10} {'ms/iter':>9} {'vs ref':>7} {'eff.':>6}")
     for r in results:
         if r["mode"] == "eval":
-            print(f"{'eval':6} {r['impl']:10} {1:5d} {'':>10} {1000 * r['seconds']:9.0f}   "
-                  f"({r.get('num_query')} x {r.get('num_gallery')}, {r.get('device')})")
-            continue
-        ref = next((x for x in results if x["mode"] == r["mode"] and x["world"] == r["world"]
-                    and x["impl"] == "reference"), None)
-        one = next((x for x in results if x["mode"] == r["mode"] and x["impl"] == r["impl"]
-                    and x["world"] == 1), None)
-        ratio = f"{r['images_per_s'] / ref['images_per_s']:6.2f}x" if ref and r is not ref else ""
-        eff = f"{r['images_per_s'] / (one['images_per_s'] * r['world']):5.0%}" if one else ""
-        name = r["impl"] + (f"/{r['loader']}" if r.get("loader") else "")
-        print(f"{r['mode']:6} {name:10} {r['world']:5d} {r['images_per_s']:10.1f} "
-              f"{1000 * r['s_per_iter']:9.1f} {ratio:>7} {eff:>6}")
+            print(f"{'eval':6} {'fast':16} {1:5d} {'':>10} {1000 * r['seconds']:9.0f}   "
+                  f"({r['num_query']} x {r['num_gallery']} x {r['dim']}, {r['device']})")
+        elif r["mode"] == "data":
+            folder = next((x for x in results if x.get("loader") == "folder"), None)
+            ratio = f"{r['images_per_s'] / folder['images_per_s']:6.2f}x" if folder else ""
+            print(f"{'data':6} {r['loader']:16} {1:5d} {r['images_per_s']:10.1f} {'':>9} {ratio:>7}")
+        else:
+            ref = next((x for x in results if x["mode"] == r["mode"] and x["world"] == 1
+                        and x["impl"] == "reference"), None)
+            one = next((x for x in results if x["mode"] == r["mode"] and x["impl"] == r["impl"]
+                        and x["world"] == 1), None)
+            ratio = f"{r['images_per_s'] / ref['images_per_s']:6.2f}x" if ref and r is not ref else ""
+            eff = f"{r['images_per_s'] / (one['images_per_s'] * r['world']):5.0%}" if one else ""
+            name = r["impl"] + (f"/{r['loader']}" if r.get("loader") else "")
+            print(f"{r['mode']:6} {name:16} {r['world']:5d} {r['images_per_s']:10.1f} "
+                  f"{1000 * r['s_per_iter']:9.1f} {ratio:>7} {eff:>6}")
+    projection(results)
     plot(results, out / "benchmark.png", info)
     print(f"\nwrote {out / 'benchmark.json'} and {out / 'benchmark.png'}")
+
+
+def projection(results: list[dict]) -> None:
+    """Wall time of the published schedule (70 epochs x 200 iterations) at the measured speed."""
+    for r in results:
+        if r["mode"] == "train" and r["world"] == 1:
+            hours = 14000 * r["s_per_iter"] / 3600
+            print(f"projected 14,000 iterations ({r['impl']}, 1 process): {hours:.2f} h "
+                  f"({60 * hours:.1f} min) of training, evaluation not included")
 
 
 def plot(results: list[dict], path: Path, info: dict) -> None:
@@ -304,6 +351,9 @@ def plot(results: list[dict], path: Path, info: dict) -> None:
             ax.plot(xs, [base * x for x in xs], ls="--", color=line.get_color(), alpha=0.4)
             ax2.plot(xs, [y / (base * x) for x, y in zip(xs, ys)], marker="o", color=line.get_color(),
                      label=f"{mode} {impl}")
+    counts = sorted({x for pts in series.values() for x, _ in pts})
+    for a in (ax, ax2):
+        a.set_xticks(counts)
     ax.set_xlabel("processes (GPUs)")
     ax.set_ylabel("images/s (dashed: ideal)")
     ax.legend()
@@ -323,11 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = get_parser().parse_args(argv)
     if args.worker:
-        if args.mode == "data":
-            from tools.bench_loaders import measure_loaders
-            result = {"mode": "data", "loaders": measure_loaders(args)}
-        else:
-            result = worker_step_or_train(args, args.impl, args.mode)
+        result = worker_step_or_train(args, args.impl, args.mode)
         if int(os.environ.get("RANK", "0")) == 0:
             args.result.write_text(json.dumps(result))
         return 0
@@ -340,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_eval(args, "fast"))
             continue
         if mode == "data":
-            results.extend(launch(args, forwarded, "data", "fast", 1)["loaders"])
+            results.extend(run_data(args))
             continue
         for n in (int(v) for v in args.gpus.split(",")):
             for impl in impls:
+                if impl == "reference" and n > 1:
+                    continue  # the published code runs one process (nn.DataParallel)
                 results.append(launch(args, forwarded, mode, impl, n))
     report(results, args.out, machine())
     return 0
