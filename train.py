@@ -1,4 +1,4 @@
-"""Train Style Interleaved Learning (Tan et al., IEEE TMM 2023) on three source datasets and
+r"""Train Style Interleaved Learning (Tan et al., IEEE TMM 2023) on three source datasets and
 evaluate on an unseen target.
 
     torchrun --nproc_per_node 4 train.py --update-style \
@@ -36,8 +36,12 @@ from pipeline.shards import load_manifest
 log = logging.getLogger("train")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default."""
+
+
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset_src1", default="market1501", help="first source dataset")
     d.add_argument("--dataset_src2", default="dukemtmc", help="second source dataset")

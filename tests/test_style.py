@@ -1,29 +1,14 @@
-"""UBS against a step-by-step version written from DESIGN.md section 5."""
+"""UBS against the step-by-step version written from DESIGN.md section 5."""
 import pytest
 import torch
 
 from model.style import UBS
+from tools.reference import LiteralUBS
 
 
 def literal_ubs(x, rho=3.0, eps=1e-6):
-    """Every step as DESIGN words it, in fp32, on a plain NCHW copy."""
-    x = x.float().contiguous()
-    B, C, H, W = x.shape
-    flat = x.reshape(B, C, H * W)
-    mu = flat.mean(dim=2)                                  # per-sample channel mean
-    var = flat.var(dim=2, unbiased=True)
-    sig = torch.sqrt(var + eps)
-    x_norm = (x - mu[:, :, None, None]) / sig[:, :, None, None]
-    std = torch.sqrt(var)                                  # unbiased std, no eps
-    mu_mu, mu_std = mu.mean(dim=0), mu.std(dim=0, unbiased=True)
-    sig_mu, sig_std = std.mean(dim=0), std.std(dim=0, unbiased=True)
-    mu_std = torch.clamp(mu_std, min=eps)
-    sig_std = torch.clamp(sig_std, min=eps)
-    u_mu = torch.rand((B, C))                              # mean first
-    u_sig = torch.rand((B, C))                             # then the std
-    mu_new = (mu_mu - rho * mu_std) + u_mu * (2 * rho * mu_std)
-    sig_new = (sig_mu - rho * sig_std) + u_sig * (2 * rho * sig_std)
-    return x_norm * sig_new[:, :, None, None] + mu_new[:, :, None, None]
+    """Every step as DESIGN words it (tools/reference.py), in fp32, on a plain NCHW copy."""
+    return LiteralUBS(rho, eps).train()(x.float().contiguous())
 
 
 def features(shape=(16, 24, 12, 6), seed=1):
