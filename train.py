@@ -167,8 +167,10 @@ def prepare_shards(args, cfg: RunConfig, dist_info: du.DistInfo) -> None:
     if missing and args.data_dir is not None and dist_info.is_main:
         from tools import make_shards
         log.info("building shards of %s from %s into %s", ", ".join(missing), args.data_dir, args.shards)
-        make_shards.main(["--data-dir", str(args.data_dir), "--out", str(args.shards),
-                          "--datasets", ",".join(missing)])
+        if make_shards.main(["--data-dir", str(args.data_dir), "--out", str(args.shards),
+                             "--datasets", ",".join(missing)]) != 0:
+            raise SystemExit(f"building the shards of {', '.join(missing)} from {args.data_dir} failed "
+                             "(the error is above)")
     du.barrier()
     for name in needed:
         try:
