@@ -57,10 +57,11 @@ def memory_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Ten
 
 def reference_step(model, centers: list[torch.Tensor], images: list[torch.Tensor],
                    labels: list[torch.Tensor], optimizer, mode: str = "il", temp: float = 0.05,
-                   momentum: float = 0.2) -> float:
+                   momentum: float = 0.2, perm: torch.Tensor | None = None) -> float:
     """One iteration as the published code runs it: a forward per source, fp32, the loss, a
-    step, then the shuffled second forward and the per-sample memory loop. Returns the loss
-    (read back to the host every iteration, as the published logging does)."""
+    step, then the shuffled second forward (`perm`, or a fresh random permutation) and the
+    per-sample memory loop. Returns the loss (read back to the host every iteration, as the
+    published logging does)."""
     feats = [model(x) for x in images]
     loss = sum(memory_loss(f, c, y, temp) for f, c, y in zip(feats, centers, labels)) / len(images)
     optimizer.zero_grad()
@@ -70,7 +71,7 @@ def reference_step(model, centers: list[torch.Tensor], images: list[torch.Tensor
         x = torch.cat(images)
         y = torch.cat(labels)
         src = torch.cat([torch.full((len(t),), j) for j, t in enumerate(labels)])
-        perm = torch.randperm(len(x))
+        perm = torch.randperm(len(x)) if perm is None else perm.cpu()
         f2 = model(x[perm.to(x.device)], style=mode == "il")
         y, src = y[perm.to(y.device)], src[perm]
         for j, c in enumerate(centers):

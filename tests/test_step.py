@@ -1,0 +1,78 @@
+"""The fast training iteration (engine.step) against the published one written literally
+(tools/reference.py): one forward per source, the unfused style module, the per-sample memory
+loop. Same initial weights, images, labels, shuffle and random draws must give the same loss,
+the same weights after the optimizer steps and the same memories. (NCHW inputs: channels_last
+changes the convolutions' summation order, and Adam's first steps amplify such rounding in
+near-zero gradients; the channels_last forward is checked in tests/test_resnet.py.)"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.optim import build_scaler
+from engine.step import shuffle_plan, train_step
+from model.memory import MemoryClassifier
+from model.resnet import build_model
+from model.style import UBS
+from tools.reference import LiteralUBS, reference_step
+
+SIZES = [8, 8, 8]
+CLASSES = [5, 7, 6]
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(sum(SIZES), 3, 64, 32, generator=g)
+    # 2 identities x 4 images per source, in sampler order, so labels repeat within a batch
+    labels = torch.cat([torch.randperm(n, generator=g)[:2].repeat_interleave(4) for n in CLASSES])
+    return images, labels
+
+
+@pytest.mark.parametrize("mode", ["il", "fbf", "fb"])
+def test_fast_iteration_matches_the_published_one(mode):
+    torch.manual_seed(0)
+    fast = build_model("resnet18", style=UBS()).train()
+    ref = copy.deepcopy(fast)
+    ref.style = LiteralUBS()
+    memories = [MemoryClassifier(fast.num_features, n) for n in CLASSES]
+    for m in memories:
+        m.centers.copy_(F.normalize(torch.randn_like(m.centers), dim=1))
+    centers = [m.centers.clone() for m in memories]
+    opt_fast = torch.optim.Adam(fast.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    scaler = build_scaler(torch.device("cpu"), None)
+
+    for it in range(2):
+        images, labels = batch(it)
+        plan = shuffle_plan(SIZES, 1, 0, seed=3, epoch=0, it=it, shuffle=mode != "fb")
+        torch.manual_seed(10 + it)
+        loss_fast = train_step(fast, memories, images, labels,
+                               SIZES, opt_fast, scaler, None, mode, plan)
+        torch.manual_seed(10 + it)
+        if mode == "fb":
+            loss_ref = reference_fb(ref, centers, images, labels, opt_ref)
+        else:
+            loss_ref = reference_step(ref, centers, list(images.split(SIZES)), list(labels.split(SIZES)),
+                                      opt_ref, mode, perm=plan.perm)
+        assert float(loss_fast) == pytest.approx(loss_ref, rel=1e-5)
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for m, c in zip(memories, centers):
+        torch.testing.assert_close(m.centers, c, rtol=1e-4, atol=1e-5)
+
+
+def reference_fb(model, centers, images, labels, optimizer) -> float:
+    """The FB baseline as published: forward per source, step, memories take those features."""
+    from tools.reference import loop_update, memory_loss
+
+    feats = [model(x) for x in images.split(SIZES)]
+    loss = sum(memory_loss(f, c, y, 0.05) for f, c, y in zip(feats, centers, labels.split(SIZES))) / 3
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for f, c, y in zip(feats, centers, labels.split(SIZES)):
+        loop_update(c, f.detach(), y, 0.2)
+    return loss.item()
