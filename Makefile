@@ -23,8 +23,19 @@ test: install
 demo: install
 	$(BIN)/python tools/demo.py --out logs/demo
 
-bench: install
-	$(BIN)/python tools/benchmark.py --mode all
+# `make bench`: every benchmark mode on the synthetic medium set, this project against the
+# published way of running. On a CPU-only machine a small configuration (stated in the JSON).
+BENCH      ?= logs/bench
+CPU_BENCH  := -a resnet18 --height 128 --width 64 -b 32 --warmup 2 --window 3 --repeats 3 --gpus 1,2 --workers 2
+HAS_CUDA    = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))")
+
+$(BENCH)/data/SYNTHETIC.json: | install
+	$(BIN)/python tools/make_synthetic.py --out $(BENCH)/data --scale medium
+
+bench: install $(BENCH)/data/SYNTHETIC.json
+	$(BIN)/python tools/make_shards.py --data-dir $(BENCH)/data --out $(BENCH)/shards --workers 4
+	$(BIN)/python tools/benchmark.py --mode all --impl both --shards $(BENCH)/shards \
+		--data-dir $(BENCH)/data --out $(BENCH) $(if $(filter 1,$(HAS_CUDA)),--workers 8,$(CPU_BENCH))
 
 clean:
 	rm -rf $(VENV) logs

@@ -25,7 +25,7 @@ from engine import distributed as du
 from engine.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from engine.evaluate import evaluate_target, init_memories
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
-from engine.step import MODES, shuffle_plan, train_step
+from engine.step import shuffle_plan, train_step
 from model.memory import MemoryClassifier, NonFiniteFeatures
 from model.resnet import build_model, convert_sync_bn
 from model.style import UBS
@@ -53,7 +53,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="raw datasets (DATA/<name>/...); when given, shards missing from --shards are "
                         "built from it first (once)")
     d.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
-                   help="DALI GPU pipeline, or the PIL/torchvision DataLoader; auto takes DALI when installed")
+                   help="DALI GPU pipeline, or the PIL/torchvision DataLoader; auto takes DALI when "
+                        "installed")
     d.add_argument("-j", "--workers", type=int, default=4, help="data worker processes per rank")
     d.add_argument("--height", type=int, default=256, help="input height")
     d.add_argument("--width", type=int, default=128, help="input width")
@@ -85,13 +86,15 @@ def get_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=1, help="seed of sampling, shuffles and style draws")
     s = p.add_argument_group("speed")
     s.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="autocast: auto = bf16 where the GPU has it, else fp16 with a grad scaler; fp32 on CPU")
+                   help="autocast: auto = bf16 where the GPU has it, else fp16 with a grad scaler; "
+                        "fp32 on CPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across ranks")
     s.add_argument("--apex", action="store_true", help="apex FusedAdam instead of torch's fused Adam")
     s.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train")
     r = p.add_argument_group("evaluation and logging")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate the target every N epochs (0: at the end)")
+    r.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate the target every N epochs (0: at the end only)")
     r.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking at evaluation")
     r.add_argument("--evaluate", action="store_true", help="only evaluate (the --resume checkpoint) and exit")
     r.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from (or to evaluate)")
@@ -398,8 +401,9 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
         elapsed = time.perf_counter() - t0
         scheduler.step()
         du.broadcast_state(model, buffers_only=True)
-        row = {"epoch": epoch + 1, "loss": float(losses[first:].mean()), "lr": optimizer.param_groups[0]["lr"],
-               "images_per_s": n_done * images_per_iter / elapsed, "time_s": elapsed}
+        row = {"epoch": epoch + 1, "loss": float(losses[first:].mean()),
+               "lr": optimizer.param_groups[0]["lr"], "images_per_s": n_done * images_per_iter / elapsed,
+               "time_s": elapsed}
         if (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == cfg.epochs:
             t1 = time.perf_counter()
             res = evaluate_target(model, target_loader, device, dtype, rerank=args.rerank)

@@ -11,7 +11,8 @@ TINY = ["-a", "resnet18", "--height", "64", "--width", "32", "-b", "8", "--warmu
 
 
 def test_step_mode_across_process_counts(tmp_path, capsys):
-    assert benchmark.main(["--mode", "step", "--impl", "both", "--gpus", "1,2", *TINY, "--out", str(tmp_path)]) == 0
+    argv = ["--mode", "step", "--impl", "both", "--gpus", "1,2", *TINY, "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
     res = json.loads((tmp_path / "benchmark.json").read_text())["results"]
     got = {(r["impl"], r["world"]) for r in res}
     assert got == {("fast", 1), ("reference", 1), ("fast", 2)}

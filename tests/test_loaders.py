@@ -167,7 +167,8 @@ def test_train_augmentation_statistics(loader):
 def test_augmentation_is_fixed_by_seed_epoch_iteration_rank():
     a = augment_params(1, 2, 3, 0, 64)
     assert all(np.array_equal(x, y) for x, y in zip(a, augment_params(1, 2, 3, 0, 64)))
-    for other in (augment_params(1, 2, 4, 0, 64), augment_params(1, 3, 3, 0, 64), augment_params(1, 2, 3, 1, 64)):
+    others = (augment_params(1, 2, 4, 0, 64), augment_params(1, 3, 3, 0, 64), augment_params(1, 2, 3, 1, 64))
+    for other in others:
         assert not np.array_equal(a[1], other[1])
 
 

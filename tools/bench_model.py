@@ -52,7 +52,6 @@ def bench_device(device: torch.device, args) -> list[dict]:
                 ms = time_ms(lambda: mod.train()(x), device, args.warmup, args.repeats)
             rows.append({"op": "ubs", "shape": list(args.style_shape), "impl": impl, "ms": ms,
                          "dtype": str(dtype).split(".")[-1], "device": device.type})
-        del x
 
     feats = F.normalize(torch.randn(args.batch, args.features, device=device, generator=g), dim=1)
     ids = torch.randperm(args.classes, device=device, generator=g)[:args.batch // 4]

@@ -292,10 +292,11 @@ def run_eval(args, impl: str) -> dict:
     return {"mode": "eval", "impl": impl, "world": 1, **res}
 
 
-def report(results: list[dict], out: Path, info: dict) -> None:
+def report(results: list[dict], out: Path, info: dict, config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps({"machine": info, "results": results}, indent=1))
-    print(f"\nmachine: {info}")
+    (out / "benchmark.json").write_text(json.dumps({"machine": info, "config": config, "results": results},
+                                                   indent=1))
+    print(f"\nmachine: {info}\nconfiguration: {config}")
     print(f"{'mode':6} {'impl':16} {'procs':>5} {'images/s':>10} {'ms/iter':>9} {'vs ref':>7} {'eff.':>6}")
     for r in results:
         if r["mode"] == "eval":
@@ -393,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                 if impl == "reference" and n > 1:
                     continue  # the published code runs one process (nn.DataParallel)
                 results.append(launch(args, forwarded, mode, impl, n))
-    report(results, args.out, machine())
+    config = {k: getattr(args, k) for k in ("arch", "batch_size", "height", "width", "amp", "workers",
+                                            "warmup", "window", "repeats", "sources", "compile")}
+    report(results, args.out, machine(), config)
     return 0
 
 

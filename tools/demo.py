@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--pretrained", "none", "--update-style", "--device", "cuda" if gpu else "cpu"])
     if code == 0:
         print(f"\nplot: {run / 'metrics.png'}   log: {run / 'metrics.jsonl'}   "
-              f"checkpoints: {run / 'best.pth'}\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min")
+              f"checkpoints: {run / 'best.pth'}")
+        print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
     return code
 
 
