@@ -262,8 +262,10 @@ def run_data(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kinds = (["dali"] if select_loader("auto") == "dali" else []) + ["torch"]
     kinds += ["folder"] if args.data_dir is not None else []
-    cfg = loader_config(args, device, iters=args.warmup + args.window * args.repeats)
-    return measure_loaders(args.shards, args.data_dir, args.sources.split(","), kinds, cfg, args.warmup)
+    # Worker start-up and the prefetch queues need a few iterations before the rate settles.
+    warmup, timed = max(args.warmup, 5), max(args.window * args.repeats, 20)
+    cfg = loader_config(args, device, iters=warmup + timed)
+    return measure_loaders(args.shards, args.data_dir, args.sources.split(","), kinds, cfg, warmup)
 
 
 # ---------------------------------------------------------------- launching and reporting
