@@ -275,9 +275,10 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
                         num_instances=cfg.num_instances, iters=cfg.iters, seed=cfg.seed, workers=args.workers,
                         dtype=dtype or torch.float32, device=device, rank=dist_info.rank,
                         world=dist_info.world, loader=loader_kind, test_batch_size=args.test_batch_size)
-    log.info("device %s x %d ranks (%s), precision %s, channels_last, loader %s, mode %s",
+    log.info("device %s x %d ranks (%s), precision %s, channels_last%s, loader %s, mode %s",
              device, dist_info.world, "nccl" if device.type == "cuda" else "gloo" if dist_info.world > 1
-             else "single process", dtype or "fp32", loader_kind, cfg.mode)
+             else "single process", dtype or "fp32", ", torch.compile" if args.compile else "",
+             loader_kind, cfg.mode)
 
     target_loader = build_eval_loader(args.shards, cfg.target, "test", lcfg)
     torch.manual_seed(cfg.seed)
@@ -342,6 +343,8 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
             log.info("tensorboard not installed: no event files (metrics.jsonl and metrics.png are written)")
 
     def checkpoint(epoch: int, iteration: int, name: str = "latest.pth") -> None:
+        """Everything a resume needs. The sampler, shuffles, augmentation and style draws are
+        functions of (seed, epoch, iteration, rank), so (epoch, iteration) is their whole state."""
         if dist_info.is_main:
             save_checkpoint({"config": asdict(cfg), "epoch": epoch, "iteration": iteration,
                              "model": model.state_dict(), "memories": [m.centers for m in memories],
