@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from model.style import UBS
 
 
-class LiteralUBS(nn.Module):
+class LiteralUBS(UBS):
     """UBS step by step: per-sample statistics, batch statistics of them, uniform draws."""
 
-    def __init__(self, rho: float = 3.0, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.rho, self.eps = rho, eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
+    def restyle(self, x: torch.Tensor) -> torch.Tensor:
         B, C = x.shape[:2]
         xf = x.float()
         mu = xf.mean(dim=(2, 3), keepdim=True)
