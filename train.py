@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from engine import distributed as du
-from engine.checkpoint import config_differences, load_checkpoint, save_checkpoint
+from engine.checkpoint import RESUME_KEYS, config_differences, load_checkpoint, save_checkpoint
 from engine.evaluate import evaluate_target, init_memories
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
 from engine.step import shuffle_plan, train_step
@@ -286,8 +286,10 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
                         style=UBS(rho=cfg.rho)).to(device, memory_format=torch.channels_last)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        diffs = config_differences(ckpt["config"], asdict(cfg))
-        if diffs and not args.evaluate:
+        # Evaluating needs only the same network; resuming needs the same training run.
+        keys = ("arch", "stem_relu") if args.evaluate else RESUME_KEYS
+        diffs = config_differences(ckpt["config"], asdict(cfg), keys)
+        if diffs:
             raise SystemExit(f"{args.resume} was written by another configuration:\n  " + "\n  ".join(diffs))
         model.load_state_dict(ckpt["model"])
         log.info("resumed from %s (epoch %d, iteration %d)", args.resume, ckpt["epoch"], ckpt["iteration"])

@@ -109,6 +109,9 @@ def test_evaluate_a_checkpoint(synthetic_shards, tmp_path, capsys):
                                 "--resume", str(tmp_path / "best.pth"))) == 0
     out = capsys.readouterr().out
     assert "market1501: mAP" in out and "rank-1" in out
+    with pytest.raises(SystemExit, match="arch: checkpoint 'resnet18', now 'resnet50'"):
+        train.main(small_run(synthetic_shards, tmp_path, "--evaluate", "-a", "resnet50",
+                             "--resume", str(tmp_path / "best.pth")))
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(synthetic_shards, tmp_path):
