@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
     device = dist_info.device
+    stop = StopRequest()  # from the start: a SIGTERM during set-up stops at the first check
     prepare_shards(args, cfg, dist_info)
     dtype = amp_dtype(args.amp, device)
     loader_kind = select_loader(args.loader)
@@ -354,7 +355,6 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
                              "scaler": scaler.state_dict(), "best_map": best_map, "history": history},
                             logs / name)
 
-    stop = StopRequest()
     images_per_iter = 3 * cfg.batch_size
     show_bar = dist_info.is_main and not args.no_progress
     for epoch in range(start_epoch, cfg.epochs):
