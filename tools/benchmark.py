@@ -15,7 +15,7 @@ vectorised memory update, DALI); ``--impl reference`` runs the published procedu
 ``--gpus 1,2,4,8`` launches ``torchrun --nproc_per_node N`` for each count on this machine (gloo
 processes on a CPU-only machine). For several machines, run the worker under your own torchrun
 on every node: ``torchrun --nnodes 2 --nproc_per_node 8 ... tools/benchmark.py --worker
---mode train --result out.json``. Each figure is the median over ``--repeats`` timed windows of
+--mode train --impl fast --result out.json``. Each figure is the median over ``--repeats`` timed windows of
 ``--window`` iterations after ``--warmup`` iterations; the table, a JSON file and a PNG plot
 (images/s and scaling efficiency against the ideal line) go to ``--out``.
 """
@@ -64,8 +64,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="queries,gallery,dim of the eval mode (default: MSMT17)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast model")
     p.add_argument("--out", type=Path, default=Path("logs/benchmark"), help="folder for JSON and PNG")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true",
+                   help="measure in this process group (under torchrun, e.g. across nodes) instead of "
+                        "launching one; rank 0 writes --result")
+    p.add_argument("--result", type=Path, default=None, help="JSON file a --worker run writes")
     return p
 
 
@@ -376,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = get_parser().parse_args(argv)
     if args.worker:
+        if args.mode not in ("step", "train") or args.impl == "both" or args.result is None:
+            raise SystemExit("--worker measures one --mode step|train with one --impl fast|reference "
+                             "and needs --result FILE")
         result = worker_step_or_train(args, args.impl, args.mode)
         if int(os.environ.get("RANK", "0")) == 0:
             args.result.write_text(json.dumps(result))
