@@ -156,7 +156,7 @@ def check_args(args, cfg: RunConfig, world: int) -> None:
         raise SystemExit(f"-b {cfg.batch_size} must be a multiple of --num-instances {cfg.num_instances}")
     if cfg.batch_size % world:
         raise SystemExit(f"-b {cfg.batch_size} (global per source) must divide over {world} ranks")
-    if args.sync_bn and args.device == "cpu" or args.sync_bn and not torch.cuda.is_available():
+    if args.sync_bn and (args.device == "cpu" or not torch.cuda.is_available()):
         raise SystemExit("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
     if args.evaluate and args.resume is None:
         raise SystemExit("--evaluate needs --resume CHECKPOINT")

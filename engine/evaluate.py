@@ -26,11 +26,11 @@ def extract_features(model, loader, device: torch.device, amp_dtype) -> torch.Te
 def evaluate_target(model, loader, device: torch.device, amp_dtype, rerank: bool = False) -> dict:
     """mAP and CMC of the target's query against its gallery (Market-1501 protocol)."""
     feats = extract_features(model, loader, device, amp_dtype)
-    q = torch.as_tensor(loader.is_query, device=feats.device)
-    pids = torch.as_tensor(loader.pids)
-    camids = torch.as_tensor(loader.camids)
-    return evaluate_features(feats[q], feats[~q], pids[q.cpu()], pids[~q.cpu()],
-                             camids[q.cpu()], camids[~q.cpu()], rerank=rerank)
+    q = torch.as_tensor(loader.is_query)
+    pids, camids = torch.as_tensor(loader.pids), torch.as_tensor(loader.camids)
+    q_dev = q.to(feats.device)
+    return evaluate_features(feats[q_dev], feats[~q_dev], pids[q], pids[~q], camids[q], camids[~q],
+                             rerank=rerank)
 
 
 def init_memories(model, loaders, memories, device: torch.device, amp_dtype) -> None:

@@ -10,7 +10,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,24 +19,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from model.memory import MemoryClassifier  # noqa: E402
 from model.style import UBS  # noqa: E402
+from tools.benchmark import device_sync, timed_windows  # noqa: E402
 from tools.reference import LiteralUBS, loop_update  # noqa: E402
 
 
 def time_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of one call: tools/benchmark.py's timed windows, one call each."""
+    return 1e3 * statistics.median(timed_windows(fn, device_sync(device), warmup, 1, repeats))
 
 
 def bench_device(device: torch.device, args) -> list[dict]:
