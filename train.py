@@ -26,7 +26,7 @@ from engine.checkpoint import RESUME_KEYS, config_differences, load_checkpoint, 
 from engine.evaluate import evaluate_target, init_memories
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
 from engine.step import shuffle_plan, train_step
-from model.memory import MemoryClassifier, NonFiniteFeatures
+from model.memory import MemoryClassifier
 from model.resnet import build_model, convert_sync_bn
 from model.style import UBS
 from pipeline.loader import LoaderConfig, build_eval_loader, build_train_loader, select_loader
@@ -372,25 +372,32 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
             batch = next(batches)
             torch.manual_seed(iteration_seed(cfg.seed, epoch, it, dist_info.rank))
             plan = shuffle_plan(batch.sizes, dist_info.world, dist_info.rank, cfg.seed, epoch, it,
-                                shuffle=cfg.mode != "fb")
-            try:
-                losses[it] = train_step(net, memories, batch.images, batch.labels, batch.sizes, optimizer,
-                                        scaler, dtype, cfg.mode, plan)
-            except NonFiniteFeatures as e:
-                raise NonFiniteLoss(f"non-finite features at epoch {epoch + 1}, iteration {it + 1} ({e}): "
-                                    f"training stopped; the last good checkpoint ({logs / 'latest.pth'}) "
-                                    "is kept") from e
+                                shuffle=cfg.mode != "fb", rounds=batch.repeats)
+            losses[it] = train_step(net, memories, batch.images, batch.labels, batch.sizes, optimizer,
+                                    scaler, dtype, cfg.mode, plan)
             n_done += 1
             last = it + 1 == cfg.iters
             if (it + 1) % args.log_every == 0 or last:
+                # the loop's only read-back: losses and refused memory updates since the last one
                 window = losses[checked: it + 1]
                 finite = torch.isfinite(window)
-                nonfinite, stopping = du.any_rank([not bool(finite.all()), stop.signal is not None], device)
-                if nonfinite:
-                    bad = checked + int((~finite).nonzero()[0]) if not finite.all() else it
-                    raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {bad + 1}: "
-                                        f"training stopped; the last good checkpoint ({logs / 'latest.pth'}) "
-                                        f"is kept")
+                refused = torch.stack([m.refusals.sum() for m in memories]).sum()
+                bad_loss, bad_update = torch.stack([~finite.all(), refused > 0]).tolist()
+                nonfinite, refusal, stopping = du.any_rank([bad_loss, bad_update, stop.signal is not None],
+                                                           device)
+                if nonfinite or refusal:
+                    problems = []
+                    if not finite.all():
+                        bad = checked + int((~finite).nonzero()[0])
+                        problems.append(f"non-finite loss at epoch {epoch + 1}, iteration {bad + 1}")
+                    for m in memories:
+                        try:
+                            m.raise_refused()
+                        except ValueError as e:
+                            problems.append(f"epoch {epoch + 1}, iterations {checked + 1}-{it + 1}: {e}")
+                    raise NonFiniteLoss("; ".join(problems or ["another rank stopped on non-finite values"])
+                                        + f": training stopped; the last good checkpoint "
+                                        f"({logs / 'latest.pth'}) is kept")
                 rate = n_done * images_per_iter / (time.perf_counter() - t0)
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(losses[it]):.3f}", img_s=f"{rate:.0f}")

@@ -6,8 +6,10 @@ the shuffled concatenation once more with the style module on and update each so
 with its own rows of that output in shuffled order. FBF: the same second forward without style.
 FB: no second forward, the memories take the detached first-forward features.
 
-The step keeps everything on the device: the shuffle and the per-source row positions are
-planned on the host from a seeded generator, so no value has to come back from the GPU.
+The step reads nothing back from the GPU: the shuffle and the per-source row positions are
+planned on the host from a seeded generator, and the number of memory-update rounds comes from
+the sampler, so the host only queues work and stays ahead of the device (with bf16; fp16's
+GradScaler checks its gradients on the host).
 """
 from __future__ import annotations
 
@@ -25,14 +27,26 @@ MODES = ("il", "fbf", "fb")
 @dataclass(frozen=True)
 class ShufflePlan:
     """The local permutation of this rank's rows and, per source, the positions of its rows
-    among all ranks' gathered second-forward rows (rank order, shuffled order within a rank)."""
+    among all ranks' gathered second-forward rows (rank order, shuffled order within a rank).
+    ``rounds``: per source, the most times one label occurs among those rows (the sampler's
+    ``TrainBatch.repeats``); None makes each memory update read it back from the device."""
 
     perm: torch.Tensor
     source_rows: list[torch.Tensor]
+    rounds: list[int] | None = None
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The index tensors on ``device``: one pinned buffer, one asynchronous copy."""
+        flat = torch.cat([self.perm, *self.source_rows])
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        perm, *rows = flat.to(device, non_blocking=True).split([len(self.perm),
+                                                               *map(len, self.source_rows)])
+        return perm, rows
 
 
 def shuffle_plan(sizes: list[int], world: int, rank: int, seed: int, epoch: int, it: int,
-                 shuffle: bool = True) -> ShufflePlan:
+                 shuffle: bool = True, rounds: list[int] | None = None) -> ShufflePlan:
     """Every rank can compute every rank's permutation, so the gathered layout is known here."""
     n = sum(sizes)
     source_of_row = np.repeat(np.arange(len(sizes)), sizes)
@@ -47,7 +61,7 @@ def shuffle_plan(sizes: list[int], world: int, rank: int, seed: int, epoch: int,
         gathered_sources.append(source_of_row[p])
     gathered_sources = np.concatenate(gathered_sources)
     rows = [torch.from_numpy(np.flatnonzero(gathered_sources == j)) for j in range(len(sizes))]
-    return ShufflePlan(torch.from_numpy(perms[rank]), rows)
+    return ShufflePlan(torch.from_numpy(perms[rank]), rows, rounds)
 
 
 def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, sizes: list[int],
@@ -64,17 +78,17 @@ def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, size
     scaler.update()
 
     with torch.no_grad():
+        perm, source_rows = plan.on(device)
         if mode == "fb":
             feats2, labels2 = feats.detach(), labels
         else:
-            perm = plan.perm.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 shuffled = images.index_select(0, perm).contiguous(memory_format=torch.channels_last)
                 feats2 = model(shuffled, style=mode == "il")
-            labels2 = labels[perm]
+            labels2 = labels.index_select(0, perm)
         all_feats = all_gather_rows(feats2.float())
         all_labels = all_gather_rows(labels2)
-        for mem, rows in zip(memories, plan.source_rows):
-            rows = rows.to(device, non_blocking=True)
-            mem.update(all_feats[rows], all_labels[rows])
+        rounds = plan.rounds or [None] * len(memories)
+        for mem, rows, r in zip(memories, source_rows, rounds):
+            mem.update(all_feats.index_select(0, rows), all_labels.index_select(0, rows), rounds=r)
     return loss.detach()

@@ -25,6 +25,8 @@ class MemoryClassifier(nn.Module):
         self.num_features, self.num_classes = num_features, num_classes
         self.temp, self.momentum = temp, momentum
         self.register_buffer("centers", torch.zeros(num_classes, num_features))
+        # updates refused by reason (bad labels, non-finite rows, too many repeats); not saved
+        self.register_buffer("refusals", torch.zeros(3, dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, num_classes={self.num_classes}, "
@@ -43,18 +45,28 @@ class MemoryClassifier(nn.Module):
                              f"the memory's device ({self.centers.device})")
 
     def _raise_bad_values(self, features: torch.Tensor, labels: torch.Tensor, bad_labels: int,
-                          suspect_rows: int) -> None:
-        """Called with the counts read back from the device; `suspect_rows` counts rows whose
-        sum is not finite (cheap to compute), confirmed here element by element."""
+                          bad_rows: int) -> None:
+        """Called with the counts read back from the device."""
         if bad_labels:
             bad = labels[(labels < 0) | (labels >= self.num_classes)].unique()[:10].tolist()
             raise ValueError(f"{bad_labels} label(s) outside [0, {self.num_classes}), e.g. {bad}; "
                              "the memory was not changed")
-        if suspect_rows:
+        if bad_rows:
             rows = (~torch.isfinite(features)).any(dim=1).nonzero().flatten().tolist()
-            if rows:
-                raise NonFiniteFeatures(f"NaN/inf values in {len(rows)} feature row(s) (rows {rows[:10]}); "
-                                 "the memory was not changed")
+            raise NonFiniteFeatures(f"NaN/inf values in {bad_rows} feature row(s) (rows {rows[:10]}); "
+                                    "the memory was not changed")
+
+    def raise_refused(self) -> None:
+        """Report the updates refused since the last call (``update`` with ``rounds``): reads
+        ``refusals`` back from the device, so call it where the loop synchronises anyway."""
+        bad_labels, bad_rows, repeats = self.refusals.tolist()
+        if not (bad_labels or bad_rows or repeats):
+            return
+        self.refusals.zero_()
+        what = (f"{bad_labels} with labels outside [0, {self.num_classes}), {bad_rows} with NaN/inf "
+                f"feature rows, {repeats} with a label repeated more times than `rounds`")
+        error = NonFiniteFeatures if bad_rows else ValueError
+        raise error(f"memory updates refused ({what}); the memory was left unchanged by each")
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine similarities over the temperature, in fp32 even under autocast."""
@@ -68,12 +80,17 @@ class MemoryClassifier(nn.Module):
         return F.cross_entropy(self.logits(features), labels)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, features: torch.Tensor, labels: torch.Tensor, rounds: int | None = None) -> None:
         """Momentum update in place, identical to the per-sample loop in batch order.
 
-        Each sample's rank among the earlier samples of its label decides its round; within a
-        round every label occurs at most once, so one gather and one index_copy apply it. The
-        only host sync reads the validation counts and the number of samples per round.
+        Round r applies, for every label, its r-th occurrence in the batch (a stable sort by
+        label puts the occurrences in batch order); every row of a label writes the same value,
+        so one gather and one index_copy apply a round. ``rounds`` is the most times one label
+        occurs in the batch. A caller that knows it (the identity sampler does) passes it, and
+        then nothing is read back from the device: a batch that cannot be applied (a label out
+        of range, a NaN/inf feature, a label repeated more than ``rounds`` times) leaves the
+        memory unchanged and is counted in ``refusals`` for :meth:`raise_refused`. Without it,
+        one host sync reads the repeat count and such a batch raises at once.
         """
         self._check_shapes(features, labels)
         n = labels.shape[0]
@@ -81,27 +98,28 @@ class MemoryClassifier(nn.Module):
             return
         f = features.detach().float()
         labels = labels.long()
-        sorted_labels, order = torch.sort(labels, stable=True)
-        first = torch.searchsorted(sorted_labels, sorted_labels)
-        rank = torch.empty_like(labels)
-        rank[order] = torch.arange(n, device=labels.device) - first
-        by_round = torch.argsort(rank, stable=True)
-        per_round = torch.zeros(n, dtype=torch.long, device=labels.device)
-        per_round.index_add_(0, rank, torch.ones_like(rank))
-        bad_labels = ((labels < 0) | (labels >= self.num_classes)).sum()
-        suspect_rows = (~torch.isfinite(f.sum(dim=1))).sum()
-        counts = torch.cat([torch.stack([bad_labels, suspect_rows]), per_round]).tolist()
-        self._raise_bad_values(f, labels, counts[0], counts[1])
-        m, start = self.momentum, 0
-        for size in counts[2:]:
-            if size == 0:
-                break
-            rows = by_round[start:start + size]
-            start += size
-            y = labels[rows]
-            c = m * self.centers.index_select(0, y) + (1 - m) * f.index_select(0, rows)
-            c /= c.norm(dim=1, keepdim=True)
-            self.centers.index_copy_(0, y, c)
+        y, order = torch.sort(labels.clamp(0, self.num_classes - 1), stable=True)
+        first = torch.searchsorted(y, y)
+        count = torch.searchsorted(y, y, right=True) - first
+        problems = torch.stack([((labels < 0) | (labels >= self.num_classes)).sum(),
+                                (~torch.isfinite(f)).any(dim=1).sum(), count.max()])
+        if rounds is None:
+            bad_labels, bad_rows, rounds = problems.tolist()
+            self._raise_bad_values(f, labels, bad_labels, bad_rows)
+            refused = None
+        else:
+            problems[2] = problems[2] > rounds
+            problems.clamp_(max=1)
+            self.refusals += problems
+            refused = problems.any()
+        m = self.momentum
+        for r in range(rounds):
+            old = self.centers.index_select(0, y)
+            src = order.index_select(0, (first + r).clamp(max=n - 1))
+            new = m * old + (1 - m) * f.index_select(0, src)
+            new /= new.norm(dim=1, keepdim=True)
+            keep = count <= r if refused is None else (count <= r) | refused
+            self.centers.index_copy_(0, y, torch.where(keep.unsqueeze(1), old, new))
 
     @torch.no_grad()
     def init_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -111,7 +129,7 @@ class MemoryClassifier(nn.Module):
         f = features.detach().float()
         labels = labels.long()
         bad_labels = int(((labels < 0) | (labels >= self.num_classes)).sum())
-        self._raise_bad_values(f, labels, bad_labels, int((~torch.isfinite(f.sum(dim=1))).sum()))
+        self._raise_bad_values(f, labels, bad_labels, int((~torch.isfinite(f)).any(dim=1).sum()))
         counts = torch.bincount(labels, minlength=self.num_classes)
         missing = (counts == 0).nonzero().flatten().tolist()
         if missing:

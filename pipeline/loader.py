@@ -57,6 +57,7 @@ class TrainBatch:
     labels: torch.Tensor  # int64 [sum(sizes)], mix labels of each row's own source
     sizes: list[int]
     replaced: int = 0  # undecodable images replaced in this batch (replace_bad only)
+    repeats: list[int] | None = None  # per source, most times one label occurs over all ranks
 
     def per_source(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-source (images, labels) views, no copies."""
@@ -127,6 +128,16 @@ def decode_rgb(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
+def max_repeats(labels: np.ndarray) -> np.ndarray:
+    """Per row of ``labels`` [n, m], the length of its longest run of one value."""
+    ordered = np.sort(labels, axis=1)
+    pos = np.arange(ordered.shape[1])
+    starts = np.ones(ordered.shape, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run_start = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
+    return (pos - run_start + 1).max(axis=1)
+
+
 class TrainPlan:
     """Which rows this rank reads in each iteration, and how they are fetched. Picklable."""
 
@@ -136,18 +147,28 @@ class TrainPlan:
         self.seed, self.rank, self.world = cfg.seed, cfg.rank, cfg.world
         self.replace_bad = cfg.replace_bad
         self.bad: set[tuple[int, int]] = set()  # (source, row) found undecodable
-        self._cache: dict[int, list[np.ndarray]] = {}
+        self._cache: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
         rank_slice(np.zeros(cfg.batch_size), cfg.rank, cfg.world)  # refuse a batch that does not split
         self.sizes = [cfg.batch_size // cfg.world] * len(sets)
 
     def indices(self, epoch: int) -> list[np.ndarray]:
         """Per source, this rank's rows for every iteration of ``epoch``: [iters, batch / world]."""
+        return self._epoch(epoch)[0]
+
+    def repeats(self, epoch: int, it: int) -> list[int]:
+        """Per source, the most times one label occurs in the GLOBAL batch of an iteration: the
+        rounds of the memory update over all ranks' rows, known here without a device read."""
+        return self._epoch(epoch)[1][it].tolist()
+
+    def _epoch(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
         if epoch not in self._cache:
-            self._cache = {epoch: [
-                np.stack([rank_slice(b, self.rank, self.world) for b in identity_batches(
-                    s.labels, s.camids, num_ids=self.num_ids, num_instances=self.num_instances,
-                    num_batches=self.iters, seed=self.seed, epoch=epoch, source=k, name=s.name)])
-                for k, s in enumerate(self.sets)]}
+            batches = [identity_batches(
+                s.labels, s.camids, num_ids=self.num_ids, num_instances=self.num_instances,
+                num_batches=self.iters, seed=self.seed, epoch=epoch, source=k, name=s.name)
+                for k, s in enumerate(self.sets)]
+            mine = [np.stack([rank_slice(b, self.rank, self.world) for b in g]) for g in batches]
+            repeats = np.stack([max_repeats(s.labels[g]) for s, g in zip(self.sets, batches)], axis=1)
+            self._cache = {epoch: (mine, repeats)}
         return self._cache[epoch]
 
     def fetch(self, s: int, j: int, decode: Callable[[bytes], object]) -> tuple[object, bool]:

@@ -74,10 +74,10 @@ class TorchTrainLoader:
 
     def epoch(self, e: int, start: int = 0):
         self._sampler.epoch, self._sampler.start = e, start
-        for images, labels, replaced in self._loader:
+        for it, (images, labels, replaced) in enumerate(self._loader, start):
             images, labels = to_device(images, labels, self.cfg)
             self.replaced += replaced
-            yield TrainBatch(images, labels, list(self.plan.sizes), replaced)
+            yield TrainBatch(images, labels, list(self.plan.sizes), replaced, self.plan.repeats(e, it))
 
 
 class _EvalBatches(Dataset):

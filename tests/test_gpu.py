@@ -22,3 +22,37 @@ def test_train_on_cuda(synthetic_shards, tmp_path, loader, amp):
     assert train.main([*argv, "--amp", amp, "--epochs", "2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > 0 and 0 <= r["mAP"] <= 1 for r in rows)
+
+
+def test_the_step_does_not_synchronise_with_the_host():
+    """CUDA's sync debug mode raises at any point where the host would wait for the GPU: a bf16
+    iteration (channels_last, fused Adam, memory updates with the sampler's rounds) must have none."""
+    from engine.optim import build_optimizer, build_scaler
+    from engine.step import shuffle_plan, train_step
+    from model.memory import MemoryClassifier
+    from model.resnet import build_model
+    from model.style import UBS
+
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a GPU with bf16")
+    device, sizes = torch.device("cuda"), [32, 32, 32]
+    net = build_model("resnet18", style=UBS()).to(device, memory_format=torch.channels_last).train()
+    memories = [MemoryClassifier(net.num_features, 50).to(device) for _ in sizes]
+    opt = build_optimizer(net.parameters(), 3.5e-4, 5e-4, device)
+    scaler = build_scaler(device, torch.bfloat16)
+    images = torch.randn(sum(sizes), 3, 128, 64, device=device).contiguous(memory_format=torch.channels_last)
+    labels = (torch.arange(sum(sizes), device=device) // 4) % 50
+
+    def step(it: int) -> torch.Tensor:
+        plan = shuffle_plan(sizes, 1, 0, seed=0, epoch=0, it=it, rounds=[4, 4, 4])
+        return train_step(net, memories, images, labels, sizes, opt, scaler, torch.bfloat16, "il", plan)
+
+    step(0)  # lazy initialisation (cuDNN, cuBLAS, allocator) may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(it) for it in (1, 2, 3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(x) for x in losses)
+    assert int(sum(m.refusals.sum() for m in memories)) == 0

@@ -35,8 +35,9 @@ def test_update_pk_batch_matches_loop():
     torch.testing.assert_close(mem.centers, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("known_rounds", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_update_random_repeats_matches_loop(seed):
+def test_update_random_repeats_matches_loop(seed, known_rounds):
     g = torch.Generator().manual_seed(seed)
     mem = memory(num_classes=40, dim=32, seed=seed)
     counts = torch.randint(1, 9, (25,), generator=g)          # 1..8 repeats per label
@@ -45,8 +46,11 @@ def test_update_random_repeats_matches_loop(seed):
     labels = labels[torch.randperm(len(labels), generator=g)].int()
     f = unit(len(labels), 32, seed + 10)
     want = loop_update(mem.centers, f, labels, 0.2)
-    mem.update(f, labels)
+    # a bound above the true repeat count only adds rounds that change nothing
+    mem.update(f, labels, rounds=int(counts.max()) + seed if known_rounds else None)
     torch.testing.assert_close(mem.centers, want, rtol=0, atol=1e-5)
+    assert mem.refusals.tolist() == [0, 0, 0]
+    mem.raise_refused()
 
 
 def test_update_bf16_features_and_empty_batch():
@@ -122,6 +126,26 @@ def test_bad_input_refused_memory_untouched(features, labels, match):
     with pytest.raises(ValueError, match=match):
         mem.init_centers(features, labels)
     assert torch.equal(mem.centers, before)
+
+
+@pytest.mark.parametrize("features, labels, match, reason", [
+    (torch.randn(4, 64), torch.tensor([0, 1, 100, 2]), "1 with labels outside", 0),
+    (torch.randn(4, 64), torch.tensor([0, -1, 1, 2]), "1 with labels outside", 0),
+    (torch.randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), torch.arange(4), "1 with NaN", 1),
+    (torch.randn(4, 64), torch.tensor([0, 3, 3, 3]), "1 with a label repeated", 2),
+])
+def test_known_rounds_refusals_are_counted_then_raised(features, labels, match, reason):
+    """With `rounds` given nothing is read back: the bad batch changes nothing, is counted, and
+    raise_refused reports it later (and then starts counting afresh)."""
+    mem = memory()
+    before = mem.centers.clone()
+    mem.update(features, labels, rounds=2)
+    assert torch.equal(mem.centers, before)
+    assert mem.refusals.tolist() == [int(k == reason) for k in range(3)]
+    with pytest.raises(ValueError, match=match):
+        mem.raise_refused()
+    mem.raise_refused()
+    assert "refusals" not in mem.state_dict()
 
 
 def test_forward_rejects_bad_shapes_and_labels():

@@ -11,9 +11,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from engine.optim import build_scaler
-from engine.step import shuffle_plan, train_step
+from engine.step import MODES, shuffle_plan, train_step
 from model.memory import MemoryClassifier
 from model.resnet import build_model
 from model.style import UBS
@@ -76,3 +77,26 @@ def reference_fb(model, centers, images, labels, optimizer) -> float:
     for f, c, y in zip(feats, centers, labels.split(SIZES)):
         loop_update(c, f.detach(), y, 0.2)
     return loss.item()
+
+
+def fake_step(mode: str, rounds: list[int] | None) -> torch.Tensor:
+    """One iteration where every tensor holds a shape and no values (FakeTensorMode): reading a
+    value back to the host (``item``, ``tolist``, ``bool``, ``nonzero``...) raises, just as it
+    would stall the host until the GPU has caught up."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        net = build_model("resnet18", style=UBS()).train()
+        memories = [MemoryClassifier(net.num_features, n) for n in CLASSES]
+        opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, weight_decay=5e-4, fused=True)
+        images, labels = torch.randn(sum(SIZES), 3, 64, 32), torch.cat([torch.arange(n) % 2 for n in SIZES])
+        plan = shuffle_plan(SIZES, 1, 0, seed=3, epoch=0, it=0, shuffle=mode != "fb", rounds=rounds)
+        return train_step(net, memories, images, labels, SIZES, opt, build_scaler(torch.device("cpu"), None),
+                          None, mode, plan)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_step_reads_nothing_back_from_the_device(mode):
+    """With the sampler's repeat counts the whole iteration (forwards, loss, fused Adam, memory
+    updates) only queues work; without them the memory update reads its round count back."""
+    assert fake_step(mode, rounds=[4, 4, 4]).shape == ()
+    with pytest.raises(DataDependentOutputException):
+        fake_step(mode, rounds=None)

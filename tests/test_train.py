@@ -114,14 +114,21 @@ def test_evaluate_a_checkpoint(synthetic_shards, tmp_path, capsys):
                              "--resume", str(tmp_path / "best.pth")))
 
 
-def test_nonfinite_loss_stops_and_keeps_the_checkpoint(synthetic_shards, tmp_path):
+@pytest.mark.parametrize("poison, message", [
+    ("memory", "non-finite loss at epoch 2, iteration 1"),  # a NaN centre: NaN loss, finite features
+    ("model", r"iteration 1; epoch 2, iterations 1-3: memory updates refused \(.*3 with NaN"),
+])
+def test_nonfinite_values_stop_and_keep_the_checkpoint(synthetic_shards, tmp_path, poison, message):
     assert train.main(small_run(synthetic_shards, tmp_path)) == 0
     ckpt_path = tmp_path / "latest.pth"
     ckpt = load_checkpoint(ckpt_path)
-    ckpt["memories"][0][0] = float("nan")  # a poisoned memory gives a NaN loss at once
+    if poison == "memory":
+        ckpt["memories"][0][0] = float("nan")
+    else:
+        ckpt["model"]["neck.weight"][0] = float("nan")
     torch.save(ckpt, ckpt_path)
     before = ckpt_path.read_bytes()
-    with pytest.raises(train.NonFiniteLoss, match="epoch 2, iteration 1"):
+    with pytest.raises(train.NonFiniteLoss, match=message):
         train.main(small_run(synthetic_shards, tmp_path, "--epochs", "2", "--resume", str(ckpt_path)))
     assert ckpt_path.read_bytes() == before
 

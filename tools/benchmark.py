@@ -46,7 +46,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="this project, the published way of running, or both side by side")
     p.add_argument("--gpus", default="1", help="comma-separated process counts, one torchrun each")
     p.add_argument("-a", "--arch", choices=("resnet50", "resnet18"), default="resnet50", help="backbone")
-    p.add_argument("-b", "--batch-size", type=int, default=64, help="global batch per source")
+    p.add_argument("-b", "--batch-size", type=int, default=64,
+                   help="global batch per source (identities x 4 images, split over the processes)")
     p.add_argument("--height", type=int, default=256, help="input height")
     p.add_argument("--width", type=int, default=128, help="input width")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
@@ -148,13 +149,20 @@ def build_reference(args, device, world: int, num_classes: list[int]):
     return net, centers, opt
 
 
-def random_batch(args, device, world: int, num_classes: list[int], channels_last: bool, dtype):
+INSTANCES = 4  # images per identity in a batch, as the identity sampler draws them
+
+
+def random_batch(args, device, world: int, rank: int, num_classes: list[int], channels_last: bool, dtype):
+    """Random images and sampler-like labels (batch/4 identities x 4 each, the same global
+    batch on every rank, each rank taking its slice), per source."""
     per_rank = args.batch_size // world
+    g = torch.Generator().manual_seed(0)
     images, labels = [], []
     for n in num_classes:
         x = torch.randn(per_rank, 3, args.height, args.width, device=device, dtype=dtype or torch.float32)
         images.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-        labels.append(torch.randint(0, n, (per_rank,), device=device))
+        ids = torch.randperm(n, generator=g)[:args.batch_size // INSTANCES].repeat_interleave(INSTANCES)
+        labels.append(ids[rank * per_rank:(rank + 1) * per_rank].to(device))
     return images, labels
 
 
@@ -176,23 +184,23 @@ def worker_step_or_train(args, impl: str, mode: str) -> dict:
 
     if impl == "fast":
         net, memories, opt, scaler, dtype = build_fast(args, device, world, num_classes)
-        fixed = random_batch(args, device, world, num_classes, True, dtype)
+        fixed = random_batch(args, device, world, info.rank, num_classes, True, dtype)
 
         def next_batch():
             if loader is None:
                 x, y = fixed
-                return torch.cat(x), torch.cat(y), [len(t) for t in y]
+                return torch.cat(x), torch.cat(y), [len(t) for t in y], [INSTANCES] * len(y)
             b = next(state["batches"])
-            return b.images, b.labels, b.sizes
+            return b.images, b.labels, b.sizes, b.repeats
 
         def iteration():
-            images, labels, sizes = next_batch()
-            plan = shuffle_plan(sizes, world, info.rank, 0, 0, state["it"])
+            images, labels, sizes, repeats = next_batch()
+            plan = shuffle_plan(sizes, world, info.rank, 0, 0, state["it"], rounds=repeats)
             train_step(net, memories, images, labels, sizes, opt, scaler, dtype, "il", plan)
             state["it"] += 1
     else:
         net, centers, opt = build_reference(args, device, world, num_classes)
-        fixed = random_batch(args, device, world, num_classes, False, None)
+        fixed = random_batch(args, device, world, info.rank, num_classes, False, None)
 
         def iteration():
             if loader is None:
@@ -377,6 +385,10 @@ def plot(results: list[dict], path: Path, info: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = get_parser().parse_args(argv)
+    counts = [int(g) for g in args.gpus.split(",")]
+    if args.batch_size % INSTANCES or any(args.batch_size % (INSTANCES * n) for n in counts):
+        raise SystemExit(f"-b/--batch-size {args.batch_size}: must be a multiple of {INSTANCES} images "
+                         f"per identity times each process count in --gpus ({args.gpus})")
     if args.worker:
         if args.mode not in ("step", "train") or args.impl == "both" or args.result is None:
             raise SystemExit("--worker measures one --mode step|train with one --impl fast|reference "
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "data":
             results.extend(run_data(args))
             continue
-        for n in (int(v) for v in args.gpus.split(",")):
+        for n in counts:
             for impl in impls:
                 if impl == "reference" and n > 1:
                     continue  # the published code runs one process (nn.DataParallel)
