@@ -372,7 +372,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
             batch = next(batches)
             torch.manual_seed(iteration_seed(cfg.seed, epoch, it, dist_info.rank))
             plan = shuffle_plan(batch.sizes, dist_info.world, dist_info.rank, cfg.seed, epoch, it,
-                                shuffle=cfg.mode != "fb", rounds=batch.repeats)
+                                shuffle=cfg.mode != "fb", round_sizes=batch.round_sizes)
             losses[it] = train_step(net, memories, batch.images, batch.labels, batch.sizes, optimizer,
                                     scaler, dtype, cfg.mode, plan)
             n_done += 1

@@ -7,7 +7,7 @@ with its own rows of that output in shuffled order. FBF: the same second forward
 FB: no second forward, the memories take the detached first-forward features.
 
 The step reads nothing back from the GPU: the shuffle and the per-source row positions are
-planned on the host from a seeded generator, and the number of memory-update rounds comes from
+planned on the host from a seeded generator, and the sizes of the memory-update rounds come from
 the sampler, so the host only queues work and stays ahead of the device (with bf16; fp16's
 GradScaler checks its gradients on the host).
 """
@@ -28,12 +28,12 @@ MODES = ("il", "fbf", "fb")
 class ShufflePlan:
     """The local permutation of this rank's rows and, per source, the positions of its rows
     among all ranks' gathered second-forward rows (rank order, shuffled order within a rank).
-    ``rounds``: per source, the most times one label occurs among those rows (the sampler's
-    ``TrainBatch.repeats``); None makes each memory update read it back from the device."""
+    ``round_sizes``: per source, the memory-update rounds of those rows (the sampler's
+    ``TrainBatch.round_sizes``); None makes each memory update read them back from the device."""
 
     perm: torch.Tensor
     source_rows: list[torch.Tensor]
-    rounds: list[int] | None = None
+    round_sizes: list[list[int]] | None = None
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The index tensors on ``device``: one pinned buffer, one asynchronous copy."""
@@ -46,7 +46,7 @@ class ShufflePlan:
 
 
 def shuffle_plan(sizes: list[int], world: int, rank: int, seed: int, epoch: int, it: int,
-                 shuffle: bool = True, rounds: list[int] | None = None) -> ShufflePlan:
+                 shuffle: bool = True, round_sizes: list[list[int]] | None = None) -> ShufflePlan:
     """Every rank can compute every rank's permutation, so the gathered layout is known here."""
     n = sum(sizes)
     source_of_row = np.repeat(np.arange(len(sizes)), sizes)
@@ -61,7 +61,7 @@ def shuffle_plan(sizes: list[int], world: int, rank: int, seed: int, epoch: int,
         gathered_sources.append(source_of_row[p])
     gathered_sources = np.concatenate(gathered_sources)
     rows = [torch.from_numpy(np.flatnonzero(gathered_sources == j)) for j in range(len(sizes))]
-    return ShufflePlan(torch.from_numpy(perms[rank]), rows, rounds)
+    return ShufflePlan(torch.from_numpy(perms[rank]), rows, round_sizes)
 
 
 def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, sizes: list[int],
@@ -88,7 +88,7 @@ def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, size
             labels2 = labels.index_select(0, perm)
         all_feats = all_gather_rows(feats2.float())
         all_labels = all_gather_rows(labels2)
-        rounds = plan.rounds or [None] * len(memories)
-        for mem, rows, r in zip(memories, source_rows, rounds):
-            mem.update(all_feats.index_select(0, rows), all_labels.index_select(0, rows), rounds=r)
+        sizes = plan.round_sizes or [None] * len(memories)
+        for mem, rows, r in zip(memories, source_rows, sizes):
+            mem.update(all_feats.index_select(0, rows), all_labels.index_select(0, rows), round_sizes=r)
     return loss.detach()

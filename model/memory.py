@@ -11,6 +11,13 @@ class NonFiniteFeatures(ValueError):
     """NaN/inf features offered to a memory (refused: the memory is left unchanged)."""
 
 
+def _nonfinite_rows(features: torch.Tensor) -> torch.Tensor:
+    """Rows with a NaN/inf value, found through their sums (one cheap reduction). A finite row
+    whose sum overflows float32 (values near 3e38) is caught too: its update could not be
+    normalised either."""
+    return ~torch.isfinite(features.sum(dim=1))
+
+
 class MemoryClassifier(nn.Module):
     """Class centres ``[num_classes, num_features]`` (a buffer: no gradient reaches them).
 
@@ -25,7 +32,7 @@ class MemoryClassifier(nn.Module):
         self.num_features, self.num_classes = num_features, num_classes
         self.temp, self.momentum = temp, momentum
         self.register_buffer("centers", torch.zeros(num_classes, num_features))
-        # updates refused by reason (bad labels, non-finite rows, too many repeats); not saved
+        # updates refused by reason (bad labels, non-finite rows, wrong round sizes); not saved
         self.register_buffer("refusals", torch.zeros(3, dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
@@ -52,19 +59,19 @@ class MemoryClassifier(nn.Module):
             raise ValueError(f"{bad_labels} label(s) outside [0, {self.num_classes}), e.g. {bad}; "
                              "the memory was not changed")
         if bad_rows:
-            rows = (~torch.isfinite(features)).any(dim=1).nonzero().flatten().tolist()
+            rows = _nonfinite_rows(features).nonzero().flatten().tolist()
             raise NonFiniteFeatures(f"NaN/inf values in {bad_rows} feature row(s) (rows {rows[:10]}); "
                                     "the memory was not changed")
 
     def raise_refused(self) -> None:
-        """Report the updates refused since the last call (``update`` with ``rounds``): reads
+        """Report the updates refused since the last call (``update`` with ``round_sizes``): reads
         ``refusals`` back from the device, so call it where the loop synchronises anyway."""
-        bad_labels, bad_rows, repeats = self.refusals.tolist()
-        if not (bad_labels or bad_rows or repeats):
+        bad_labels, bad_rows, mismatched = self.refusals.tolist()
+        if not (bad_labels or bad_rows or mismatched):
             return
         self.refusals.zero_()
         what = (f"{bad_labels} with labels outside [0, {self.num_classes}), {bad_rows} with NaN/inf "
-                f"feature rows, {repeats} with a label repeated more times than `rounds`")
+                f"feature rows, {mismatched} with round_sizes that do not match the labels")
         error = NonFiniteFeatures if bad_rows else ValueError
         raise error(f"memory updates refused ({what}); the memory was left unchanged by each")
 
@@ -80,46 +87,58 @@ class MemoryClassifier(nn.Module):
         return F.cross_entropy(self.logits(features), labels)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor, rounds: int | None = None) -> None:
+    def update(self, features: torch.Tensor, labels: torch.Tensor,
+               round_sizes: list[int] | None = None) -> None:
         """Momentum update in place, identical to the per-sample loop in batch order.
 
-        Round r applies, for every label, its r-th occurrence in the batch (a stable sort by
-        label puts the occurrences in batch order); every row of a label writes the same value,
-        so one gather and one index_copy apply a round. ``rounds`` is the most times one label
-        occurs in the batch. A caller that knows it (the identity sampler does) passes it, and
-        then nothing is read back from the device: a batch that cannot be applied (a label out
-        of range, a NaN/inf feature, a label repeated more than ``rounds`` times) leaves the
-        memory unchanged and is counted in ``refusals`` for :meth:`raise_refused`. Without it,
-        one host sync reads the repeat count and such a batch raises at once.
+        Each sample's rank among the earlier samples of its label decides its round; within a
+        round every label occurs at most once, so one gather and one index_copy apply it.
+        ``round_sizes[r]`` is the number of labels that occur more than r times in the batch.
+        The identity sampler knows these on the host; given them, nothing is read back from
+        the device: a batch that cannot be applied (a label out of range, a NaN/inf feature,
+        sizes that do not match the labels) leaves the memory unchanged and is counted in
+        ``refusals`` for :meth:`raise_refused`. Without them, one host sync reads the sizes
+        and such a batch raises at once.
         """
         self._check_shapes(features, labels)
         n = labels.shape[0]
         if n == 0:
             return
+        if round_sizes is not None and (sum(round_sizes) != n or min(round_sizes) < 1):
+            raise ValueError(f"round_sizes {round_sizes} must be positive and add up to the batch size {n}")
         f = features.detach().float()
         labels = labels.long()
-        y, order = torch.sort(labels.clamp(0, self.num_classes - 1), stable=True)
-        first = torch.searchsorted(y, y)
-        count = torch.searchsorted(y, y, right=True) - first
-        problems = torch.stack([((labels < 0) | (labels >= self.num_classes)).sum(),
-                                (~torch.isfinite(f)).any(dim=1).sum(), count.max()])
-        if rounds is None:
-            bad_labels, bad_rows, rounds = problems.tolist()
-            self._raise_bad_values(f, labels, bad_labels, bad_rows)
-            refused = None
+        sorted_labels, order = torch.sort(labels, stable=True)
+        first = torch.searchsorted(sorted_labels, sorted_labels)
+        rank = torch.empty_like(labels)
+        rank[order] = torch.arange(n, device=labels.device) - first
+        by_round = torch.argsort(rank, stable=True)
+        per_round = torch.zeros(n, dtype=torch.long, device=labels.device)
+        per_round.index_add_(0, rank, torch.ones_like(rank))
+        bad_labels = ((labels < 0) | (labels >= self.num_classes)).sum()
+        bad_rows = _nonfinite_rows(f).sum()
+        refused = None
+        if round_sizes is None:
+            counts = torch.cat([torch.stack([bad_labels, bad_rows]), per_round]).tolist()
+            self._raise_bad_values(f, labels, counts[0], counts[1])
+            round_sizes = [c for c in counts[2:] if c]  # non-increasing: the zeros are at the end
         else:
-            problems[2] = problems[2] > rounds
-            problems.clamp_(max=1)
+            mismatch = (per_round[len(round_sizes):] != 0).any()
+            for r, size in enumerate(round_sizes):
+                mismatch |= per_round[r] != size
+            problems = torch.stack([bad_labels > 0, bad_rows > 0, mismatch])
             self.refusals += problems
             refused = problems.any()
-        m = self.momentum
-        for r in range(rounds):
+            labels = labels.clamp(0, self.num_classes - 1)
+        m, start = self.momentum, 0
+        for size in round_sizes:
+            rows = by_round[start:start + size]
+            start += size
+            y = labels.index_select(0, rows)
             old = self.centers.index_select(0, y)
-            src = order.index_select(0, (first + r).clamp(max=n - 1))
-            new = m * old + (1 - m) * f.index_select(0, src)
-            new /= new.norm(dim=1, keepdim=True)
-            keep = count <= r if refused is None else (count <= r) | refused
-            self.centers.index_copy_(0, y, torch.where(keep.unsqueeze(1), old, new))
+            c = m * old + (1 - m) * f.index_select(0, rows)
+            c /= c.norm(dim=1, keepdim=True)
+            self.centers.index_copy_(0, y, c if refused is None else torch.where(refused, old, c))
 
     @torch.no_grad()
     def init_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -129,7 +148,7 @@ class MemoryClassifier(nn.Module):
         f = features.detach().float()
         labels = labels.long()
         bad_labels = int(((labels < 0) | (labels >= self.num_classes)).sum())
-        self._raise_bad_values(f, labels, bad_labels, int((~torch.isfinite(f)).any(dim=1).sum()))
+        self._raise_bad_values(f, labels, bad_labels, int(_nonfinite_rows(f).sum()))
         counts = torch.bincount(labels, minlength=self.num_classes)
         missing = (counts == 0).nonzero().flatten().tolist()
         if missing:

@@ -116,7 +116,7 @@ class DaliTrainLoader:
             images, labels = to_device(_to_torch(images, self.cfg.device), labels, self.cfg)
             count = int(replaced.as_array().sum())
             self.replaced += count
-            yield TrainBatch(images, labels, list(self.plan.sizes), count, self.plan.repeats(e, it))
+            yield TrainBatch(images, labels, list(self.plan.sizes), count, self.plan.round_sizes(e, it))
 
     def _run(self, g: int):
         while True:

@@ -57,7 +57,7 @@ class TrainBatch:
     labels: torch.Tensor  # int64 [sum(sizes)], mix labels of each row's own source
     sizes: list[int]
     replaced: int = 0  # undecodable images replaced in this batch (replace_bad only)
-    repeats: list[int] | None = None  # per source, most times one label occurs over all ranks
+    round_sizes: list[list[int]] | None = None  # per source, over all ranks (TrainPlan.round_sizes)
 
     def per_source(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-source (images, labels) views, no copies."""
@@ -128,14 +128,10 @@ def decode_rgb(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
-def max_repeats(labels: np.ndarray) -> np.ndarray:
-    """Per row of ``labels`` [n, m], the length of its longest run of one value."""
-    ordered = np.sort(labels, axis=1)
-    pos = np.arange(ordered.shape[1])
-    starts = np.ones(ordered.shape, dtype=bool)
-    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    run_start = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
-    return (pos - run_start + 1).max(axis=1)
+def round_sizes(labels: np.ndarray) -> list[int]:
+    """For r = 0, 1, ...: how many labels occur more than r times (the memory-update rounds)."""
+    counts = np.unique(labels, return_counts=True)[1]
+    return [int((counts > r).sum()) for r in range(int(counts.max()))]
 
 
 class TrainPlan:
@@ -147,7 +143,7 @@ class TrainPlan:
         self.seed, self.rank, self.world = cfg.seed, cfg.rank, cfg.world
         self.replace_bad = cfg.replace_bad
         self.bad: set[tuple[int, int]] = set()  # (source, row) found undecodable
-        self._cache: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
+        self._cache: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
         rank_slice(np.zeros(cfg.batch_size), cfg.rank, cfg.world)  # refuse a batch that does not split
         self.sizes = [cfg.batch_size // cfg.world] * len(sets)
 
@@ -155,20 +151,20 @@ class TrainPlan:
         """Per source, this rank's rows for every iteration of ``epoch``: [iters, batch / world]."""
         return self._epoch(epoch)[0]
 
-    def repeats(self, epoch: int, it: int) -> list[int]:
-        """Per source, the most times one label occurs in the GLOBAL batch of an iteration: the
-        rounds of the memory update over all ranks' rows, known here without a device read."""
-        return self._epoch(epoch)[1][it].tolist()
+    def round_sizes(self, epoch: int, it: int) -> list[list[int]]:
+        """Per source, :func:`round_sizes` of the GLOBAL batch of an iteration: the memory
+        update's rounds over all ranks' rows, known here without reading the device."""
+        return [round_sizes(labels[it]) for labels in self._epoch(epoch)[1]]
 
-    def _epoch(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+    def _epoch(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """This rank's rows and the global batches' labels, per source, of one epoch."""
         if epoch not in self._cache:
             batches = [identity_batches(
                 s.labels, s.camids, num_ids=self.num_ids, num_instances=self.num_instances,
                 num_batches=self.iters, seed=self.seed, epoch=epoch, source=k, name=s.name)
                 for k, s in enumerate(self.sets)]
             mine = [np.stack([rank_slice(b, self.rank, self.world) for b in g]) for g in batches]
-            repeats = np.stack([max_repeats(s.labels[g]) for s, g in zip(self.sets, batches)], axis=1)
-            self._cache = {epoch: (mine, repeats)}
+            self._cache = {epoch: (mine, [s.labels[g] for s, g in zip(self.sets, batches)])}
         return self._cache[epoch]
 
     def fetch(self, s: int, j: int, decode: Callable[[bytes], object]) -> tuple[object, bool]:

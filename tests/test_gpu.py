@@ -26,7 +26,7 @@ def test_train_on_cuda(synthetic_shards, tmp_path, loader, amp):
 
 def test_the_step_does_not_synchronise_with_the_host():
     """CUDA's sync debug mode raises at any point where the host would wait for the GPU: a bf16
-    iteration (channels_last, fused Adam, memory updates with the sampler's rounds) must have none."""
+    iteration (channels_last, fused Adam, memory updates with the sampler's round sizes) must have none."""
     from engine.optim import build_optimizer, build_scaler
     from engine.step import shuffle_plan, train_step
     from model.memory import MemoryClassifier
@@ -44,7 +44,7 @@ def test_the_step_does_not_synchronise_with_the_host():
     labels = (torch.arange(sum(sizes), device=device) // 4) % 50
 
     def step(it: int) -> torch.Tensor:
-        plan = shuffle_plan(sizes, 1, 0, seed=0, epoch=0, it=it, rounds=[4, 4, 4])
+        plan = shuffle_plan(sizes, 1, 0, seed=0, epoch=0, it=it, round_sizes=[[8] * 4] * 3)
         return train_step(net, memories, images, labels, sizes, opt, scaler, torch.bfloat16, "il", plan)
 
     step(0)  # lazy initialisation (cuDNN, cuBLAS, allocator) may synchronise once

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline import shards
-from pipeline.loader import (LoaderConfig, SourceSet, build_eval_loader, build_train_loader, max_repeats,
+from pipeline.loader import (LoaderConfig, SourceSet, build_eval_loader, build_train_loader, round_sizes,
                              select_loader)
 from pipeline.sampler import identity_batches, rank_slice
 from pipeline.transforms import MEAN, PAD, STD, augment_params, train_augment
@@ -55,22 +55,21 @@ def _expected_labels(shards_dir, cfg: LoaderConfig, epoch: int, it: int) -> np.n
     return np.concatenate(out)
 
 
-def _expected_repeats(shards_dir, cfg: LoaderConfig, epoch: int, it: int) -> list[int]:
-    """Most times one label occurs in each source's GLOBAL batch (all ranks' rows)."""
+def _expected_round_sizes(shards_dir, cfg: LoaderConfig, epoch: int, it: int) -> list[list[int]]:
+    """Per source, how many labels occur more than r times in the GLOBAL batch (all ranks' rows)."""
     out = []
     for k, name in enumerate(SOURCES):
         s = SourceSet(shards_dir / name)
         b = identity_batches(s.labels, s.camids, num_ids=cfg.num_ids, num_instances=cfg.num_instances,
                              num_batches=cfg.iters, seed=cfg.seed, epoch=epoch, source=k)[it]
-        out.append(int(np.bincount(s.labels[b]).max()))
+        counts = np.bincount(s.labels[b])
+        out.append([int((counts > r).sum()) for r in range(counts.max())])
     return out
 
 
-def test_max_repeats_counts_the_longest_label_run():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 6, size=(50, 12))
-    want = [np.bincount(row).max() for row in labels]
-    np.testing.assert_array_equal(max_repeats(labels), want)
+def test_round_sizes_count_labels_by_repeats():
+    assert round_sizes(np.array([7, 3, 7, 7, 1, 3])) == [3, 2, 1]
+    assert round_sizes(np.arange(5)) == [5]
 
 
 @pytest.mark.parametrize("loader,dtype,rank,world", [
@@ -90,7 +89,7 @@ def test_train_epochs(synthetic_shards, loader, dtype, rank, world):
             assert b.sizes == [per_rank] * 3 and b.labels.dtype == torch.int64
             expected = _expected_labels(synthetic_shards, cfg, epoch, it)
             np.testing.assert_array_equal(b.labels.numpy(), expected)
-            assert b.repeats == _expected_repeats(synthetic_shards, cfg, epoch, it)
+            assert b.round_sizes == _expected_round_sizes(synthetic_shards, cfg, epoch, it)
             pixels = _pixels(b.images)
             assert -0.01 <= pixels.min() and pixels.max() <= 1.01 and pixels.std() > 0.05
             parts = b.per_source()

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.memory import MemoryClassifier
+from model.memory import MemoryClassifier, NonFiniteFeatures
 from tools import reference
 
 
@@ -46,8 +46,8 @@ def test_update_random_repeats_matches_loop(seed, known_rounds):
     labels = labels[torch.randperm(len(labels), generator=g)].int()
     f = unit(len(labels), 32, seed + 10)
     want = loop_update(mem.centers, f, labels, 0.2)
-    # a bound above the true repeat count only adds rounds that change nothing
-    mem.update(f, labels, rounds=int(counts.max()) + seed if known_rounds else None)
+    sizes = [int((counts > r).sum()) for r in range(int(counts.max()))]
+    mem.update(f, labels, round_sizes=sizes if known_rounds else None)
     torch.testing.assert_close(mem.centers, want, rtol=0, atol=1e-5)
     assert mem.refusals.tolist() == [0, 0, 0]
     mem.raise_refused()
@@ -128,24 +128,27 @@ def test_bad_input_refused_memory_untouched(features, labels, match):
     assert torch.equal(mem.centers, before)
 
 
-@pytest.mark.parametrize("features, labels, match, reason", [
-    (torch.randn(4, 64), torch.tensor([0, 1, 100, 2]), "1 with labels outside", 0),
-    (torch.randn(4, 64), torch.tensor([0, -1, 1, 2]), "1 with labels outside", 0),
-    (torch.randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), torch.arange(4), "1 with NaN", 1),
-    (torch.randn(4, 64), torch.tensor([0, 3, 3, 3]), "1 with a label repeated", 2),
+@pytest.mark.parametrize("features, labels, sizes, match, reason", [
+    (torch.randn(4, 64), torch.tensor([0, 1, 100, 2]), [4], "1 with labels outside", 0),
+    (torch.randn(4, 64), torch.tensor([0, -1, 1, 2]), [4], "1 with labels outside", 0),
+    (torch.randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), torch.arange(4), [4],
+     "1 with NaN", 1),
+    (torch.randn(4, 64), torch.tensor([0, 3, 3, 3]), [2, 2], "1 with round_sizes that do not match", 2),
 ])
-def test_known_rounds_refusals_are_counted_then_raised(features, labels, match, reason):
-    """With `rounds` given nothing is read back: the bad batch changes nothing, is counted, and
-    raise_refused reports it later (and then starts counting afresh)."""
+def test_known_round_sizes_refusals_are_counted_then_raised(features, labels, sizes, match, reason):
+    """With `round_sizes` given nothing is read back: the bad batch changes nothing, is counted,
+    and raise_refused reports it later (and then starts counting afresh)."""
     mem = memory()
     before = mem.centers.clone()
-    mem.update(features, labels, rounds=2)
+    mem.update(features, labels, round_sizes=sizes)
     assert torch.equal(mem.centers, before)
     assert mem.refusals.tolist() == [int(k == reason) for k in range(3)]
     with pytest.raises(ValueError, match=match):
         mem.raise_refused()
     mem.raise_refused()
     assert "refusals" not in mem.state_dict()
+    with pytest.raises(ValueError, match="add up to the batch size 4"):
+        mem.update(features, labels, round_sizes=[2, 1])
 
 
 def test_forward_rejects_bad_shapes_and_labels():
@@ -156,10 +159,15 @@ def test_forward_rejects_bad_shapes_and_labels():
         mem(torch.randn(4, 64), torch.tensor([0, 1, 2, 100]))
 
 
-def test_huge_finite_features_are_not_mistaken_for_nan():
-    """Rows whose sum overflows are checked element by element before being refused."""
+def test_rows_too_large_to_normalise_are_refused_with_nan():
+    """A finite row whose sum overflows float32 would turn its centre into zeros (the norm
+    overflows): it is refused like a NaN row, by both update paths."""
     mem = memory()
+    before = mem.centers.clone()
     f = torch.zeros(2, 64)
     f[0, :2] = 3e38
     f[1, 0] = 1.0
-    mem.update(f, torch.tensor([0, 1]))
+    with pytest.raises(NonFiniteFeatures, match=r"rows \[0\]"):
+        mem.update(f, torch.tensor([0, 1]))
+    mem.update(f, torch.tensor([0, 1]), round_sizes=[2])
+    assert torch.equal(mem.centers, before) and mem.refusals.tolist() == [0, 1, 0]

@@ -79,7 +79,7 @@ def reference_fb(model, centers, images, labels, optimizer) -> float:
     return loss.item()
 
 
-def fake_step(mode: str, rounds: list[int] | None) -> torch.Tensor:
+def fake_step(mode: str, round_sizes: list[list[int]] | None) -> torch.Tensor:
     """One iteration where every tensor holds a shape and no values (FakeTensorMode): reading a
     value back to the host (``item``, ``tolist``, ``bool``, ``nonzero``...) raises, just as it
     would stall the host until the GPU has caught up."""
@@ -88,15 +88,15 @@ def fake_step(mode: str, rounds: list[int] | None) -> torch.Tensor:
         memories = [MemoryClassifier(net.num_features, n) for n in CLASSES]
         opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, weight_decay=5e-4, fused=True)
         images, labels = torch.randn(sum(SIZES), 3, 64, 32), torch.cat([torch.arange(n) % 2 for n in SIZES])
-        plan = shuffle_plan(SIZES, 1, 0, seed=3, epoch=0, it=0, shuffle=mode != "fb", rounds=rounds)
+        plan = shuffle_plan(SIZES, 1, 0, seed=3, epoch=0, it=0, shuffle=mode != "fb", round_sizes=round_sizes)
         return train_step(net, memories, images, labels, SIZES, opt, build_scaler(torch.device("cpu"), None),
                           None, mode, plan)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_the_step_reads_nothing_back_from_the_device(mode):
-    """With the sampler's repeat counts the whole iteration (forwards, loss, fused Adam, memory
-    updates) only queues work; without them the memory update reads its round count back."""
-    assert fake_step(mode, rounds=[4, 4, 4]).shape == ()
+    """With the sampler's round sizes the whole iteration (forwards, loss, fused Adam, memory
+    updates) only queues work; without them the memory update reads its round sizes back."""
+    assert fake_step(mode, round_sizes=[[2] * 4] * 3).shape == ()
     with pytest.raises(DataDependentOutputException):
-        fake_step(mode, rounds=None)
+        fake_step(mode, round_sizes=None)

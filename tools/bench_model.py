@@ -1,6 +1,9 @@
 """Micro-benchmark of the model parts that replace slow published code: the fused UBS style
 module against its step-by-step version, and the vectorised memory update against the
-per-sample loop. Median of repeats after warm-up; CUDA timings synchronise.
+per-sample loop, both with its round sizes read back from the device ("read-back") and given
+by the sampler as in training ("rounds"). Median of repeats after warm-up; CUDA timings
+synchronise after every call, so they show the cost of a call, not the stall a read-back
+causes inside a queued iteration.
 
     python tools/bench_model.py [--device cpu,cuda] [--repeats 5] [--json out.json]
 """
@@ -48,7 +51,8 @@ def bench_device(device: torch.device, args) -> list[dict]:
     centers = torch.randn(args.classes, args.features, device=device, generator=g)
     mem.centers.copy_(F.normalize(centers, dim=1))
     for impl, fn in (("loop", lambda: loop_update(mem.centers, feats, labels, mem.momentum)),
-                     ("vectorised", lambda: mem.update(feats, labels))):
+                     ("read-back", lambda: mem.update(feats, labels)),
+                     ("rounds", lambda: mem.update(feats, labels, round_sizes=[args.batch // 4] * 4))):
         ms = time_ms(fn, device, args.warmup, args.repeats)
         rows.append({"op": "memory_update", "shape": [args.batch, args.features, args.classes],
                      "dtype": "float32", "device": device.type, "impl": impl, "ms": ms})

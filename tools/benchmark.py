@@ -189,13 +189,14 @@ def worker_step_or_train(args, impl: str, mode: str) -> dict:
         def next_batch():
             if loader is None:
                 x, y = fixed
-                return torch.cat(x), torch.cat(y), [len(t) for t in y], [INSTANCES] * len(y)
+                rounds = [args.batch_size // INSTANCES] * INSTANCES
+                return torch.cat(x), torch.cat(y), [len(t) for t in y], [rounds] * len(y)
             b = next(state["batches"])
-            return b.images, b.labels, b.sizes, b.repeats
+            return b.images, b.labels, b.sizes, b.round_sizes
 
         def iteration():
-            images, labels, sizes, repeats = next_batch()
-            plan = shuffle_plan(sizes, world, info.rank, 0, 0, state["it"], rounds=repeats)
+            images, labels, sizes, round_sizes = next_batch()
+            plan = shuffle_plan(sizes, world, info.rank, 0, 0, state["it"], round_sizes=round_sizes)
             train_step(net, memories, images, labels, sizes, opt, scaler, dtype, "il", plan)
             state["it"] += 1
     else:
