@@ -7,7 +7,7 @@ import json
 from tools import benchmark
 
 TINY = ["-a", "resnet18", "--height", "64", "--width", "32", "-b", "8", "--warmup", "1", "--window", "2",
-        "--repeats", "2", "--workers", "1"]
+        "--repeats", "2", "--workers", "1", "--test-batch-size", "16"]
 
 
 def test_step_mode_across_process_counts(tmp_path, capsys):
@@ -36,4 +36,16 @@ def test_train_data_and_eval_modes(synthetic_data, synthetic_shards, tmp_path, c
             assert {r["loader"] for r in res} >= {"torch", "folder"}
         else:
             assert res[0]["num_query"] == 300 and res[0]["seconds"] > 0
+            assert res[0]["extract_images_per_s"] > 0
         assert all(r.get("images_per_s", 1) > 0 for r in res)
+
+
+def test_full_run_projection_adds_an_evaluation_per_epoch(capsys):
+    results = [{"mode": "train", "impl": "fast", "world": 1, "s_per_iter": 0.05},
+               {"mode": "eval", "impl": "fast", "world": 1, "num_query": 1000, "num_gallery": 9000,
+                "seconds": 2.0, "extract_images_per_s": 5000.0}]
+    benchmark.projection(results)
+    out = capsys.readouterr().out
+    # 14,000 x 0.05 s = 700 s of training; each evaluation 10,000 / 5,000 + 2 = 4 s
+    assert "(11.7 min) of training" in out
+    assert "4.0 s each" in out and f"{(700 + 70 * 4) / 60:.1f} min for the full run" in out

@@ -4,7 +4,8 @@ Modes (``--mode``):
   data   the loaders alone (DALI, torch fallback, and the published folder-of-JPEGs PIL loader)
   step   one training iteration on tensors already on the device: the model-only bound
   train  the full pipeline as train.py runs it (shards -> loader -> step)
-  eval   feature ranking and metrics at MSMT17 size (11,659 queries x 82,161 gallery, 2048-d)
+  eval   evaluation: the feature extraction forward (eval mode, on device tensors) and the
+         ranking and metrics at MSMT17 size (11,659 queries x 82,161 gallery, 2048-d)
   all    every mode above
 
 ``--impl fast`` is this project (channels_last, autocast, fused Adam, chunked BN, fused style,
@@ -63,6 +64,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed windows; the median is reported")
     p.add_argument("--eval-size", default="11659,82161,2048",
                    help="queries,gallery,dim of the eval mode (default: MSMT17)")
+    p.add_argument("--test-batch-size", type=int, default=256,
+                   help="images per forward in the eval mode's feature extraction")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast model")
     p.add_argument("--out", type=Path, default=Path("logs/benchmark"), help="folder for JSON and PNG")
     p.add_argument("--worker", action="store_true",
@@ -302,7 +305,26 @@ def run_eval(args) -> dict:
     q, g, d = (int(v) for v in args.eval_size.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = benchmark_eval(q, g, d, device)
-    return {"mode": "eval", "impl": "fast", "world": 1, **res}
+    return {"mode": "eval", "impl": "fast", "world": 1, **res,
+            "extract_images_per_s": extraction_rate(args, device)}
+
+
+def extraction_rate(args, device: torch.device) -> float:
+    """Images/s of the evaluation forward as train.py runs it (eval mode, channels_last,
+    autocast, --test-batch-size) on tensors already on the device: the model-only bound."""
+    from engine.optim import amp_dtype, autocast
+    from model.resnet import build_model
+
+    dtype = amp_dtype(args.amp, device)
+    model = build_model(args.arch, "none").to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(args.test_batch_size, 3, args.height, args.width, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward() -> None:
+        with torch.no_grad(), autocast(device, dtype):
+            model(x)
+    times = timed_windows(forward, device_sync(device), args.warmup, args.window, args.repeats)
+    return args.test_batch_size / statistics.median(times)
 
 
 def report(results: list[dict], out: Path, info: dict, config: dict) -> None:
@@ -314,7 +336,9 @@ def report(results: list[dict], out: Path, info: dict, config: dict) -> None:
     for r in results:
         if r["mode"] == "eval":
             print(f"{'eval':6} {'fast':16} {1:5d} {'':>10} {1000 * r['seconds']:9.0f}   "
-                  f"({r['num_query']} x {r['num_gallery']} x {r['dim']}, {r['device']})")
+                  f"(metrics, {r['num_query']} x {r['num_gallery']} x {r['dim']}, {r['device']})")
+            print(f"{'eval':6} {'extract':16} {1:5d} {r['extract_images_per_s']:10.1f} {'':>9}   "
+                  f"(forward, test batch on the device)")
         elif r["mode"] == "data":
             folder = next((x for x in results if x.get("loader") == "folder"), None)
             ratio = f"{r['images_per_s'] / folder['images_per_s']:6.2f}x" if folder else ""
@@ -335,12 +359,20 @@ def report(results: list[dict], out: Path, info: dict, config: dict) -> None:
 
 
 def projection(results: list[dict]) -> None:
-    """Wall time of the published schedule (70 epochs x 200 iterations) at the measured speed."""
+    """Wall time of the published schedule (70 epochs x 200 iterations) at the measured speed,
+    and with an evaluation after every epoch when the eval mode ran: extraction of the eval
+    size's query + gallery images at the measured forward rate, plus the measured metrics."""
+    ev = next((r for r in results if r["mode"] == "eval"), None)
     for r in results:
         if r["mode"] == "train" and r["world"] == 1:
-            hours = 14000 * r["s_per_iter"] / 3600
-            print(f"projected 14,000 iterations ({r['impl']}, 1 process): {hours:.2f} h "
-                  f"({60 * hours:.1f} min) of training, evaluation not included")
+            train_s = 70 * 200 * r["s_per_iter"]
+            print(f"projected 14,000 iterations ({r['impl']}, 1 process): {train_s / 3600:.2f} h "
+                  f"({train_s / 60:.1f} min) of training")
+            if ev is not None:
+                images = ev["num_query"] + ev["num_gallery"]
+                eval_s = images / ev["extract_images_per_s"] + ev["seconds"]
+                print(f"  + 70 evaluations of {images:,} images ({eval_s:.1f} s each, model-only "
+                      f"extraction): {(train_s + 70 * eval_s) / 60:.1f} min for the full run")
 
 
 def plot(results: list[dict], path: Path, info: dict) -> None:
@@ -414,8 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                 if impl == "reference" and n > 1:
                     continue  # the published code runs one process (nn.DataParallel)
                 results.append(launch(args, forwarded, mode, impl, n))
-    config = {k: getattr(args, k) for k in ("arch", "batch_size", "height", "width", "amp", "workers",
-                                            "warmup", "window", "repeats", "sources", "compile")}
+    keys = ("arch", "batch_size", "height", "width", "amp", "workers", "warmup", "window", "repeats",
+            "sources", "compile", "test_batch_size")
+    config = {k: getattr(args, k) for k in keys}
     report(results, args.out, machine(), config)
     return 0
 
