@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.records import SPLITS, mix_labels
 from pipeline.sampler import identity_batches, rank_slice
 from pipeline.shards import ShardError, SplitReader, load_manifest
-from pipeline.transforms import augment_params
+from pipeline.transforms import augment_params, normalize
 
 log = logging.getLogger(__name__)
 LOADERS = ("auto", "dali", "torch")
@@ -285,11 +285,15 @@ def build_eval_loader(shards_dir: Path, dataset: str, what: str, cfg: LoaderConf
 
 def to_device(images: torch.Tensor, labels: torch.Tensor,
               cfg: LoaderConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """NHWC host tensor -> NCHW channels_last view on the device in the config dtype. Host
-    tensors go through pinned memory, so the copies are queued without the host waiting."""
+    """NHWC batch -> NCHW channels_last view on the device in the config dtype; uint8 pixels (the
+    torch loader's) are normalised there, after the copy. Host tensors go through pinned
+    memory, so the copies are queued without the host waiting."""
     cuda = cfg.device.type == "cuda"
     if cuda:
         images, labels = (t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
                           for t in (images, labels))
-    images = images.to(cfg.device, non_blocking=cuda).to(cfg.dtype)
+    images = images.to(cfg.device, non_blocking=cuda)
+    if images.dtype == torch.uint8:
+        images = normalize(images)
+    images = images.to(cfg.dtype)
     return images.permute(0, 3, 1, 2), labels.to(cfg.device, non_blocking=cuda)

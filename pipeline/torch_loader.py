@@ -1,26 +1,19 @@
 """Fallback loaders for machines without DALI: PIL + torchvision in a torch DataLoader.
 
 Same sampler (through :class:`pipeline.loader.TrainPlan`) and transforms as the DALI path;
-one DataLoader item is one whole iteration (all sources), built in a worker as an NHWC tensor
-so the NCHW view is channels_last, like the DALI path's output.
+one DataLoader item is one whole iteration (all sources), built in a worker as a uint8 NHWC
+tensor (decode, resize, crop, mirror); ``to_device`` normalises it where it lands, so the NCHW
+view is channels_last, like the DALI path's output.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, decode_rgb, to_device
 from pipeline.shards import ShardError
-from pipeline.transforms import test_transform, train_augment
-
-
-def _stack_nhwc(images: list, transform) -> torch.Tensor:
-    first = transform(images[0])
-    out = torch.empty((len(images), *first.shape[1:], first.shape[0]), dtype=first.dtype)
-    out[0] = first.permute(1, 2, 0)
-    for i, im in enumerate(images[1:], 1):
-        out[i] = transform(im).permute(1, 2, 0)
-    return out
+from pipeline.transforms import test_pixels, train_pixels
 
 
 class _Iterations(Dataset):
@@ -35,12 +28,9 @@ class _Iterations(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         images, labels, replaced = self.plan.iteration(*key, decode_rgb)
         mirror, shift = self.plan.augmentation(*key)
-        params = iter(zip(images, mirror, shift))
-
-        def augment(image):
-            _, m, (dy, dx) = next(params)
-            return train_augment(image, m, dy, dx, *self.size)
-        return _stack_nhwc(images, augment), torch.from_numpy(labels), int(replaced.sum())
+        pixels = np.stack([train_pixels(im, m, dy, dx, *self.size)
+                           for im, m, (dy, dx) in zip(images, mirror, shift)])
+        return torch.from_numpy(pixels), torch.from_numpy(labels), int(replaced.sum())
 
 
 class _EpochSampler(Sampler):
@@ -82,7 +72,7 @@ class TorchTrainLoader:
 
 class _EvalBatches(Dataset):
     def __init__(self, rows: EvalRows, cfg: LoaderConfig):
-        self.rows, self.transform = rows, test_transform(cfg.height, cfg.width)
+        self.rows, self.size = rows, (cfg.height, cfg.width)
 
     def __len__(self) -> int:
         return self.rows.num_batches()
@@ -95,7 +85,8 @@ class _EvalBatches(Dataset):
                 images.append(decode_rgb(self.rows.rows.read(j)))
             except Exception as err:
                 raise ShardError(f"{self.rows.rows.location(j)}: cannot decode the image ({err})") from err
-        return _stack_nhwc(images, self.transform), torch.from_numpy(index)
+        pixels = np.stack([test_pixels(im, *self.size) for im in images])
+        return torch.from_numpy(pixels), torch.from_numpy(index)
 
 
 class TorchEvalLoader:

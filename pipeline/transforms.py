@@ -1,8 +1,11 @@
 """Image transforms of the published method, as constants shared by the DALI and PIL paths.
 
 Train: resize 256x128 (bicubic), horizontal flip p=0.5, pad 10 (zeros), random crop back to
-256x128, ImageNet mean/std. Test: resize + normalise. The torchvision versions below are the
-PIL path (torch fallback loader, folder baseline); ``pipeline.dali`` builds the same graph.
+256x128, ImageNet mean/std. Test: resize + normalise. The torchvision compositions below are the
+published way (the folder baseline); the torch fallback loader runs the same steps as
+:func:`train_pixels` / :func:`test_pixels` in its workers, which hand over uint8 pixels (a
+quarter of the bytes of floats), and :func:`normalize` runs where the batch lands, on the GPU
+when there is one. ``pipeline.dali`` builds the same graph.
 
 The training loaders draw the random parts (flip, crop offset) with :func:`augment_params`
 from a generator seeded by (seed, epoch, iteration, rank) rather than inside the decoding
@@ -44,6 +47,14 @@ def test_transform(height: int = 256, width: int = 128) -> T.Compose:
     ])
 
 
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels, channels last [..., 3] -> float32 normalised with MEAN/STD: the same
+    arithmetic, element by element, as torchvision's ``to_tensor`` then ``Normalize``."""
+    mean = torch.tensor(MEAN, device=pixels.device)
+    std = torch.tensor(STD, device=pixels.device)
+    return pixels.float().div_(255).sub_(mean).div_(std)
+
+
 def augment_params(seed: int, epoch: int, it: int, rank: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image of one iteration: mirror flag (p=FLIP_P) and crop shift (dy, dx) in
     [-PAD, PAD], i.e. the crop's corner in the padded image minus PAD."""
@@ -53,12 +64,18 @@ def augment_params(seed: int, epoch: int, it: int, rank: int, n: int) -> tuple[n
     return mirror, shift
 
 
-def train_augment(image: Image.Image, mirror: int, dy: int, dx: int, height: int = 256,
-                  width: int = 128) -> torch.Tensor:
-    """The training transform with given random parts: resize, pad, crop at the shift, mirror
-    (the order of the DALI graph), normalise. Same distribution as :func:`train_transform`."""
+def test_pixels(image: Image.Image, height: int = 256, width: int = 128) -> np.ndarray:
+    """The test transform up to normalisation: uint8 [H, W, 3]."""
+    return np.array(TF.resize(image, [height, width], interpolation=T.InterpolationMode.BICUBIC))
+
+
+def train_pixels(image: Image.Image, mirror: int, dy: int, dx: int, height: int = 256,
+                 width: int = 128) -> np.ndarray:
+    """The training transform with given random parts, up to normalisation: resize, pad, crop
+    at the shift, mirror (the order of the DALI graph); uint8 [H, W, 3]. Same distribution as
+    :func:`train_transform`."""
     image = TF.resize(image, [height, width], interpolation=T.InterpolationMode.BICUBIC)
     image = TF.crop(TF.pad(image, PAD), PAD + int(dy), PAD + int(dx), height, width)
     if mirror:
         image = TF.hflip(image)
-    return TF.normalize(TF.to_tensor(image), MEAN, STD)
+    return np.array(image)

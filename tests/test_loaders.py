@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import shards
+from pipeline import shards, transforms
 from pipeline.loader import (LoaderConfig, SourceSet, build_eval_loader, build_train_loader, round_sizes,
                              select_loader)
 from pipeline.sampler import identity_batches, rank_slice
-from pipeline.transforms import MEAN, PAD, STD, augment_params, train_augment
+from pipeline.transforms import MEAN, PAD, STD, augment_params, normalize, train_pixels
 
 try:
     import nvidia.dali  # noqa: F401
@@ -155,7 +155,17 @@ def _dali_train_images(data: bytes, mirror: np.ndarray, shift: np.ndarray) -> to
 
 def _torch_train_images(data: bytes, mirror: np.ndarray, shift: np.ndarray) -> torch.Tensor:
     image = Image.open(io.BytesIO(data)).convert("RGB")
-    return torch.stack([train_augment(image, m, dy, dx) for m, (dy, dx) in zip(mirror, shift)])
+    pixels = np.stack([train_pixels(image, m, dy, dx) for m, (dy, dx) in zip(mirror, shift)])
+    return normalize(torch.from_numpy(pixels)).permute(0, 3, 1, 2)
+
+
+def test_normalize_is_torchvisions_arithmetic():
+    """The torch loader's uint8 pixels, normalised after the copy, equal the published
+    to_tensor + Normalize composition bit for bit."""
+    image = Image.open(io.BytesIO(_offset_image())).resize((50, 90))
+    want = transforms.test_transform(256, 128)(image)
+    got = normalize(torch.from_numpy(transforms.test_pixels(image))).permute(2, 0, 1)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
