@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from model.memory import MemoryClassifier  # noqa: E402
+from pipeline.loader import round_sizes  # noqa: E402
 from model.style import UBS  # noqa: E402
 from tools.benchmark import device_sync, timed_windows  # noqa: E402
 from tools.reference import LiteralUBS, loop_update  # noqa: E402
@@ -50,9 +51,10 @@ def bench_device(device: torch.device, args) -> list[dict]:
     mem = MemoryClassifier(args.features, args.classes).to(device)
     centers = torch.randn(args.classes, args.features, device=device, generator=g)
     mem.centers.copy_(F.normalize(centers, dim=1))
+    rounds = round_sizes(labels.cpu().numpy())  # what the sampler hands over in training
     for impl, fn in (("loop", lambda: loop_update(mem.centers, feats, labels, mem.momentum)),
                      ("read-back", lambda: mem.update(feats, labels)),
-                     ("rounds", lambda: mem.update(feats, labels, round_sizes=[args.batch // 4] * 4))):
+                     ("rounds", lambda: mem.update(feats, labels, round_sizes=rounds))):
         ms = time_ms(fn, device, args.warmup, args.repeats)
         rows.append({"op": "memory_update", "shape": [args.batch, args.features, args.classes],
                      "dtype": "float32", "device": device.type, "impl": impl, "ms": ms})

@@ -157,16 +157,20 @@ INSTANCES = 4  # images per identity in a batch, as the identity sampler draws t
 
 def random_batch(args, device, world: int, rank: int, num_classes: list[int], channels_last: bool, dtype):
     """Random images and sampler-like labels (batch/4 identities x 4 each, the same global
-    batch on every rank, each rank taking its slice), per source."""
+    batch on every rank, each rank taking its slice), per source, and each source's memory-update
+    round sizes over the global batch."""
+    from pipeline.loader import round_sizes
+
     per_rank = args.batch_size // world
     g = torch.Generator().manual_seed(0)
-    images, labels = [], []
+    images, labels, rounds = [], [], []
     for n in num_classes:
         x = torch.randn(per_rank, 3, args.height, args.width, device=device, dtype=dtype or torch.float32)
         images.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         ids = torch.randperm(n, generator=g)[:args.batch_size // INSTANCES].repeat_interleave(INSTANCES)
         labels.append(ids[rank * per_rank:(rank + 1) * per_rank].to(device))
-    return images, labels
+        rounds.append(round_sizes(ids.numpy()))
+    return images, labels, rounds
 
 
 def worker_step_or_train(args, impl: str, mode: str) -> dict:
@@ -191,9 +195,8 @@ def worker_step_or_train(args, impl: str, mode: str) -> dict:
 
         def next_batch():
             if loader is None:
-                x, y = fixed
-                rounds = [args.batch_size // INSTANCES] * INSTANCES
-                return torch.cat(x), torch.cat(y), [len(t) for t in y], [rounds] * len(y)
+                x, y, rounds = fixed
+                return torch.cat(x), torch.cat(y), [len(t) for t in y], rounds
             b = next(state["batches"])
             return b.images, b.labels, b.sizes, b.round_sizes
 
@@ -208,7 +211,7 @@ def worker_step_or_train(args, impl: str, mode: str) -> dict:
 
         def iteration():
             if loader is None:
-                images, labels = fixed
+                images, labels, _ = fixed
             else:
                 images, labels = next(state["batches"])
             reference_step(net, centers, images, labels, opt)
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = get_parser().parse_args(argv)
     counts = [int(g) for g in args.gpus.split(",")]
-    if args.batch_size % INSTANCES or any(args.batch_size % (INSTANCES * n) for n in counts):
+    if any(args.batch_size % (INSTANCES * n) for n in counts):
         raise SystemExit(f"-b/--batch-size {args.batch_size}: must be a multiple of {INSTANCES} images "
                          f"per identity times each process count in --gpus ({args.gpus})")
     if args.worker:
