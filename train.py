@@ -27,7 +27,8 @@ from engine.evaluate import evaluate_target, init_memories
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
 from engine.step import shuffle_plan, train_step
 from model.memory import MemoryClassifier
-from model.resnet import build_model, convert_sync_bn
+from model.groups import make_layout
+from model.resnet import build_model
 from model.style import UBS
 from pipeline.loader import LoaderConfig, build_eval_loader, build_train_loader, select_loader
 from pipeline.records import DATASETS, SOURCE_ONLY
@@ -73,6 +74,11 @@ def get_parser() -> argparse.ArgumentParser:
     m.add_argument("--baseline", choices=("fbf", "fb"), default="fbf",
                    help="without --update-style: fbf = second forward without style, fb = no second "
                         "forward (memories take the first forward's features)")
+    m.add_argument("--bn-groups", type=int, default=4,
+                   help="BatchNorm (and style) statistics over this many contiguous groups of each source's "
+                        "batch and of the shuffled second forward, as the published 4-GPU DataParallel runs "
+                        "computed them; the same groups on any number of GPUs (synchronised where a group "
+                        "spans several); 1 = whole-batch statistics")
     m.add_argument("--rho", type=float, default=3.0, help="UBS style range (mean +- rho * std)")
     m.add_argument("--temp", type=float, default=0.05, help="memory classifier temperature")
     m.add_argument("--momentum", type=float, default=0.2, help="memory update momentum")
@@ -89,7 +95,6 @@ def get_parser() -> argparse.ArgumentParser:
                    help="autocast: auto = bf16 where the GPU has it, else fp16 with a grad scaler; "
                         "fp32 on CPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across ranks")
     s.add_argument("--apex", action="store_true", help="apex FusedAdam instead of torch's fused Adam")
     s.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train")
     r = p.add_argument_group("evaluation and logging")
@@ -127,6 +132,7 @@ class RunConfig:
     momentum: float
     rho: float
     stem_relu: bool
+    bn_groups: int
 
     @property
     def mode(self) -> str:
@@ -137,7 +143,7 @@ def run_config(args) -> RunConfig:
     return RunConfig(args.arch, [args.dataset_src1, args.dataset_src2, args.dataset_src3], args.dataset,
                      args.batch_size, args.num_instances, args.height, args.width, args.update_style,
                      args.baseline, args.epochs, args.iters, args.seed, args.lr, args.weight_decay,
-                     args.temp, args.momentum, args.rho, args.stem_relu)
+                     args.temp, args.momentum, args.rho, args.stem_relu, args.bn_groups)
 
 
 def check_args(args, cfg: RunConfig, world: int) -> None:
@@ -156,8 +162,11 @@ def check_args(args, cfg: RunConfig, world: int) -> None:
         raise SystemExit(f"-b {cfg.batch_size} must be a multiple of --num-instances {cfg.num_instances}")
     if cfg.batch_size % world:
         raise SystemExit(f"-b {cfg.batch_size} (global per source) must divide over {world} ranks")
-    if args.sync_bn and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise SystemExit("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+    try:  # the statistics groups of the first and of the shuffled second forward
+        make_layout([cfg.batch_size // world] * 3, cfg.bn_groups, 0, world)
+        make_layout([3 * cfg.batch_size // world], cfg.bn_groups, 0, world)
+    except ValueError as e:
+        raise SystemExit(f"--bn-groups {cfg.bn_groups} with -b {cfg.batch_size} on {world} rank(s): {e}") from e
     if args.evaluate and args.resume is None:
         raise SystemExit("--evaluate needs --resume CHECKPOINT")
 
@@ -209,10 +218,11 @@ class RunResult:
     memories: list[MemoryClassifier] = field(default_factory=list)
 
 
-def iteration_seed(seed: int, epoch: int, it: int, rank: int) -> int:
-    """The style draws of every iteration are seeded from (seed, epoch, iteration, rank), so a
-    run resumed anywhere, even mid-epoch after a SIGTERM, repeats them exactly."""
-    return ((seed * 1_000_003 + epoch) * 100_003 + it) * 1009 + rank
+def iteration_seed(seed: int, epoch: int, it: int) -> int:
+    """The style draws of every iteration are seeded from (seed, epoch, iteration), so a run
+    resumed anywhere, even mid-epoch after a SIGTERM, repeats them exactly; every rank draws
+    the whole batch's values and takes its rows (model.style), so any number of ranks does too."""
+    return (seed * 1_000_003 + epoch) * 100_003 + it
 
 
 def save_plot(history: list[dict], path: Path, title: str) -> None:
@@ -276,15 +286,16 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
                         num_instances=cfg.num_instances, iters=cfg.iters, seed=cfg.seed, workers=args.workers,
                         dtype=dtype or torch.float32, device=device, rank=dist_info.rank,
                         world=dist_info.world, loader=loader_kind, test_batch_size=args.test_batch_size)
-    log.info("device %s x %d ranks (%s), precision %s, channels_last%s, loader %s, mode %s",
-             device, dist_info.world, "nccl" if device.type == "cuda" else "gloo" if dist_info.world > 1
-             else "single process", dtype or "fp32", ", torch.compile" if args.compile else "",
-             loader_kind, cfg.mode)
+    log.info("device %s x %d ranks (%s), precision %s, channels_last%s, loader %s, mode %s, "
+             "statistics groups %d per batch", device, dist_info.world,
+             "nccl" if device.type == "cuda" else "gloo" if dist_info.world > 1 else "single process",
+             dtype or "fp32", ", torch.compile" if args.compile else "", loader_kind, cfg.mode, cfg.bn_groups)
 
     target_loader = build_eval_loader(args.shards, cfg.target, "test", lcfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, "none" if args.resume else args.pretrained, stem_relu=cfg.stem_relu,
-                        style=UBS(rho=cfg.rho)).to(device, memory_format=torch.channels_last)
+                        style=UBS(rho=cfg.rho), bn_groups=cfg.bn_groups).to(device, memory_format=torch.channels_last)
+    model.rank, model.world = dist_info.rank, dist_info.world
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
         # Evaluating needs only the same network; resuming needs the same training run.
@@ -311,13 +322,12 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
                  ", ".join(f"{s}: {n} ids" for s, n in zip(cfg.sources, train_loader.num_classes)))
         mix_loaders = [build_eval_loader(args.shards, s, "mix", lcfg) for s in cfg.sources]
         init_memories(model, mix_loaders, memories, device, dtype)
+        del mix_loaders  # their workers and buffers are not needed again
     else:
         for mem, centers in zip(memories, ckpt["memories"]):
             mem.centers.copy_(centers)
 
     net = model
-    if args.sync_bn and dist_info.world > 1:
-        net = convert_sync_bn(net)
     if dist_info.world > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                       gradient_as_bucket_view=True)
@@ -370,9 +380,10 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
         t0, n_done = time.perf_counter(), 0
         for it in range(checked, cfg.iters):
             batch = next(batches)
-            torch.manual_seed(iteration_seed(cfg.seed, epoch, it, dist_info.rank))
+            torch.manual_seed(iteration_seed(cfg.seed, epoch, it))
             plan = shuffle_plan(batch.sizes, dist_info.world, dist_info.rank, cfg.seed, epoch, it,
-                                shuffle=cfg.mode != "fb", round_sizes=batch.round_sizes)
+                                shuffle=cfg.mode != "fb", round_sizes=batch.round_sizes,
+                                labels=batch.batch_labels)
             losses[it] = train_step(net, memories, batch.images, batch.labels, batch.sizes, optimizer,
                                     scaler, dtype, cfg.mode, plan)
             n_done += 1

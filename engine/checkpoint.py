@@ -11,7 +11,7 @@ import torch
 # epochs may grow: a finished run can be continued).
 RESUME_KEYS = ("arch", "sources", "target", "batch_size", "num_instances", "height", "width",
                "update_style", "baseline", "iters", "seed", "lr", "weight_decay",
-               "temp", "momentum", "rho", "stem_relu")
+               "temp", "momentum", "rho", "stem_relu", "bn_groups")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -57,6 +57,14 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def exchange_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """All-to-all over rows: the first ``send_counts[0]`` rows of x go to rank 0, the next
+    ``send_counts[1]`` to rank 1...; returns the rows received, rank 0's first."""
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
+    return out
+
+
 def gather_varying_rows(x: torch.Tensor) -> torch.Tensor:
     """Like all_gather_rows for per-rank row counts that differ (evaluation slices)."""
     world = world_size()
@@ -71,9 +79,9 @@ def gather_varying_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_state(module: torch.nn.Module, buffers_only: bool = False) -> None:
-    """Copy rank 0's parameters and buffers to every rank. BatchNorm running statistics drift
-    apart between ranks (each sees its own images in the no-grad second forward), so they are
-    re-synchronised before every evaluation and checkpoint."""
+    """Copy rank 0's parameters and buffers to every rank. Only rank 0 updates the BatchNorm
+    running statistics (it holds group 0 of every batch, ``model.groups``), so they are copied to
+    the other ranks before every evaluation and checkpoint."""
     if world_size() == 1:
         return
     tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]

@@ -46,12 +46,14 @@ def build_scheduler(optimizer, milestones=(30, 50), gamma=0.1, warmup_factor=0.1
 
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 where the GPU has it, fp16 (with a grad scaler) otherwise,
-    none (fp32) on CPU unless asked."""
+    """Autocast dtype: bf16 where the GPU computes in it natively (compute capability 8.0 and
+    up), fp16 (with a grad scaler) otherwise, none (fp32) on CPU unless asked. Older GPUs
+    emulate bf16, and torch's default check counts emulation as support; it would be slower
+    than fp16 there."""
     if choice == "off" or (choice == "auto" and device.type != "cuda"):
         return None
     if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 

@@ -1,24 +1,32 @@
 """One training iteration of Style Interleaved Learning and of its two baselines.
 
-IL (``--update-style``): forward the three sources' batches (BN over each source alone), loss =
-mean over sources of the memory loss, backward, optimizer step; then, without gradients, forward
-the shuffled concatenation once more with the style module on and update each source's memory
-with its own rows of that output in shuffled order. FBF: the same second forward without style.
-FB: no second forward, the memories take the detached first-forward features.
+IL (``--update-style``): forward the three sources' batches (statistics per group of each
+source, ``model.groups``), loss = mean over sources of the memory loss, backward, optimizer step;
+then, without gradients, forward the shuffled concatenation once more with the style module on
+and update each source's memory with its own rows of that output in shuffled order. FBF: the
+same second forward without style. FB: no second forward, the memories take the detached
+first-forward features.
 
-The step reads nothing back from the GPU: the shuffle and the per-source row positions are
-planned on the host from a seeded generator, and the sizes of the memory-update rounds come from
-the sampler, so the host only queues work and stays ahead of the device (with bf16; fp16's
-GradScaler checks its gradients on the host).
+The shuffle is one permutation of the GLOBAL batch (all ranks' rows), the same on any number of
+ranks: rank r forwards the r-th contiguous part of the shuffled order, so the second forward's
+statistics groups are the same images as on one GPU, and the gathered features come back in
+the global shuffled order, as the published DataParallel gather returned them. The rows move
+between ranks with one all-to-all.
+
+The step reads nothing back from the GPU: the shuffle, the exchange, the per-source row
+positions and (given the global labels) the memory-update rounds are planned on the host, so the
+host only queues work and stays ahead of the device (with bf16; fp16's GradScaler checks its
+gradients on the host).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from engine.distributed import all_gather_rows
+from engine.distributed import all_gather_rows, exchange_rows
 from engine.optim import autocast
 
 MODES = ("il", "fbf", "fb")
@@ -26,42 +34,116 @@ MODES = ("il", "fbf", "fb")
 
 @dataclass(frozen=True)
 class ShufflePlan:
-    """The local permutation of this rank's rows and, per source, the positions of its rows
-    among all ranks' gathered second-forward rows (rank order, shuffled order within a rank).
-    ``round_sizes``: per source, the memory-update rounds of those rows (the sampler's
-    ``TrainBatch.round_sizes``); None makes each memory update read them back from the device."""
+    """Everything an iteration's second half needs to know about rows, computed on the host.
+
+    ``perm``: the global shuffle (position -> global row; global rows are the sources' global
+    batches one after another). ``send``: this rank's rows in the order they leave it, the first
+    ``send_counts[0]`` to rank 0 and so on; ``recv_counts`` rows arrive from each rank and
+    ``arrange`` puts them in shuffled order (None: already are; one rank needs neither).
+    ``source_rows``: per source, the positions of its rows among the gathered features, in the
+    order the memory takes them. ``labels``: their labels when the global batch's labels were
+    given; the rows are then grouped round after round (``round_sizes``) for the memory update.
+    Without labels, ``label_rows`` are the rows' positions among the gathered first-forward
+    labels, and ``round_sizes`` (optional) come from the sampler.
+    """
 
     perm: torch.Tensor
+    send: torch.Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+    arrange: torch.Tensor | None
     source_rows: list[torch.Tensor]
+    labels: list[torch.Tensor] | None = None
+    label_rows: list[torch.Tensor] | None = None
     round_sizes: list[list[int]] | None = None
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The index tensors on ``device``: one pinned buffer, one asynchronous copy."""
-        flat = torch.cat([self.perm, *self.source_rows])
+    def on(self, device: torch.device) -> "ShufflePlan":
+        """The plan with its index tensors on ``device``: one pinned buffer, one asynchronous copy."""
+        groups = {n: getattr(self, n) for n in ("send", "arrange", "source_rows", "labels", "label_rows")
+                  if getattr(self, n) is not None}
+        tensors = [t for v in groups.values() for t in (v if isinstance(v, list) else [v])]
+        flat = torch.cat(tensors)
         if device.type == "cuda":
             flat = flat.pin_memory()
-        perm, *rows = flat.to(device, non_blocking=True).split([len(self.perm),
-                                                               *map(len, self.source_rows)])
-        return perm, rows
+        parts = iter(flat.to(device, non_blocking=True).split([len(t) for t in tensors]))
+        moved = {n: ([next(parts) for _ in v] if isinstance(v, list) else next(parts)) for n, v in groups.items()}
+        return dataclasses.replace(self, **moved)
+
+
+def _rounds(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Order of rows round after round (a row's round = how often its label occurred before it)
+    and the round sizes: the per-sample update loop, regrouped into independent rounds."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    first = np.searchsorted(sorted_labels, sorted_labels)
+    occurrence = np.empty(len(labels), dtype=np.int64)
+    occurrence[order] = np.arange(len(labels)) - first
+    by_round = np.argsort(occurrence, kind="stable")
+    return by_round, np.bincount(occurrence).tolist()
 
 
 def shuffle_plan(sizes: list[int], world: int, rank: int, seed: int, epoch: int, it: int,
-                 shuffle: bool = True, round_sizes: list[list[int]] | None = None) -> ShufflePlan:
-    """Every rank can compute every rank's permutation, so the gathered layout is known here."""
-    n = sum(sizes)
-    source_of_row = np.repeat(np.arange(len(sizes)), sizes)
-    gathered_sources, perms = [], []
-    for r in range(world):
-        if shuffle:
-            rng = np.random.default_rng([seed, epoch, it, r, 0x5EED])
-            p = rng.permutation(n)
-        else:
-            p = np.arange(n)
-        perms.append(p)
-        gathered_sources.append(source_of_row[p])
-    gathered_sources = np.concatenate(gathered_sources)
-    rows = [torch.from_numpy(np.flatnonzero(gathered_sources == j)) for j in range(len(sizes))]
-    return ShufflePlan(torch.from_numpy(perms[rank]), rows, round_sizes)
+                 shuffle: bool = True, round_sizes: list[list[int]] | None = None,
+                 labels: list[np.ndarray] | None = None) -> ShufflePlan:
+    """Plan an iteration's second forward and memory updates for this rank. ``sizes``: this
+    rank's rows per source; ``labels``: per source, the labels of the global batch in sampler
+    order (known to the sampler), which lets the plan take over the memory update's label work.
+    ``shuffle=False`` (FB) plans the memory update over the gathered first-forward features, in
+    the global sampler order."""
+    sizes = [int(s) for s in sizes]
+    n, total = sum(sizes), sum(sizes) * world
+    glob = np.asarray(sizes) * world
+    source = np.repeat(np.arange(len(sizes)), glob)  # of each global row
+    within = np.arange(total) - np.repeat(np.cumsum(glob) - glob, glob)
+    per_rank = np.asarray(sizes)[source]
+    owner = within // per_rank
+    local = np.repeat(np.cumsum(sizes) - sizes, glob) + within % per_rank
+    if shuffle:
+        perm = np.random.default_rng([seed, epoch, it, 0x5EED]).permutation(total)
+        position = np.empty(total, dtype=np.int64)
+        position[perm] = np.arange(total)  # of each global row among the gathered features
+    else:
+        perm = np.arange(total)
+        position = owner * n + local  # the gathered first-forward features, rank after rank
+    mine = (owner[perm] == rank)  # shuffled positions whose row this rank holds
+    send = local[perm[mine]]
+    send_counts = np.bincount(np.flatnonzero(mine) // n, minlength=world).tolist()
+    block = owner[perm[rank * n:(rank + 1) * n]]
+    recv_counts = np.bincount(block, minlength=world).tolist()
+    arrange = None
+    if world > 1:
+        arrange = np.empty(n, dtype=np.int64)
+        arrange[np.argsort(block, kind="stable")] = np.arange(n)
+    rows, plan_labels, label_rows, rounds = [], [], [], []
+    for j in range(len(sizes)):
+        members = np.flatnonzero(source == j)
+        order = np.argsort(position[members], kind="stable") if shuffle else np.arange(len(members))
+        members = members[order]
+        if labels is not None:
+            y = np.asarray(labels[j], dtype=np.int64)
+            if y.shape != (len(members),):
+                raise ValueError(f"labels of source {j}: expected the {len(members)} labels of its global "
+                                 f"batch, got shape {y.shape}")
+            by_round, r = _rounds(y[order])
+            members, y = members[by_round], y[order][by_round]
+            plan_labels.append(torch.from_numpy(y))
+            rounds.append(r)
+        rows.append(torch.from_numpy(position[members]))
+        label_rows.append(torch.from_numpy(owner[members] * n + local[members]))
+    known = labels is not None
+    return ShufflePlan(torch.from_numpy(perm), torch.from_numpy(send), send_counts, recv_counts,
+                       None if arrange is None else torch.from_numpy(arrange), rows,
+                       plan_labels if known else None, None if known else label_rows,
+                       rounds if known else round_sizes)
+
+
+def shuffled_rows(images: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
+    """This rank's part of the shuffled global batch, channels_last (row gathers on the NHWC view
+    keep the layout; ``index_select`` on NCHW would return a contiguous NCHW copy)."""
+    rows = images.permute(0, 2, 3, 1).index_select(0, plan.send)
+    if plan.arrange is not None:
+        rows = exchange_rows(rows, plan.send_counts, plan.recv_counts).index_select(0, plan.arrange)
+    return rows.permute(0, 3, 1, 2)
 
 
 def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, sizes: list[int],
@@ -70,7 +152,7 @@ def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, size
     device = images.device
     with autocast(device, amp_dtype):
         feats = model(images, sizes=sizes)
-    losses = [mem(f.float(), y) for mem, f, y in zip(memories, feats.split(sizes), labels.split(sizes))]
+    losses = [mem(f, y) for mem, f, y in zip(memories, feats.split(sizes), labels.split(sizes))]
     loss = torch.stack(losses).mean()
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -78,17 +160,19 @@ def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, size
     scaler.update()
 
     with torch.no_grad():
-        perm, source_rows = plan.on(device)
+        plan = plan.on(device)
         if mode == "fb":
-            feats2, labels2 = feats.detach(), labels
+            feats2 = feats.detach()
         else:
             with autocast(device, amp_dtype):
-                shuffled = images.index_select(0, perm).contiguous(memory_format=torch.channels_last)
-                feats2 = model(shuffled, style=mode == "il")
-            labels2 = labels.index_select(0, perm)
-        all_feats = all_gather_rows(feats2.float())
-        all_labels = all_gather_rows(labels2)
-        sizes = plan.round_sizes or [None] * len(memories)
-        for mem, rows, r in zip(memories, source_rows, sizes):
-            mem.update(all_feats.index_select(0, rows), all_labels.index_select(0, rows), round_sizes=r)
+                feats2 = model(shuffled_rows(images, plan), style=mode == "il")
+        all_feats = all_gather_rows(feats2)
+        if plan.labels is not None:
+            for mem, rows, y, r in zip(memories, plan.source_rows, plan.labels, plan.round_sizes):
+                mem.update(all_feats.index_select(0, rows), y, round_sizes=r, presorted=True)
+        else:
+            all_labels = all_gather_rows(labels)
+            rounds = plan.round_sizes or [None] * len(memories)
+            for mem, rows, lrows, r in zip(memories, plan.source_rows, plan.label_rows, rounds):
+                mem.update(all_feats.index_select(0, rows), all_labels.index_select(0, lrows), round_sizes=r)
     return loss.detach()

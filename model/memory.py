@@ -1,5 +1,5 @@
 """Per-source memory classifier: identity centres, a temperature-scaled cosine loss and the
-momentum update of the published method (DESIGN.md section 5)."""
+momentum update of the published method (docs/design.md)."""
 from __future__ import annotations
 
 import torch
@@ -76,9 +76,10 @@ class MemoryClassifier(nn.Module):
         raise error(f"memory updates refused ({what}); the memory was left unchanged by each")
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Cosine similarities over the temperature, in fp32 even under autocast."""
+        """Cosine similarities over the temperature, in the centres' dtype (fp32, or fp64 for
+        exact comparisons) even under autocast."""
         with torch.autocast(features.device.type, enabled=False):
-            return features.float() @ self.centers.t() / self.temp
+            return features.to(self.centers.dtype) @ self.centers.t() / self.temp
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Memory loss. Label values are not read back to the host here (that would stall the
@@ -86,9 +87,16 @@ class MemoryClassifier(nn.Module):
         self._check_shapes(features, labels)
         return F.cross_entropy(self.logits(features), labels)
 
+    def _apply_round(self, f: torch.Tensor, y: torch.Tensor, refused: torch.Tensor | None) -> None:
+        """One round (every label at most once): c[y] = m*c[y] + (1-m)*f, then c[y] /= |c[y]|."""
+        old = self.centers.index_select(0, y)
+        c = torch.lerp(f, old, self.momentum)
+        c /= c.norm(dim=1, keepdim=True)
+        self.centers.index_copy_(0, y, c if refused is None else torch.where(refused, old, c))
+
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor,
-               round_sizes: list[int] | None = None) -> None:
+               round_sizes: list[int] | None = None, presorted: bool = False) -> None:
         """Momentum update in place, identical to the per-sample loop in batch order.
 
         Each sample's rank among the earlier samples of its label decides its round; within a
@@ -99,14 +107,25 @@ class MemoryClassifier(nn.Module):
         sizes that do not match the labels) leaves the memory unchanged and is counted in
         ``refusals`` for :meth:`raise_refused`. Without them, one host sync reads the sizes
         and such a batch raises at once.
+
+        ``presorted``: the rows already come round after round (the training plan orders them
+        on the host, where the labels are known), so the label sorting is skipped and each round
+        is a slice; the labels are trusted, only non-finite rows are refused.
         """
         self._check_shapes(features, labels)
         n = labels.shape[0]
         if n == 0:
             return
-        if round_sizes is not None and (sum(round_sizes) != n or min(round_sizes) < 1):
+        if (round_sizes is not None or presorted) and (round_sizes is None or sum(round_sizes) != n
+                                                       or min(round_sizes) < 1):
             raise ValueError(f"round_sizes {round_sizes} must be positive and add up to the batch size {n}")
-        f = features.detach().float()
+        f = features.detach().to(self.centers.dtype)
+        if presorted:
+            refused = _nonfinite_rows(f).any()
+            self.refusals[1] += refused
+            for rows in zip(f.split(round_sizes), labels.split(round_sizes)):
+                self._apply_round(*rows, refused)
+            return
         labels = labels.long()
         sorted_labels, order = torch.sort(labels, stable=True)
         first = torch.searchsorted(sorted_labels, sorted_labels)
@@ -130,22 +149,15 @@ class MemoryClassifier(nn.Module):
             self.refusals += problems
             refused = problems.any()
             labels = labels.clamp(0, self.num_classes - 1)
-        m, start = self.momentum, 0
-        for size in round_sizes:
-            rows = by_round[start:start + size]
-            start += size
-            y = labels.index_select(0, rows)
-            old = self.centers.index_select(0, y)
-            c = m * old + (1 - m) * f.index_select(0, rows)
-            c /= c.norm(dim=1, keepdim=True)
-            self.centers.index_copy_(0, y, c if refused is None else torch.where(refused, old, c))
+        for rows in by_round.split(round_sizes):
+            self._apply_round(f.index_select(0, rows), labels.index_select(0, rows), refused)
 
     @torch.no_grad()
     def init_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Each centre becomes the L2-normalised mean feature of its identity; every class needs
         at least one feature."""
         self._check_shapes(features, labels)
-        f = features.detach().float()
+        f = features.detach().to(self.centers.dtype)
         labels = labels.long()
         bad_labels = int(((labels < 0) | (labels >= self.num_classes)).sum())
         self._raise_bad_values(f, labels, bad_labels, int(_nonfinite_rows(f).sum()))

@@ -1,15 +1,13 @@
 """ResNet backbone for re-ID: last stride 1, average pooling, BatchNorm1d neck with a frozen
-bias, L2-normalised output (DESIGN.md section 5).
+bias, L2-normalised output (docs/design.md).
 
-One forward call can carry several sources' batches as chunks (``sizes``) whose BatchNorm
-statistics are computed per chunk, exactly as if each chunk were forwarded alone, so a single
-DDP forward covers all sources. Every BatchNorm is a ``ChunkBatchNorm*``: in training with
-chunk sizes set, it runs the native batch-norm kernel on each chunk (a view along the batch
-dimension, contiguous in NCHW and channels_last alike) and concatenates the outputs. Running
-statistics are updated chunk after chunk, as separate forwards would update them. This was
-measured 3-4x faster (forward + backward, CPU) than computing per-chunk statistics with one
-``var_mean`` over a [G, B/G, ...] view and normalising with autograd-traced arithmetic, and it
-keeps the fused cuDNN kernels, autocast and channels_last behaviour of ``nn.BatchNorm2d``.
+Training forwards carry statistics groups (``model.groups``): ``model(x, sizes=[...])`` is the
+first forward of several sources at once, each source's batch cut into ``bn_groups`` groups with
+their own BatchNorm statistics; ``model(x, style=True)`` (or ``style=False`` in the FBF baseline)
+is the shuffled second forward, cut the same way, with per-group UBS statistics too. That is how
+the published runs (``nn.DataParallel`` on 4 GPUs) normalised, and ``rank``/``world`` make the
+groups the same sets of images on any number of ranks. Every BatchNorm is a ``GroupBatchNorm*``:
+plain ``nn.BatchNorm`` in evaluation and outside a grouped forward.
 """
 from __future__ import annotations
 
@@ -22,70 +20,57 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from model.groups import Layout, batch_norm_groups, make_layout
+
 ARCHS = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 2048),
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
 }
 
 
-class _ChunkBN:
-    """Mixin for nn.BatchNorm*d: per-chunk statistics while ``chunk_sizes`` is set (training)."""
+class _GroupBN:
+    """Mixin for nn.BatchNorm*d: per-group statistics while ``layout`` is set (training)."""
 
-    chunk_sizes: list[int] | None = None
+    layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sizes = self.chunk_sizes
-        if not self.training or sizes is None or len(sizes) == 1:
+        if not self.training or self.layout is None:
             return super().forward(x)
-        return torch.cat([super(_ChunkBN, self).forward(part) for part in x.split(sizes)])
+        return batch_norm_groups(x, self, self.layout)
 
 
-class ChunkBatchNorm2d(_ChunkBN, nn.BatchNorm2d):
-    """nn.BatchNorm2d with per-chunk batch statistics (see the module docstring)."""
+class GroupBatchNorm2d(_GroupBN, nn.BatchNorm2d):
+    """nn.BatchNorm2d with statistics groups (see the module docstring)."""
 
 
-class ChunkBatchNorm1d(_ChunkBN, nn.BatchNorm1d):
-    """nn.BatchNorm1d with per-chunk batch statistics (the neck)."""
+class GroupBatchNorm1d(_GroupBN, nn.BatchNorm1d):
+    """nn.BatchNorm1d with statistics groups (the neck)."""
 
 
-class ChunkSyncBatchNorm(_ChunkBN, nn.SyncBatchNorm):
-    """nn.SyncBatchNorm with per-chunk statistics: each source's chunk is synchronised over
-    the ranks on its own (every rank holds an equal slice of every source)."""
-
-
-def convert_sync_bn(model: nn.Module) -> nn.Module:
-    """`--sync-bn`: replace every chunk-aware BatchNorm by its synchronised twin, keeping the
-    per-source statistics (torch's convert_sync_batchnorm would merge the sources)."""
-    for name, child in model.named_children():
-        if isinstance(child, _ChunkBN) and not isinstance(child, nn.SyncBatchNorm):
-            sync = ChunkSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                      child.track_running_stats)
-            sync.load_state_dict(child.state_dict())
-            for p_new, p_old in zip(sync.parameters(), child.parameters()):
-                p_new.requires_grad_(p_old.requires_grad)
-            setattr(model, name, sync.to(child.weight.device))
-        else:
-            convert_sync_bn(child)
-    return model
-
-
-def _chunk_bns(module: nn.Module) -> None:
-    """Replace every BatchNorm2d below `module` by a ChunkBatchNorm2d (same settings, fresh
+def _group_bns(module: nn.Module) -> None:
+    """Replace every BatchNorm2d below `module` by a GroupBatchNorm2d (same settings, fresh
     init: weights are loaded afterwards)."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, ChunkBatchNorm2d(child.num_features, child.eps, child.momentum,
+            setattr(module, name, GroupBatchNorm2d(child.num_features, child.eps, child.momentum,
                                                    child.affine, child.track_running_stats))
         else:
-            _chunk_bns(child)
+            _group_bns(child)
 
 
 class ReIDNet(nn.Module):
-    """Backbone (torchvision layer names, so ImageNet weights load as they are) + neck."""
+    """Backbone (torchvision layer names, so ImageNet weights load as they are) + neck.
+
+    ``bn_groups``: statistics groups per source batch in training forwards. ``rank``, ``world``:
+    this process's part of every global batch (train.py sets them under torchrun).
+    """
 
     def __init__(self, arch: str = "resnet50", last_stride: int = 1, stem_relu: bool = False,
-                 style: nn.Module | None = None) -> None:
+                 style: nn.Module | None = None, bn_groups: int = 4) -> None:
         super().__init__()
+        if bn_groups < 1:
+            raise ValueError(f"bn_groups must be at least 1, got {bn_groups}")
+        self.bn_groups, self.rank, self.world = bn_groups, 0, 1
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
         if last_stride not in (1, 2):
@@ -95,7 +80,7 @@ class ReIDNet(nn.Module):
         for m in base.layer4[0].modules():
             if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
                 m.stride = (last_stride, last_stride)
-        _chunk_bns(base)
+        _group_bns(base)
         self.conv1, self.bn1 = base.conv1, base.bn1
         # the published training code has no ReLU after the stem BatchNorm
         self.stem_relu = nn.ReLU(inplace=True) if stem_relu else nn.Identity()
@@ -103,36 +88,45 @@ class ReIDNet(nn.Module):
         self.layer1, self.layer2 = base.layer1, base.layer2
         self.layer3, self.layer4 = base.layer3, base.layer4
         self.style = style
-        self.neck = ChunkBatchNorm1d(self.num_features)
+        self.neck = GroupBatchNorm1d(self.num_features)
         nn.init.ones_(self.neck.weight)
         nn.init.zeros_(self.neck.bias)
         self.neck.bias.requires_grad_(False)
 
     @contextmanager
-    def _chunks(self, sizes: list[int] | None) -> Iterator[None]:
-        bns = [m for m in self.modules() if isinstance(m, _ChunkBN)]
-        for m in bns:
-            m.chunk_sizes = sizes
+    def _grouped(self, layout: Layout | None) -> Iterator[None]:
+        grouped = [m for m in self.modules() if isinstance(m, _GroupBN) or m is self.style]
+        for m in grouped:
+            m.layout = layout
         try:
             yield
         finally:
-            for m in bns:
-                m.chunk_sizes = None
+            for m in grouped:
+                m.layout = None
+
+    def layout(self, rows: int, sizes: list[int] | None) -> Layout:
+        """The statistics groups of a training forward of ``rows`` rows on this rank."""
+        return make_layout([rows] if sizes is None else sizes, self.bn_groups, self.rank, self.world)
 
     def forward(self, x: torch.Tensor, sizes: list[int] | None = None, style: bool = False) -> torch.Tensor:
-        """Features [N, num_features], L2-normalised. In training, `sizes` splits the batch into
-        chunks with their own BN statistics; `style` applies the style module after layer1."""
+        """Features [N, num_features], L2-normalised. In training, ``sizes`` gives the rows of each
+        source (the first forward); without it the batch is one source (the second forward), and
+        ``style`` applies the style module after layer1."""
         if sizes is not None:
             sizes = [int(s) for s in sizes]
             if sum(sizes) != x.shape[0] or min(sizes, default=0) <= 0:
                 raise ValueError(f"sizes {sizes} must be positive and sum to the batch size {x.shape[0]}")
-        with self._chunks(sizes if self.training else None):
+        layout = self.layout(x.shape[0], sizes) if self.training else None
+        if style and sizes is not None and len(sizes) > 1:
+            raise ValueError("style restyles the shuffled second forward: call model(x, style=True) "
+                             "without per-source sizes")
+        with self._grouped(layout):
             x = self.maxpool(self.stem_relu(self.bn1(self.conv1(x))))
             x = self.layer1(x)
             if style and self.training and self.style is not None:
                 x = self.style(x)
             x = self.layer4(self.layer3(self.layer2(x)))
-            x = self.neck(torch.mean(x, dim=(2, 3), dtype=torch.float32))
+            x = self.neck(torch.mean(x, dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)))
         return F.normalize(x, dim=1)
 
 
@@ -185,9 +179,10 @@ def imagenet_weights_file(arch: str) -> Path:
 
 
 def build_model(arch: str = "resnet50", pretrained: str = "none", last_stride: int = 1,
-                stem_relu: bool = False, style: nn.Module | None = None) -> ReIDNet:
-    """`pretrained`: "none" (random init), "imagenet" (torchvision's weights) or a local file."""
-    model = ReIDNet(arch, last_stride=last_stride, stem_relu=stem_relu, style=style)
+                stem_relu: bool = False, style: nn.Module | None = None, bn_groups: int = 4) -> ReIDNet:
+    """`pretrained`: "none" (random init), "imagenet" (torchvision's weights) or a local file;
+    `bn_groups`: statistics groups per source batch (4 = the published runs, 1 = whole batches)."""
+    model = ReIDNet(arch, last_stride=last_stride, stem_relu=stem_relu, style=style, bn_groups=bn_groups)
     if pretrained == "imagenet":
         load_backbone(model, imagenet_weights_file(arch))
     elif pretrained != "none":

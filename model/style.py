@@ -1,8 +1,9 @@
 """Uncertainty-guided batch style (UBS): the style module of Style Interleaved Learning.
 
 Each sample's per-channel style (mean, std) is replaced by one drawn uniformly within
-mean +- rho * std of the batch's style statistics (DESIGN.md section 5). The computation is
-fused into one reduction pass (per-sample channel variance and mean, fp32) and one
+mean +- rho * std of its statistics group's style statistics (docs/design.md; the groups are
+those of ``model.groups``: the published runs took them per DataParallel replica). The
+computation is fused into one reduction pass (per-sample channel variance and mean, fp32) and one
 multiply-add pass: ``x_norm * sig_new + mu_new`` equals ``x * a + b`` with ``a = sig_new / sig``
 and ``b = mu_new - mu * a``. ``tools/reference.py`` holds the step-by-step version.
 """
@@ -11,34 +12,59 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.groups import Layout, Split, gather_group_rows
 
-def ubs(x: torch.Tensor, rho: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+
+def _group_stats(v: torch.Tensor, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased std and mean over each statistics group of per-sample values v [B, C]:
+    [K, 1, C] each, K local segments (rows of a group shared by several ranks are gathered)."""
+    if split.span > 1:
+        v = gather_group_rows(v, split)
+    std, mean = torch.std_mean(v.unflatten(0, (-1, split.group_rows)), dim=1, correction=1, keepdim=True)
+    return std, mean
+
+
+def _draws(split: Split, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of the uniform draws of the whole batch: per group, ``rand((rows, C))``
+    for the means, then for the stds, group after group, so a group draws what a DataParallel
+    replica drew on its own (on a CPU generator exactly) whichever rank forwards it."""
+    r = torch.rand((split.groups, 2, split.group_rows, channels), device=device)
+    rows = slice(split.start, split.start + split.rows)
+    return r[:, 0].flatten(0, 1)[rows], r[:, 1].flatten(0, 1)[rows]
+
+
+def ubs(x: torch.Tensor, rho: float = 3.0, eps: float = 1e-6, layout: Layout | None = None) -> torch.Tensor:
     """Restyle a batch [B, C, H, W]; statistics in fp32, output in x's dtype and memory format.
 
-    The random draws are ``torch.rand((B, C))`` for the means first, then for the stds, on x's
-    device with the default generator, so a seeded run reproduces the published draws. The
-    statistics are treated as constants for autograd (no gradient through them), as in the
-    MixStyle family; in IL the module only runs in the gradient-free memory-update forward.
+    ``layout`` (one source) says which rows form each statistics group; None: the whole batch is
+    one group. The random draws come from the default generator on x's device, so a seeded run
+    reproduces them. The statistics are treated as constants for autograd (no gradient through
+    them), as in the MixStyle family; in IL the module only runs in the gradient-free
+    memory-update forward.
     """
     if x.dim() != 4:
         raise ValueError(f"UBS expects features [B, C, H, W], got shape {tuple(x.shape)}")
     B, C = x.shape[:2]
-    if B < 2:
-        raise ValueError(f"UBS needs at least 2 samples for the batch style statistics, got {B}")
+    split = Split(B) if layout is None else layout[0]
+    if layout is not None and (len(layout) != 1 or split.rows != B):
+        raise ValueError(f"UBS restyles one batch (the shuffled second forward), got the layout {layout} "
+                         f"for {B} rows")
+    if split.group_rows < 2:
+        raise ValueError(f"UBS needs at least 2 samples per statistics group, got {split.group_rows}")
     with torch.no_grad():
-        var, mu = torch.var_mean(x.detach().float(), dim=(2, 3), correction=1)
+        var, mu = torch.var_mean(x.detach().to(torch.promote_types(x.dtype, torch.float32)), dim=(2, 3),
+                                 correction=1)
         std = var.sqrt()
         sig = (var + eps).sqrt()
-        mu_std, mu_mean = torch.std_mean(mu, dim=0, correction=1)
-        std_std, std_mean = torch.std_mean(std, dim=0, correction=1)
-        r_mu = torch.rand((B, C), device=x.device)
-        r_std = torch.rand((B, C), device=x.device)
+        mu_std, mu_mean = _group_stats(mu, split)
+        std_std, std_mean = _group_stats(std, split)
+        r_mu, r_std = (r.to(mu.dtype).unflatten(0, (-1, split.segment)) for r in _draws(split, C, x.device))
         mu_new = mu_mean + (2 * r_mu - 1) * (rho * mu_std.clamp(min=eps))
         sig_new = std_mean + (2 * r_std - 1) * (rho * std_std.clamp(min=eps))
-        a = sig_new / sig
-        b = mu_new - mu * a
+        a = sig_new.flatten(0, 1) / sig
+        b = mu_new.flatten(0, 1) - mu * a
     a, b = a.view(B, C, 1, 1), b.view(B, C, 1, 1)
-    if x.dtype == torch.float32:
+    if x.dtype == a.dtype:
         return torch.addcmul(b, x, a)
     if not (torch.is_grad_enabled() and x.requires_grad):
         # computed in fp32, rounded once on the write: no full-size fp32 intermediate
@@ -47,7 +73,10 @@ def ubs(x: torch.Tensor, rho: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
 
 
 class UBS(nn.Module):
-    """Style module placed after layer1; identity in eval mode."""
+    """Style module placed after layer1; identity in eval mode. ``layout`` is set by the model
+    for the duration of a grouped forward."""
+
+    layout: Layout | None = None
 
     def __init__(self, rho: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
@@ -58,7 +87,7 @@ class UBS(nn.Module):
 
     def restyle(self, x: torch.Tensor) -> torch.Tensor:
         """The training-mode transform (tools/reference.LiteralUBS overrides it step by step)."""
-        return ubs(x, self.rho, self.eps)
+        return ubs(x, self.rho, self.eps, self.layout)
 
     def extra_repr(self) -> str:
         return f"rho={self.rho}, eps={self.eps}"

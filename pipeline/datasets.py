@@ -1,4 +1,4 @@
-"""Parsers for the five raw dataset layouts (DESIGN section 3) and the JPEG bytes of each image.
+"""Parsers for the five raw dataset layouts (docs/design.md) and the stored bytes of each image.
 
 Each ``parse_<name>(root)`` takes ``root = DATA/<name>`` and returns a
 :class:`~pipeline.records.DatasetSplits` whose records are sorted by file, with keys
@@ -23,7 +23,7 @@ from pipeline.records import DATASETS, DatasetSplits, Record
 
 
 class DatasetError(ValueError):
-    """A raw dataset is missing, or does not have the layout DESIGN section 3 describes."""
+    """A raw dataset is missing, or does not have the layout docs/design.md describes."""
 
 
 _MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -284,7 +284,7 @@ _PARSERS = {"market1501": parse_market1501, "dukemtmc": parse_dukemtmc, "msmt17v
 
 
 def parse(name: str, data_dir: str | Path, *, cuhk03_labeled: bool = False) -> DatasetSplits:
-    """Parse dataset ``name`` from ``data_dir/<name>/`` (DESIGN section 3)."""
+    """Parse dataset ``name`` from ``data_dir/<name>/`` (docs/design.md)."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     root = Path(data_dir) / name
@@ -304,13 +304,19 @@ _last_scene: dict[int, tuple[str, Image.Image]] = {}
 
 
 def image_bytes(record: Record) -> bytes:
-    """The JPEG to store for ``record``: a JPEG file's own bytes, unchanged; a CUHK03 array, a
-    CUHK-SYSU crop or a PNG encoded once (PIL, quality 95)."""
+    """The image to store for ``record``, encoded at most once (the shard writer names the
+    member by the format: ``.jpg`` or ``.png``).
+
+    A JPEG file: its own bytes, unchanged. A CUHK03 array: PNG, lossless, as the published code
+    saves it, so the pixels are the array's. A PNG file (CUHK03-NP): its own bytes when it is
+    8-bit RGB, else converted to RGB once and stored as PNG. A CUHK-SYSU crop: JPEG quality 95,
+    like the JPEG scene it is cut from.
+    """
     if record.h5_ref is not None:
         key = (os.getpid(), record.path)
         if key not in _h5_files:
             _h5_files[key] = h5py.File(record.path, "r")
-        return _jpeg(Image.fromarray(np.ascontiguousarray(_h5_files[key][record.h5_ref][()].T)))
+        return _png(Image.fromarray(np.ascontiguousarray(_h5_files[key][record.h5_ref][()].T)))
     if record.box is not None:
         cached = _last_scene.get(os.getpid())
         if cached is None or cached[0] != record.path:
@@ -318,13 +324,27 @@ def image_bytes(record: Record) -> bytes:
                 cached = _last_scene[os.getpid()] = (record.path, im.convert("RGB"))
         x, y, w, h = record.box
         return _jpeg(cached[1].crop((x, y, x + w, y + h)))
-    if record.path.lower().endswith((".jpg", ".jpeg")):
-        return Path(record.path).read_bytes()
-    with Image.open(record.path) as im:
-        return _jpeg(im.convert("RGB"))
+    data = Path(record.path).read_bytes()
+    if record.path.lower().endswith((".jpg", ".jpeg")) or _is_png_rgb8(data):
+        return data
+    with Image.open(io.BytesIO(data)) as im:
+        return _png(im.convert("RGB"))
+
+
+def _is_png_rgb8(data: bytes) -> bool:
+    """An 8-bit RGB PNG (IHDR bit depth 8, colour type 2), which PIL and DALI decode to the same
+    pixels; other PNGs (16-bit, palette, alpha) could decode differently in the two loaders."""
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24:26] == b"\x08\x02"
 
 
 def _jpeg(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    """Lossless: whoever decodes it gets exactly these pixels."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
     return buf.getvalue()

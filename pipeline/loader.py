@@ -58,6 +58,7 @@ class TrainBatch:
     sizes: list[int]
     replaced: int = 0  # undecodable images replaced in this batch (replace_bad only)
     round_sizes: list[list[int]] | None = None  # per source, over all ranks (TrainPlan.round_sizes)
+    batch_labels: list[np.ndarray] | None = None  # per source, the global batch (TrainPlan.batch_labels)
 
     def per_source(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-source (images, labels) views, no copies."""
@@ -156,6 +157,11 @@ class TrainPlan:
         update's rounds over all ranks' rows, known here without reading the device."""
         return [round_sizes(labels[it]) for labels in self._epoch(epoch)[1]]
 
+    def batch_labels(self, epoch: int, it: int) -> list[np.ndarray]:
+        """Per source, the labels of the GLOBAL batch of an iteration in sampler order: the
+        training step plans the shuffle and the memory updates with them on the host."""
+        return [labels[it] for labels in self._epoch(epoch)[1]]
+
     def _epoch(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """This rank's rows and the global batches' labels, per source, of one epoch."""
         if epoch not in self._cache:
@@ -195,8 +201,12 @@ class TrainPlan:
         return items, np.concatenate(labels), np.asarray(replaced, dtype=np.int64)
 
     def augmentation(self, epoch: int, it: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mirror flags and crop shifts of this rank's images of one iteration."""
-        return augment_params(self.seed, epoch, it, self.rank, sum(self.sizes))
+        """Mirror flags and crop shifts of this rank's images of one iteration: its rows of the
+        global batch's draws (each source's slice, as :func:`rank_slice` takes them)."""
+        n = self.num_ids * self.num_instances
+        rows = np.concatenate([s * n + rank_slice(np.arange(n), self.rank, self.world)
+                               for s in range(len(self.sets))])
+        return tuple(a[rows] for a in augment_params(self.seed, epoch, it, n * len(self.sets)))
 
     def find_bad(self, epoch: int, iterations: range) -> list[tuple[int, int]]:
         """Rows that fail a full decode in these iterations (maps a decoder error back to samples)."""

@@ -1,9 +1,9 @@
 """What a parsed dataset is: image records, the three splits, and the "mix" training set.
 
 Every raw-dataset parser (``pipeline.datasets``) returns a :class:`DatasetSplits`; the shard
-writer (``pipeline.shards``) stores each :class:`Record` as ``<key>.jpg`` + ``<key>.json``;
-the loaders rebuild the mix training set from the shards with :func:`mix_labels`, so the
-relabelling rule lives in one place.
+writer (``pipeline.shards``) stores each :class:`Record` as ``<key>.jpg`` or ``<key>.png``
+(the format of its image) + ``<key>.json``; the loaders rebuild the mix training set from the
+shards with :func:`mix_labels`, so the relabelling rule lives in one place.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ SOURCE_ONLY = ("cuhk_sysu",)  # has a train split only; never an evaluation targ
 class Record:
     """One person image.
 
-    ``path`` is the file that holds the pixels: a JPEG whose bytes are copied as they are,
-    or, when ``box`` is set, a scene image to crop (x, y, w, h) and encode once, or, when
-    ``h5_ref`` is set, the CUHK03 ``cuhk-03.mat`` with the HDF5 path of the image array.
+    ``path`` is the file that holds the pixels: a JPEG or PNG whose bytes are copied as they
+    are, or, when ``box`` is set, a scene image to crop (x, y, w, h) and encode once (JPEG), or,
+    when ``h5_ref`` is set, the CUHK03 ``cuhk-03.mat`` with the HDF5 path of the image array
+    (encoded once, losslessly, as PNG).
     """
 
     key: str  # unique within the dataset, no dots: the WebDataset sample key

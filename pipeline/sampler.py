@@ -2,9 +2,11 @@
 
 Per source, identities are visited in random order; each gives one random anchor image and
 ``num_instances - 1`` more images of the same identity, taken from other cameras when it has
-any (the published ``RandomMultipleGallerySampler`` rule), else from its other images. The
-stream of identity passes is cut into global batches, so every rank, whatever the world size,
-slices the same batches (:func:`rank_slice`).
+any (the published ``RandomMultipleGallerySampler`` rule), else from its other images. Each
+pass over the identities (a fresh permutation) gives ``floor(identities / num_ids)`` global
+batches and drops its incomplete last batch, as the published sampler does, so no batch ever
+holds an identity twice. Every rank, whatever the world size, slices the same global batches
+(:func:`rank_slice`).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ def identity_batches(labels: np.ndarray, camids: np.ndarray, *, num_ids: int = 1
     """Global batches ``[num_batches, num_ids * num_instances]`` of indices into ``labels``.
 
     Deterministic for ``(seed, epoch, source)``. Rows with a negative label are never drawn;
-    identities with a single image are skipped (they cannot give a positive pair). ``name``
-    only makes the error message clearer.
+    identities with a single image are skipped (they cannot give a positive pair). A source
+    with fewer such identities than ``num_ids`` cannot fill one batch of distinct identities
+    and is refused. ``name`` only makes the error message clearer.
     """
     labels = np.asarray(labels, dtype=np.int64)
     camids = np.asarray(camids, dtype=np.int64)
@@ -32,9 +35,10 @@ def identity_batches(labels: np.ndarray, camids: np.ndarray, *, num_ids: int = 1
     lab, cam = labels[order], camids[order]
     ids, id_start, id_count = np.unique(lab, return_index=True, return_counts=True)
     good = id_count >= 2
-    if not good.any():
-        raise ValueError(f"source {name or source}: every identity has fewer than 2 images, "
-                         "so no identity batch can be sampled")
+    if good.sum() < num_ids:
+        raise ValueError(f"source {name or source}: {good.sum()} identities have 2 or more images, "
+                         f"fewer than the {num_ids} distinct identities a batch needs; "
+                         "lower the batch size or leave this source out")
     ids, id_start, id_count = ids[good], id_start[good], id_count[good]
     # Start and size of each row's camera sub-block, per position in `order`.
     new_group = np.r_[True, (lab[1:] != lab[:-1]) | (cam[1:] != cam[:-1])]
@@ -42,10 +46,8 @@ def identity_batches(labels: np.ndarray, camids: np.ndarray, *, num_ids: int = 1
     group_start = np.flatnonzero(new_group)
     group_count = np.diff(np.r_[group_start, len(order)])
 
-    # Enough identity passes (a fresh permutation each) to fill the epoch.
-    need = num_batches * num_ids
-    passes = -(-need // len(ids))
-    pick = np.concatenate([rng.permutation(len(ids)) for _ in range(passes)])[:need]
+    pick = _identity_order(rng, len(ids), num_ids, num_batches)
+    need = len(pick)
     start, count = id_start[pick], id_count[pick]
     anchor = start + (rng.random(need) * count).astype(np.int64)
     g = group_id[anchor]
@@ -70,6 +72,20 @@ def identity_batches(labels: np.ndarray, camids: np.ndarray, *, num_ids: int = 1
     others = start[:, None] + ranks + (ranks >= skip[:, None]) * gap[:, None]
     rows = order[np.concatenate([anchor[:, None], others], axis=1)]
     return rows.reshape(num_batches, num_ids * num_instances)
+
+
+def _identity_order(rng: np.random.Generator, num_identities: int, num_ids: int,
+                    num_batches: int) -> np.ndarray:
+    """Identity positions of ``num_batches`` batches of ``num_ids``, batch after batch.
+
+    Enough passes, each a fresh permutation of the identities, each cut to whole batches: the
+    incomplete last batch of a pass is dropped (the published sampler's rule), so a batch never
+    spans two passes and never repeats an identity.
+    """
+    per_pass = num_identities // num_ids
+    passes = -(-num_batches // per_pass)
+    order = rng.permuted(np.tile(np.arange(num_identities), (passes, 1)), axis=1)
+    return order[:, :per_pass * num_ids].reshape(-1)[:num_batches * num_ids]
 
 
 def rank_slice(batch: np.ndarray, rank: int, world: int) -> np.ndarray:

@@ -1,9 +1,13 @@
-"""The shard format (DESIGN section 4): write, index, verify and read WebDataset tars.
+"""The shard format (docs/design.md): write, index, verify and read WebDataset tars.
 
-Each split of a dataset becomes ``<split>-NNNNNN.tar`` files holding ``<key>.jpg`` (the JPEG
-bytes as stored, never re-encoded) and ``<key>.json`` (pid, camid, dataset, split, file), each
-with the index DALI's WebDataset reader takes (the text ``wds2idx`` writes) and one
-``manifest.json`` per dataset. The manifest is written last, so a folder without one is an
+Each split of a dataset becomes ``<split>-NNNNNN.tar`` files holding, per sample, one image
+member named by its format, ``<key>.jpg`` (JPEG files' own bytes, never re-encoded; CUHK-SYSU
+crops, JPEG quality 95) or ``<key>.png`` (CUHK03 arrays, lossless, as the published code saves
+them; CUHK03-NP PNG files' own bytes), and ``<key>.json`` (pid, camid, dataset, split, file);
+each tar with the index DALI's WebDataset reader takes (the text ``wds2idx`` writes) and one
+``manifest.json`` per dataset. Readers take the image bytes whichever the extension; both
+loaders decode by content. Format 1 stored CUHK03 arrays as JPEG; its shards are refused
+with a message to rebuild. The manifest is written last, so a folder without one is an
 unfinished build. Tars are byte-for-byte reproducible (fixed mtime/owner/mode, record order),
 so a rebuild gives the same sha256. :class:`SplitReader` reads samples at random through the
 index offsets into a memory-mapped tar, which is what the identity sampler needs.
@@ -27,7 +31,8 @@ from tqdm import tqdm
 
 from pipeline.records import SPLITS, DatasetSplits, Record, mix_labels
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: every image a .jpg member (CUHK03 arrays lossy); 2: arrays as lossless .png
+IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png"}  # image format (PIL's name) -> member extension
 INDEX_VERSION = "v1.2"  # the index text version DALI's wds2idx writes: "ext offset size name" per member
 MANIFEST = "manifest.json"
 _TMP = ".tmp-"
@@ -121,7 +126,7 @@ def _build_shard(records: list[Record], tar_path: str, idx_path: str, skip_bad: 
         for r in records:
             try:
                 data = image_bytes(r)
-                _check_jpeg(data)
+                ext = _image_ext(data)
             except Exception as e:  # noqa: BLE001 - any failure to read or decode makes the image bad
                 reason = (f"{r.path} ({r.dataset} {r.file}): unreadable or corrupt image: "
                           f"{type(e).__name__}: {e}")
@@ -130,7 +135,7 @@ def _build_shard(records: list[Record], tar_path: str, idx_path: str, skip_bad: 
                 skipped.append({"key": r.key, "file": r.file, "error": reason})
                 continue
             meta = {"pid": r.pid, "camid": r.camid, "dataset": r.dataset, "split": r.split, "file": r.file}
-            members.append(_add_member(tar, r.key + ".jpg", data))
+            members.append(_add_member(tar, f"{r.key}.{ext}", data))
             members.append(_add_member(tar, r.key + ".json", json.dumps(meta, sort_keys=True).encode()))
     samples = len(records) - len(skipped)
     if samples:
@@ -138,14 +143,16 @@ def _build_shard(records: list[Record], tar_path: str, idx_path: str, skip_bad: 
     return {"samples": samples, "sha256": _sha256(tar_path), "skipped": skipped}
 
 
-def _check_jpeg(data: bytes) -> None:
-    """Decode the whole image: a truncated or damaged JPEG must fail here, not in training."""
+def _image_ext(data: bytes) -> str:
+    """The member extension of an image, after decoding it whole: a truncated or damaged image
+    must fail here, not in training."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        if im.format != "JPEG":
-            raise ValueError(f"expected JPEG data, found {im.format}")
+        if im.format not in IMAGE_EXTS:
+            raise ValueError(f"expected JPEG or PNG data, found {im.format}")
         im.load()
+        return IMAGE_EXTS[im.format]
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[str, int, int]:
@@ -270,6 +277,16 @@ def _split_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
 
 
+def image_member(comps: dict[str, tuple[int, int, str]], where: str) -> tuple[int, int, str]:
+    """``(data_offset, size, member_name)`` of a sample's image, its one ``.jpg`` or ``.png``
+    member; a sample without exactly one of them, or without its ``.json``, is refused."""
+    images = [comps[ext] for ext in IMAGE_EXTS.values() if ext in comps]
+    if len(images) != 1 or "json" not in comps:
+        raise ShardError(f"{where}: a sample needs one image member (.jpg or .png) and a .json member, "
+                         f"it has {', '.join('.' + ext for ext in comps)}")
+    return images[0]
+
+
 # ----------------------------------------------------------------------------- checking
 
 def load_manifest(dataset_dir: Path) -> dict:
@@ -320,12 +337,22 @@ def verify_dataset(dataset_dir: Path) -> list[str]:
                 continue
             if len(entries) != s["samples"]:
                 problems.append(f"{idx}: {len(entries)} samples, the manifest says {s['samples']}")
-            problems += _check_tar_against_index(tar, entries)
+            problems += _check_members(tar, entries) + _check_tar_against_index(tar, entries)
         total = sum(s["samples"] for s in info["shards"])
         if total != info["images"]:
             problems.append(f"{d / MANIFEST}: split {split} has {total} samples in its shards, "
                             f"{info['images']} images in its summary")
     return problems
+
+
+def _check_members(tar: Path, entries: list) -> list[str]:
+    """Every sample must be what the readers take: one image (.jpg or .png) and a .json."""
+    for key, comps in entries:
+        try:
+            image_member(comps, f"{tar}:{key}")
+        except ShardError as e:
+            return [str(e)]
+    return []
 
 
 def _check_tar_against_index(tar: Path, entries: list) -> list[str]:
@@ -361,7 +388,8 @@ def _check_tar_against_index(tar: Path, entries: list) -> list[str]:
 # ----------------------------------------------------------------------------- reading
 
 class SplitReader:
-    """Random access to one split's samples: ``read(i)`` gives the JPEG bytes of sample ``i``.
+    """Random access to one split's samples: ``read(i)`` gives the image bytes (JPEG or PNG)
+    of sample ``i``.
 
     Keys and labels are read once, when the reader is made (each tar opened once); the tars
     are memory-mapped lazily in each process that reads, so the reader pickles small and
@@ -383,9 +411,7 @@ class SplitReader:
             entries = read_index(self.dataset_dir / s["idx"])
             with open(self.tars[si], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 for key, comps in entries:
-                    if "jpg" not in comps or "json" not in comps:
-                        raise ShardError(f"{self.tars[si]}:{key}: sample lacks a .jpg or .json member")
-                    (jo, jn, _), (mo, mn, _) = comps["jpg"], comps["json"]
+                    (jo, jn, _), (mo, mn, _) = image_member(comps, f"{self.tars[si]}:{key}"), comps["json"]
                     if max(jo + jn, mo + mn) > len(mm):
                         raise ShardError(f"{self.tars[si]} is truncated (sample {key}): run "
                                          "tools/make_shards.py --verify")

@@ -67,7 +67,8 @@ class TorchTrainLoader:
         for it, (images, labels, replaced) in enumerate(self._loader, start):
             images, labels = to_device(images, labels, self.cfg)
             self.replaced += replaced
-            yield TrainBatch(images, labels, list(self.plan.sizes), replaced, self.plan.round_sizes(e, it))
+            yield TrainBatch(images, labels, list(self.plan.sizes), replaced, self.plan.round_sizes(e, it),
+                             self.plan.batch_labels(e, it))
 
 
 class _EvalBatches(Dataset):

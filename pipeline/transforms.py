@@ -8,9 +8,9 @@ quarter of the bytes of floats), and :func:`normalize` runs where the batch land
 when there is one. ``pipeline.dali`` builds the same graph.
 
 The training loaders draw the random parts (flip, crop offset) with :func:`augment_params`
-from a generator seeded by (seed, epoch, iteration, rank) rather than inside the decoding
-workers, so an iteration's augmentation is the same whichever loader runs it, however many
-workers there are, and after a resume.
+from a generator seeded by (seed, epoch, iteration) rather than inside the decoding workers,
+so an iteration's augmentation is the same whichever loader runs it, however many workers and
+ranks there are, and after a resume.
 """
 from __future__ import annotations
 
@@ -47,18 +47,31 @@ def test_transform(height: int = 256, width: int = 128) -> T.Compose:
     ])
 
 
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as float32 tensors on ``device``, built once per device: building them for
+    every batch is, on CUDA, a synchronous copy from pageable host memory, so the host would
+    wait for the GPU to finish the previous step at every iteration."""
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = (torch.tensor(MEAN, device=device), torch.tensor(STD, device=device))
+    return _MEAN_STD[device]
+
+
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels, channels last [..., 3] -> float32 normalised with MEAN/STD: the same
     arithmetic, element by element, as torchvision's ``to_tensor`` then ``Normalize``."""
-    mean = torch.tensor(MEAN, device=pixels.device)
-    std = torch.tensor(STD, device=pixels.device)
+    mean, std = _mean_std(pixels.device)
     return pixels.float().div_(255).sub_(mean).div_(std)
 
 
-def augment_params(seed: int, epoch: int, it: int, rank: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per image of one iteration: mirror flag (p=FLIP_P) and crop shift (dy, dx) in
-    [-PAD, PAD], i.e. the crop's corner in the padded image minus PAD."""
-    rng = np.random.default_rng([seed, epoch, it, rank, 0xA06])
+def augment_params(seed: int, epoch: int, it: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of one iteration's global batch (n rows, the sources one after another):
+    mirror flag (p=FLIP_P) and crop shift (dy, dx) in [-PAD, PAD], i.e. the crop's corner in
+    the padded image minus PAD. Ranks take their rows of it, so an image is augmented alike
+    whatever the number of ranks."""
+    rng = np.random.default_rng([seed, epoch, it, 0xA06])
     mirror = (rng.random(n) < FLIP_P).astype(np.int32)
     shift = rng.integers(-PAD, PAD + 1, size=(n, 2)).astype(np.int32)
     return mirror, shift

@@ -83,8 +83,8 @@ def test_cuhk03_arrays_and_empty_cells(synthetic_data):
     assert {r.camid for r in records} == {0, 1}
     assert len(splits.query) == 2 * len({r.pid for r in splits.query})  # one per view
     decoded = Image.open(io.BytesIO(image_bytes(records[0])))
-    assert decoded.format == "JPEG" and decoded.size == (array.shape[1], array.shape[0])
-    assert np.abs(np.asarray(decoded, np.float32) - array).mean() < 8  # quality 95: close to the array
+    assert decoded.format == "PNG" and decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), array)  # lossless, as the published code saves it
 
 
 def test_cuhk03_np_folders(synthetic_data, tmp_path):
@@ -96,12 +96,18 @@ def test_cuhk03_np_folders(synthetic_data, tmp_path):
         for i, r in enumerate(release.split(s)):
             name = f"{r.pid:04d}_c{r.camid + 1}_{i}.png"
             folder = tmp_path / "cuhk03" / "cuhk03-np" / "detected" / folders[s]
-            Image.open(io.BytesIO(image_bytes(r))).save(folder / name)
+            # compress_level 1, not PIL's default: a re-encoded file would not keep its bytes
+            Image.open(io.BytesIO(image_bytes(r))).save(folder / name, compress_level=1)
     parsed = parse("cuhk03", tmp_path)
     assert _counts(parsed) == _counts(release)
     r = parsed.query[0]
     assert r.file.startswith("cuhk03-np/detected/query/") and r.path.endswith(".png")
-    assert Image.open(io.BytesIO(image_bytes(r))).format == "JPEG"
+    assert image_bytes(r) == open(r.path, "rb").read()  # an 8-bit RGB PNG is stored as it is
+    rgb = np.asarray(Image.open(r.path))
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(r.path)  # RGBA
+    converted = Image.open(io.BytesIO(image_bytes(r)))
+    assert converted.format == "PNG" and converted.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(converted), rgb)  # what both loaders would decode
     with pytest.raises(DatasetError, match="cuhk03-np/labeled"):
         parse("cuhk03", tmp_path, cuhk03_labeled=True)
 

@@ -51,26 +51,45 @@ def test_checkpoint_roundtrip_is_weights_only_and_atomic(tmp_path):
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_shuffle_plan_routes_every_source_row(world):
-    sizes = [16 // world * 1, 16 // world, 16 // world]
-    n = sum(sizes)
-    # What each rank holds: rows tagged (rank, source, index within that rank's source slice).
-    local = [[(r, j, k) for j, s in enumerate(sizes) for k in range(s)] for r in range(world)]
-    plans = [shuffle_plan(sizes, world, r, seed=5, epoch=2, it=7) for r in range(world)]
-    gathered = [local[r][int(i)] for r in range(world) for i in plans[r].perm]
-    for r in range(world):
-        assert sorted(plans[r].perm.tolist()) == list(range(n))
-        # Every rank computes the same routing of the gathered rows.
-        for j in range(3):
-            assert torch.equal(plans[r].source_rows[j], plans[0].source_rows[j])
+    """Played out on the host: each rank sends its rows, receives and arranges them, and then
+    forwards exactly its contiguous part of the global shuffle, the same on any number of ranks;
+    the memory update takes each source's rows in shuffled order, round after round."""
+    sizes = [16 // world, 16 // world, 8 // world]
+    n, glob = sum(sizes), [s * world for s in sizes]
+    # Global rows, tagged (source, index in the source's global batch); rank r holds its slices.
+    rows = [(j, k) for j, s in enumerate(glob) for k in range(s)]
+    local = [[(j, k) for j, s in enumerate(sizes) for k in range(r * s, (r + 1) * s)] for r in range(world)]
+    labels = [np.arange(s) // 4 for s in glob]  # 4 images per identity, sampler order
+    plans = [shuffle_plan(sizes, world, r, seed=5, epoch=2, it=7, labels=labels) for r in range(world)]
+    perm = plans[0].perm
+    assert torch.equal(perm, shuffle_plan([s * world for s in sizes], 1, 0, seed=5, epoch=2, it=7).perm)
+    outbox = [[local[r][int(i)] for i in p.send] for r, p in enumerate(plans)]
+    outbox = [[box[sum(p.send_counts[:q]):sum(p.send_counts[:q + 1])] for q in range(world)]
+              for box, p in zip(outbox, plans)]
+    forwarded = []
+    for r, p in enumerate(plans):
+        received = [row for src in range(world) for row in outbox[src][r]]
+        assert [len(outbox[src][r]) for src in range(world)] == p.recv_counts
+        if p.arrange is not None:
+            received = [received[int(i)] for i in p.arrange]
+        assert received == [rows[int(g)] for g in perm[r * n:(r + 1) * n]]
+        forwarded += received
     for j in range(3):
-        rows = [gathered[int(i)] for i in plans[0].source_rows[j]]
-        assert all(src == j for _, src, _ in rows)
-        assert len(rows) == world * sizes[j]
-        # In shuffled order: the order the rows appear in the gathered output.
-        assert plans[0].source_rows[j].tolist() == sorted(plans[0].source_rows[j].tolist())
+        got = [forwarded[int(i)] for i in plans[0].source_rows[j]]
+        assert sorted(got) == [(j, k) for k in range(glob[j])]
+        y = plans[0].labels[j].tolist()
+        assert y == [int(labels[j][k]) for _, k in got]
+        # round after round: within a round labels differ; each label's rows in shuffled order
+        rounds = np.split(np.asarray(y), np.cumsum(plans[0].round_sizes[j])[:-1])
+        assert all(len(set(r.tolist())) == len(r) for r in rounds)
+        positions = plans[0].source_rows[j].tolist()
+        for label in set(y):
+            at = [pos for pos, lab in zip(positions, y) if lab == label]
+            assert at == sorted(at)
+        for p in plans[1:]:
+            assert torch.equal(p.source_rows[j], plans[0].source_rows[j])
     unshuffled = shuffle_plan(sizes, world, 0, 5, 2, 7, shuffle=False)
-    assert unshuffled.perm.tolist() == list(range(n))
-    assert plans[0].perm.tolist() != list(range(n))
-    again = shuffle_plan(sizes, world, 0, seed=5, epoch=2, it=7)
-    assert torch.equal(again.perm, plans[0].perm)
-    assert not torch.equal(shuffle_plan(sizes, world, 0, 5, 2, 8).perm, plans[0].perm)
+    assert unshuffled.perm.tolist() == list(range(n * world))
+    assert perm.tolist() != list(range(n * world))
+    assert torch.equal(shuffle_plan(sizes, world, 0, seed=5, epoch=2, it=7).perm, perm)
+    assert not torch.equal(shuffle_plan(sizes, world, 0, 5, 2, 8).perm, perm)

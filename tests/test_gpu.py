@@ -56,3 +56,45 @@ def test_the_step_does_not_synchronise_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(x) for x in losses)
     assert int(sum(m.refusals.sum() for m in memories)) == 0
+
+
+def test_the_loader_hand_over_does_not_synchronise_with_the_host():
+    """The torch loader's batch from pinned memory to a normalised device batch (pipeline.loader
+    .to_device): queued copies and kernels only, once the normalisation constants exist."""
+    from pipeline.loader import LoaderConfig, to_device
+
+    cfg = LoaderConfig(device=torch.device("cuda"), dtype=torch.bfloat16)
+    pixels = torch.randint(0, 256, (96, 128, 64, 3), dtype=torch.uint8).pin_memory()
+    labels = torch.arange(96).pin_memory()
+    to_device(pixels, labels, cfg)  # first batch: builds the constants on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images, _ = to_device(pixels, labels, cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert images.is_cuda and images.dtype == torch.bfloat16
+
+
+def test_dali_batches_are_ordered_on_the_current_stream(synthetic_shards):
+    """pipe.run(stream) hands DALI's outputs over on PyTorch's current stream: a batch taken on
+    a side stream equals the one taken on the default stream."""
+    pytest.importorskip("nvidia.dali")
+    from pipeline.loader import LoaderConfig, build_train_loader
+
+    cfg = LoaderConfig(num_ids=4, iters=1, workers=1, loader="dali", device=torch.device("cuda"))
+    sources = ["market1501", "dukemtmc", "msmt17v1"]
+    (want,) = build_train_loader(synthetic_shards, sources, cfg).epoch(0)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        (got,) = build_train_loader(synthetic_shards, sources, cfg).epoch(0)
+        got = got.images.clone()
+    torch.cuda.synchronize()
+    assert torch.allclose(got, want.images, atol=1e-3)
+
+
+def test_auto_amp_picks_bf16_only_where_the_gpu_computes_in_it():
+    from engine.optim import amp_dtype
+
+    native = torch.cuda.get_device_capability() >= (8, 0)
+    assert amp_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else torch.float16)

@@ -1,6 +1,7 @@
-"""Both loaders on real shards and real JPEGs: DALI in CPU mode, the torch/PIL fallback."""
+"""Both loaders on real shards and real JPEGs and PNGs: DALI in CPU mode, the torch/PIL fallback."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import shutil
@@ -11,8 +12,8 @@ import torch
 from PIL import Image
 
 from pipeline import shards, transforms
-from pipeline.loader import (LoaderConfig, SourceSet, build_eval_loader, build_train_loader, round_sizes,
-                             select_loader)
+from pipeline.loader import (LoaderConfig, SourceSet, TrainPlan, build_eval_loader, build_train_loader,
+                             round_sizes, select_loader)
 from pipeline.sampler import identity_batches, rank_slice
 from pipeline.transforms import MEAN, PAD, STD, augment_params, normalize, train_pixels
 
@@ -171,7 +172,7 @@ def test_normalize_is_torchvisions_arithmetic():
 @pytest.mark.parametrize("loader", LOADERS)
 def test_train_augmentation_statistics(loader):
     n = 256
-    mirror, shift = augment_params(seed=7, epoch=0, it=0, rank=0, n=n)
+    mirror, shift = augment_params(seed=7, epoch=0, it=0, n=n)
     make = _dali_train_images if loader == "dali" else _torch_train_images
     px = _pixels(make(_offset_image(), mirror, shift)) * 255
     r, g, b = px[:, 0], px[:, 1], px[:, 2]
@@ -193,12 +194,37 @@ def test_train_augmentation_statistics(loader):
     np.testing.assert_array_equal(pad_rows.numpy(), dy.abs().numpy())
 
 
-def test_augmentation_is_fixed_by_seed_epoch_iteration_rank():
-    a = augment_params(1, 2, 3, 0, 64)
-    assert all(np.array_equal(x, y) for x, y in zip(a, augment_params(1, 2, 3, 0, 64)))
-    others = (augment_params(1, 2, 4, 0, 64), augment_params(1, 3, 3, 0, 64), augment_params(1, 2, 3, 1, 64))
+def test_augmentation_is_fixed_by_seed_epoch_iteration():
+    a = augment_params(1, 2, 3, 64)
+    assert all(np.array_equal(x, y) for x, y in zip(a, augment_params(1, 2, 3, 64)))
+    others = (augment_params(1, 2, 4, 64), augment_params(1, 3, 3, 64), augment_params(2, 2, 3, 64))
     for other in others:
         assert not np.array_equal(a[1], other[1])
+
+
+def test_each_image_gets_the_same_augmentation_on_any_number_of_ranks(synthetic_shards):
+    """Rank r's rows of an iteration are its slice of every source's global batch, and their
+    flips and crops are those the same images get on one rank."""
+    def plans(world):
+        cfg = LoaderConfig(height=64, width=32, num_ids=4, num_instances=4, iters=2, seed=3, world=world)
+        sets = [SourceSet(synthetic_shards / s) for s in ("market1501", "dukemtmc")]
+        return [TrainPlan(sets, dataclasses.replace(cfg, rank=r)) for r in range(world)]
+
+    whole = plans(1)[0]
+    for world in (2, 4):
+        split = plans(world)
+        for epoch, it in ((0, 0), (1, 1)):
+            mirror, shift = whole.augmentation(epoch, it)
+            parts = [p.augmentation(epoch, it) for p in split]
+            per_source = [np.split(x, 2) for x in (mirror, shift)]
+            for k, (m, s) in enumerate(parts):
+                want_m = np.concatenate([np.split(src, world)[k] for src in per_source[0]])
+                want_s = np.concatenate([np.split(src, world)[k] for src in per_source[1]])
+                np.testing.assert_array_equal(m, want_m)
+                np.testing.assert_array_equal(s, want_s)
+            labels = [p.batch_labels(epoch, it) for p in split]
+            assert all(all(np.array_equal(a, b) for a, b in zip(lab, whole.batch_labels(epoch, it)))
+                       for lab in labels)
 
 
 def _corrupt(src, dst, row_key: str, how: str):
@@ -262,3 +288,100 @@ def test_dali_on_gpu(synthetic_shards):
     evals = [build_eval_loader(synthetic_shards, "cuhk03", "test", c) for c in (cfg, _cfg("torch"))]
     gpu, cpu = (torch.cat([_pixels(x.cpu()) for x, _ in ev]) for ev in evals)
     assert (gpu - cpu).abs().mean() < 3 / 255  # bf16 rounding on top of the decoder differences
+
+
+def _dali_decode(encoded: list[bytes]) -> list[np.ndarray]:
+    """The DALI loaders' own decode step (CPU) on each of ``encoded``: HWC uint8 RGB."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    from pipeline import dali
+
+    @pipeline_def
+    def graph():
+        return dali._decode(fn.external_source(name="encoded", dtype=types.UINT8), LoaderConfig())
+
+    pipe = graph(batch_size=len(encoded), num_threads=1, device_id=None)
+    pipe.build()
+    pipe.feed_input("encoded", [np.frombuffer(b, np.uint8) for b in encoded])
+    (images,) = pipe.run()
+    return [np.array(images[i]) for i in range(len(encoded))]
+
+
+def test_cuhk03_png_members_decode_to_the_arrays(synthetic_data, synthetic_shards):
+    """CUHK03 arrays are stored losslessly: both loaders' decode steps (PIL for the torch loader,
+    DALI on the CPU) give back the .mat's arrays bit for bit."""
+    import h5py
+
+    from pipeline.datasets import parse
+    from pipeline.loader import decode_rgb
+
+    records = parse("cuhk03", synthetic_data).query
+    reader = shards.SplitReader(synthetic_shards / "cuhk03", "query")
+    assert reader.keys == [r.key for r in records]
+    with h5py.File(records[0].path, "r") as f:
+        arrays = [f[r.h5_ref][()].T for r in records]
+    encoded = [reader.read(i) for i in range(len(reader))]
+    assert all(Image.open(io.BytesIO(b)).format == "PNG" for b in encoded)
+    decoders = [lambda bs: [np.asarray(decode_rgb(b)) for b in bs]] + [_dali_decode] * ("dali" in LOADERS)
+    for decode in decoders:
+        for got, array in zip(decode(encoded), arrays, strict=True):
+            np.testing.assert_array_equal(got, array)
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(synthetic_data, tmp_path_factory):
+    """CUHK03 shards built from CUHK03-NP folders whose files alternate PNG and JPEG (quality 95),
+    so its tars hold both members."""
+    from pipeline.datasets import image_bytes, parse
+    from tools import make_shards
+
+    data, out = tmp_path_factory.mktemp("mixed_data"), tmp_path_factory.mktemp("mixed_shards")
+    parsed = parse("cuhk03", synthetic_data)
+    folders = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+    for split, sub in folders.items():
+        folder = data / "cuhk03" / "cuhk03-np" / "detected" / sub
+        folder.mkdir(parents=True)
+        for i, r in enumerate(parsed.split(split)):
+            name = f"{r.pid:04d}_c{r.camid + 1}_{i:04d}"
+            if i % 2:
+                Image.open(io.BytesIO(image_bytes(r))).save(folder / f"{name}.jpg", quality=95)
+            else:
+                (folder / f"{name}.png").write_bytes(image_bytes(r))
+    assert make_shards.main(["--data-dir", str(data), "--out", str(out), "--datasets", "cuhk03"]) == 0
+    return out
+
+
+def _format(data: bytes) -> str:
+    return Image.open(io.BytesIO(data)).format
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_mixed_jpeg_and_png_shard(mixed_shards, loader):
+    """A shard holding .jpg and .png members reads in both loaders: training batches of the
+    sampled rows, and evaluation pixels that match the PIL test transform on either format."""
+    from pipeline.loader import decode_rgb
+
+    shards_dir = mixed_shards
+    for idx in sorted((shards_dir / "cuhk03").glob("*.idx")):  # each member named by its content
+        tar = idx.with_suffix(".tar").read_bytes()
+        for key, comps in shards.read_index(idx):
+            offset, size, name = shards.image_member(comps, key)
+            assert name == f"{key}.{shards.IMAGE_EXTS[_format(tar[offset:offset + size])]}"
+    cfg = _cfg(loader, workers=1, height=64, width=32)
+    train = build_train_loader(shards_dir, ["cuhk03"], cfg)
+    src = SourceSet(shards_dir / "cuhk03")
+    for it, batch in enumerate(train.epoch(0)):
+        rows = identity_batches(src.labels, src.camids, num_ids=cfg.num_ids, num_instances=cfg.num_instances,
+                                num_batches=cfg.iters, seed=cfg.seed, epoch=0)[it]
+        np.testing.assert_array_equal(batch.labels.numpy(), src.labels[rows])
+        assert _pixels(batch.images).std() > 0.05
+    ev = build_eval_loader(shards_dir, "cuhk03", "test", cfg)
+    got = _pixels(torch.cat([images for images, _ in ev]))
+    want = _pixels(normalize(torch.from_numpy(np.stack(
+        [transforms.test_pixels(decode_rgb(ev.rows.rows.read(j)), cfg.height, cfg.width)
+         for j in range(len(ev))]))).permute(0, 3, 1, 2))
+    is_png = np.asarray([_format(ev.rows.rows.read(j)) == "PNG" for j in range(len(ev))])
+    for rows in (is_png, ~is_png):
+        assert rows.any() and (got[rows] - want[rows]).abs().mean() < 2 / 255

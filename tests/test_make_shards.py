@@ -108,3 +108,29 @@ def test_corrupt_image_stops_or_is_skipped(synthetic_data, tmp_path, capsys):
     m = json.loads((tmp_path / "out" / "market1501" / "manifest.json").read_text())
     assert m["skipped"]["count"] == 1 and m["skipped"]["images"][0]["file"].endswith(bad.name)
     assert shards.verify_dataset(tmp_path / "out" / "market1501") == []
+
+
+def _image_exts(dataset_dir: Path) -> set[str]:
+    return {ext for idx in dataset_dir.glob("*.idx") for _, comps in shards.read_index(idx)
+            for ext in comps if ext != "json"}
+
+
+def test_each_dataset_stores_its_images_in_its_format(synthetic_shards):
+    """CUHK03 arrays losslessly as PNG; JPEG files as they are, CUHK-SYSU crops as JPEG."""
+    assert {name: _image_exts(synthetic_shards / name) for name in DATASETS} == {
+        "market1501": {"jpg"}, "dukemtmc": {"jpg"}, "msmt17v1": {"jpg"}, "cuhk03": {"png"},
+        "cuhk_sysu": {"jpg"}}
+
+
+def test_shards_of_format_1_are_rebuilt(synthetic_data, tmp_path, capsys):
+    """Format 1 stored CUHK03 arrays as JPEG: a rerun rebuilds such a set instead of failing."""
+    args = ["--data-dir", str(synthetic_data), "--out", str(tmp_path), "--datasets", "cuhk03"]
+    assert make_shards.main(args) == 0
+    manifest = tmp_path / "cuhk03" / shards.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format": 1}))
+    capsys.readouterr()
+    assert make_shards.main(args) == 0
+    out = capsys.readouterr().out
+    assert "cuhk03: existing shards unusable (" in out and "shards built with format 1" in out
+    assert shards.load_manifest(tmp_path / "cuhk03")["format"] == shards.FORMAT_VERSION
+    assert make_shards.main(["--out", str(tmp_path), "--verify"]) == 0

@@ -8,7 +8,7 @@ from tools import reference
 
 
 def loop_update(centers, features, labels, m):
-    """DESIGN section 5, sample by sample in batch order (tools/reference.py), on a copy."""
+    """docs/design.md, sample by sample in batch order (tools/reference.py), on a copy."""
     c = centers.clone()
     reference.loop_update(c, features, labels, m)
     return c

@@ -1,43 +1,75 @@
-"""engine.rerank: k-reciprocal re-ranking against a set-by-set reading of the paper."""
+"""engine.rerank against a step-by-step transcription of the standard re_ranking function."""
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 import pytest
+import torch
 
-from engine.metrics import evaluate_rank
-from engine.rerank import check_size, re_ranking
+from engine.metrics import evaluate_features, evaluate_rank, pairwise_distance
+from engine.rerank import _nearest, check_size, re_ranking
 
 
-def literal_rerank(q_g, q_q, g_g, k1=20, k2=6, lam=0.3):
-    """Plain Python sets and dense arrays, one image at a time."""
-    nq = len(q_q)
-    d = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64)
-    d /= d.max(1, keepdims=True)
-    n = len(d)
-    order = np.argsort(d, axis=1, kind="stable")
+def standard_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, expand_if=operator.gt):
+    """The standard k-reciprocal re_ranking (IL code, torchreid, fast-reid), one image at a time.
 
-    def reciprocal(p, k):
-        return [c for c in order[p, :k + 1] if p in order[c, :k + 1]]
+    Two departures, both for the tests' sake: the sort is stable (the standard's plain np.argsort
+    leaves the order of equal distances to numpy's sort kernel), and `expand_if` lets a test check
+    that its data tells the standard strict `>` from `>=`.
+    """
+    num_query = q_g_dist.shape[0]
+    original_dist = np.concatenate([np.concatenate([q_q_dist, q_g_dist], axis=1),
+                                    np.concatenate([q_g_dist.T, g_g_dist], axis=1)], axis=0)
+    original_dist = np.power(original_dist, 2).astype(np.float32)
+    original_dist = np.transpose(1.0 * original_dist / np.max(original_dist, axis=0))
+    all_num = original_dist.shape[0]
+    V = np.zeros_like(original_dist).astype(np.float32)
+    initial_rank = np.argsort(original_dist, kind="stable").astype(np.int32)
 
-    v = np.zeros((n, n))
-    for p in range(n):
-        r = reciprocal(p, k1)
-        grown = set(r)
-        for c in r:
-            h = reciprocal(c, int(round(k1 / 2)))
-            if len(set(h) & set(r)) >= 2 / 3 * len(h):
-                grown |= set(h)
-        members = sorted(grown)
-        v[p, members] = np.exp(-d[p, members])
-        v[p] /= v[p].sum()
-    v = np.stack([v[order[p, :k2]].mean(0) for p in range(n)])
-    jac = np.array([[1 - np.minimum(v[q], v[nq + g]).sum() / np.maximum(v[q], v[nq + g]).sum()
-                     for g in range(n - nq)] for q in range(nq)])
-    return (1 - lam) * jac + lam * d[:nq, nq:]
+    def k_reciprocal(i, k):
+        forward = initial_rank[i, :k + 1]
+        backward = initial_rank[forward, :k + 1]
+        return forward[np.where(backward == i)[0]]
+
+    for i in range(all_num):
+        k_reciprocal_index = k_reciprocal(i, k1)
+        k_reciprocal_expansion_index = k_reciprocal_index
+        for candidate in k_reciprocal_index:
+            candidate_k_reciprocal_index = k_reciprocal(candidate, int(np.around(k1 / 2.0)))
+            if expand_if(len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)),
+                         2.0 / 3 * len(candidate_k_reciprocal_index)):
+                k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index,
+                                                         candidate_k_reciprocal_index)
+        k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
+        weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
+        V[i, k_reciprocal_expansion_index] = 1.0 * weight / np.sum(weight)
+    original_dist = original_dist[:num_query, ]
+    if k2 != 1:
+        V_qe = np.zeros_like(V, dtype=np.float32)
+        for i in range(all_num):
+            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
+        V = V_qe
+    inv_index = [np.where(V[:, i] != 0)[0] for i in range(all_num)]
+
+    jaccard_dist = np.zeros_like(original_dist, dtype=np.float32)
+    for i in range(num_query):
+        temp_min = np.zeros(shape=[1, all_num], dtype=np.float32)
+        ind_non_zero = np.where(V[i, :] != 0)[0]
+        for j in ind_non_zero:
+            rows = inv_index[j]
+            temp_min[0, rows] = temp_min[0, rows] + np.minimum(V[i, j], V[rows, j])
+        jaccard_dist[i] = 1 - temp_min / (2.0 - temp_min)
+
+    final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
+    return final_dist[:num_query, num_query:]
 
 
 def clustered(seed=0, ids=12, per_id=6, nq=12, dim=8, spread=0.6):
-    """Identities as Gaussian clusters; the first image of each of `nq` identities is a query."""
+    """Identities as Gaussian clusters; the first image of each of `nq` identities is a query.
+
+    Distances are squared Euclidean, as engine.metrics passes them.
+    """
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(ids, dim))
     pids = np.repeat(np.arange(ids), per_id)
@@ -52,21 +84,107 @@ def clustered(seed=0, ids=12, per_id=6, nq=12, dim=8, spread=0.6):
     return (dist(qi, gi), dist(qi, qi), dist(gi, gi)), (pids[qi], pids[gi], cams[qi], cams[gi])
 
 
-@pytest.mark.parametrize("k1,k2,lam,block", [(20, 6, 0.3, None), (5, 3, 0.5, 50), (4, 1, 0.0, None)])
-def test_matches_literal(k1, k2, lam, block, monkeypatch):
-    if block:  # sum the Jaccard terms in many small blocks
-        monkeypatch.setattr("engine.rerank.TRIPLETS_PER_BLOCK", block)
-    blocks, _ = clustered(seed=k1)
-    out = re_ranking(*blocks, k1=k1, k2=k2, lambda_value=lam)
+def tied(seed, nq, ng, dim=3, levels=3, copies=4):
+    """Integer features on a coarse grid, each repeated `copies` times: many exactly equal distances."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, levels, size=(-(-(nq + ng) // copies), dim))
+    x = rng.permutation(np.repeat(base, copies, axis=0))[:nq + ng].astype(np.float32)
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    return d[:nq, nq:], d[:nq, :nq], d[nq:, nq:]
+
+
+def assert_standard(blocks, **kw):
+    out = re_ranking(*blocks, **kw)
     assert out.dtype == np.float32 and out.shape == blocks[0].shape and np.isfinite(out).all()
-    np.testing.assert_allclose(out, literal_rerank(*blocks, k1=k1, k2=k2, lam=lam), atol=1e-5)
+    np.testing.assert_allclose(out, standard_re_ranking(*blocks, **kw), rtol=0, atol=1e-4)
 
 
-def test_does_not_hurt_clustered_data():
+@pytest.mark.parametrize("seed,ids,per_id,nq,k1,k2,lam", [
+    (0, 12, 6, 12, 20, 6, 0.3),   # the published setting
+    (1, 30, 5, 20, 5, 3, 0.5),    # round(5 / 2) = 2: numpy rounds half to even
+    (2, 10, 7, 4, 3, 1, 0.0),     # k2 = 1: no query expansion; pure Jaccard
+    (3, 25, 4, 25, 7, 10, 0.9),
+    (4, 3, 4, 2, 20, 30, 0.3),    # a 12-image pool: k1 + 1 and k2 exceed it
+    (5, 10, 4, 5, 0, 3, 0.3),     # k1 = 0: R(p) is p alone
+])
+def test_matches_standard(seed, ids, per_id, nq, k1, k2, lam):
+    blocks, _ = clustered(seed, ids, per_id, nq)
+    assert_standard(blocks, k1=k1, k2=k2, lambda_value=lam)
+
+
+@pytest.mark.parametrize("blocks", [clustered(5, 15, 5, 10)[0], tied(4, 10, 40)], ids=["clustered", "tied"])
+def test_matches_standard_in_small_blocks(blocks, monkeypatch):
+    monkeypatch.setattr("engine.rerank.TRIPLETS_PER_BLOCK", 50)
+    monkeypatch.setattr("engine.rerank.KEYS_PER_BLOCK", 200)
+    monkeypatch.setattr("engine.rerank.TILE", 7)
+    assert_standard(blocks, k1=6, k2=3)
+
+
+def test_matches_standard_for_float64_input():
+    blocks, _ = clustered(6, 12, 5, 8)
+    assert_standard([b.astype(np.float64) for b in blocks], k1=6, k2=3)
+
+
+@pytest.mark.parametrize("k", [1, 4, 11, 40])
+def test_nearest_is_a_stable_argsort(k):
+    """Rows tied at the k-th place take the exact-key path, the others the float top-k path."""
+    d = np.random.default_rng(k).integers(0, 25, size=(40, 40)).astype(np.float32)
+    expected = np.argsort(d, axis=1, kind="stable")[:, :k]
+    if k < len(d):
+        ranked = np.sort(d, axis=1)
+        boundary_tie = ranked[:, k - 1] == ranked[:, k]
+        assert boundary_tie.any() and not boundary_tie.all()
+    np.testing.assert_array_equal(_nearest(torch.from_numpy(d), k).numpy(), expected)
+
+
+@pytest.mark.parametrize("seed,k1,k2", [(0, 20, 6), (1, 4, 1), (2, 2, 3), (3, 2, 1)])
+def test_matches_standard_under_ties(seed, k1, k2):
+    # Some images have more copies than fit in their own k1 + 1 nearest: their soft sets are empty.
+    assert_standard(tied(seed, 16, 60), k1=k1, k2=k2)
+
+
+def test_asymmetric_blocks_follow_the_column_scaling():
+    """The standard divides column i by its maximum and then transposes; only asymmetric input
+    tells that from dividing each row by its own maximum."""
+    rng = np.random.default_rng(6)
+    q_g, q_q, g_g = (rng.uniform(0.1, 1.0, size=s).astype(np.float32) for s in ((8, 30), (8, 8), (30, 30)))
+    assert_standard((q_g, q_q, g_g), k1=6, k2=3)
+    assert not np.allclose(re_ranking(q_g, q_q.T, g_g.T, k1=6, k2=3), re_ranking(q_g, q_q, g_g, k1=6, k2=3),
+                           rtol=0, atol=1e-3)
+
+
+def test_expansion_threshold_is_strict():
+    """A candidate set of 3 with 2 members inside R(p) must not be added (2 > 2/3 * 3 is false)."""
+    blocks, _ = clustered(seed=0, ids=8, per_id=4, nq=8, dim=4, spread=0.8)
+    kw = dict(k1=4, k2=2)
+    assert not np.allclose(standard_re_ranking(*blocks, **kw, expand_if=operator.ge),
+                           standard_re_ranking(*blocks, **kw), rtol=0, atol=1e-3)
+    assert_standard(blocks, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(k1=6, k2=3), dict()])
+def test_improves_map_on_clustered_data(kw):
+    """Overlapping identities (mAP about 0.52 plain): the reciprocal neighbourhoods must help."""
     blocks, ids = clustered(seed=3, ids=20, per_id=8, nq=20, spread=0.9)
     _, base = evaluate_rank(blocks[0], *ids)
-    _, rr = evaluate_rank(re_ranking(*blocks, k1=6, k2=3), *ids)
-    assert rr >= base - 1e-6
+    _, rr = evaluate_rank(re_ranking(*blocks, **kw), *ids)
+    assert rr > base + 0.01
+
+
+def test_evaluate_features_reranks_squared_euclidean_distances():
+    """engine.metrics feeds squared Euclidean distances, which the standard code then squares again
+    (as in the IL code's evaluator)."""
+    gen = torch.Generator().manual_seed(7)
+    centres = torch.randn(15, 16, generator=gen)
+    pids = torch.arange(15).repeat_interleave(6)
+    feats = centres[pids] + 0.7 * torch.randn(len(pids), 16, generator=gen)
+    qi = torch.arange(15) * 6
+    gi = torch.tensor([i for i in range(len(pids)) if i % 6])
+    ids = (pids[qi].numpy(), pids[gi].numpy(), (qi % 6).numpy(), (gi % 6).numpy())
+    qf, gf = feats[qi], feats[gi]
+    blocks = [pairwise_distance(a, b).numpy() for a, b in ((qf, gf), (qf, qf), (gf, gf))]
+    _, expected = evaluate_rank(standard_re_ranking(*blocks), *ids)
+    assert abs(evaluate_features(qf, gf, *ids, rerank=True)["mAP"] - expected) < 1e-6
 
 
 def test_identical_query_stays_first_and_lambda_one_keeps_ranking():
@@ -84,6 +202,8 @@ def test_identical_query_stays_first_and_lambda_one_keeps_ranking():
 def test_errors():
     with pytest.raises(ValueError, match="g_g_dist"):
         re_ranking(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="k2"):
+        re_ranking(np.ones((2, 3)), np.ones((2, 2)), np.ones((3, 3)), k2=0)
     with pytest.raises(ValueError, match="11659 queries \\+ 82161 gallery"):
         check_size(11659, 82161)
     check_size(3368, 15913)  # Market-1501 fits

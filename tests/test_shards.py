@@ -1,13 +1,17 @@
-"""The shard format on real files: JPEGs written with PIL, real tars, DALI's own reader and indexer."""
+"""The shard format on real files: JPEGs and PNGs written with PIL, real tars, DALI's own reader
+and indexer."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,8 @@ from pipeline.records import DatasetSplits, Record
 
 
 
-def _jpeg(path: Path, seed: int) -> Path:
+def _image(path: Path, seed: int) -> Path:
+    """A random 48x24 RGB picture, JPEG or PNG as the suffix says."""
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (48, 24, 3), dtype=np.uint8)).save(path, quality=90)
     return path
@@ -27,7 +32,8 @@ def _jpeg(path: Path, seed: int) -> Path:
 
 @pytest.fixture
 def raw(tmp_path) -> DatasetSplits:
-    """A small 'dataset' of real JPEG files: 7 train images, 3 query, 4 gallery."""
+    """A small 'dataset' of real image files: 7 train images, 3 query, 4 gallery; every third
+    one a PNG (as CUHK03-NP folders hold), the others JPEG."""
     folder = tmp_path / "raw"
     folder.mkdir()
     splits = DatasetSplits("market1501")
@@ -35,8 +41,8 @@ def raw(tmp_path) -> DatasetSplits:
     for split, count in (("train", 7), ("query", 3), ("gallery", 4)):
         for i in range(count):
             pid, cam = 1 + i // 2, i % 3
-            name = f"{pid:04d}_c{cam + 1}s1_{n:06d}_00.jpg"
-            path = _jpeg(folder / name, n)
+            name = f"{pid:04d}_c{cam + 1}s1_{n:06d}_00.{'png' if n % 3 == 1 else 'jpg'}"
+            path = _image(folder / name, n)
             splits.split(split).append(Record(key=f"{split}_{Path(name).stem}", pid=pid, camid=cam,
                                               dataset="market1501", split=split, file=f"{split}/{name}",
                                               path=str(path)))
@@ -56,7 +62,7 @@ def test_write_then_read_back(raw, tmp_path):
     m = _build(raw, tmp_path / "out")
     d = tmp_path / "out" / "market1501"
     assert m == json.loads((d / "manifest.json").read_text())
-    assert m["format"] == 1 and m["dataset"] == "market1501" and "skipped" not in m
+    assert m["format"] == 2 and m["dataset"] == "market1501" and "skipped" not in m
     assert {s: (v["images"], v["ids"], v["cams"], len(v["shards"])) for s, v in m["splits"].items()} == {
         "train": (7, 4, 3, 3), "query": (3, 2, 3, 1), "gallery": (4, 2, 3, 2)}
     assert m["mix"] == {"images": 14, "ids": 4 + 2}  # train ids and test ids are kept apart
@@ -72,6 +78,8 @@ def test_write_then_read_back(raw, tmp_path):
         assert reader.camids.dtype == np.int64 and reader.camids.tolist() == [r.camid for r in records]
         for i, r in enumerate(records):
             assert reader.read(i) == Path(r.path).read_bytes()  # original bytes, not re-encoded
+        members = [name for tar in reader.tars for name in tarfile.open(tar).getnames()]
+        assert members == [f"{r.key}{e}" for r in records for e in (Path(r.path).suffix, ".json")]
         clone = pickle.loads(pickle.dumps(reader))
         assert not clone._maps and clone.read(len(records) - 1) == reader.read(len(records) - 1)
         assert reader.location(0) == f"{d / (split + '-000000.tar')}:{records[0].key}"
@@ -103,21 +111,23 @@ def test_dali_webdataset_reader_gets_what_split_reader_gets(raw, tmp_path):
 
     @dali.pipeline_def(batch_size=2, num_threads=1, device_id=None)
     def pipe():
-        jpg, meta = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["jpg", "json"],
-                                          random_shuffle=False, missing_component_behavior="error", name="r")
-        return jpg, meta
+        image, meta = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["jpg;png", "json"],
+                                            random_shuffle=False, missing_component_behavior="error",
+                                            name="r")
+        return image, meta
 
     p = pipe()
     p.build()
     assert p.epoch_size("r") == len(reader)
     got = []
     while len(got) < len(reader):
-        jpgs, metas = p.run()
-        got += [(np.array(jpgs[j]).tobytes(), json.loads(np.array(metas[j]).tobytes()))
-                for j in range(len(jpgs))]
-    for i, (jpg, meta) in enumerate(got[:len(reader)]):
+        images, metas = p.run()
+        got += [(np.array(images[j]).tobytes(), json.loads(np.array(metas[j]).tobytes()))
+                for j in range(len(images))]
+    assert {Path(r.path).suffix for r in raw.train} == {".jpg", ".png"}
+    for i, (image, meta) in enumerate(got[:len(reader)]):
         r = raw.train[i]
-        assert jpg == reader.read(i)
+        assert image == reader.read(i)
         assert meta == {"pid": int(reader.pids[i]), "camid": int(reader.camids[i]), "dataset": "market1501",
                         "split": "train", "file": r.file}
 
@@ -137,8 +147,9 @@ def test_parallel_build_equals_serial(raw, tmp_path):
     assert _files(tmp_path / "a" / "market1501") == _files(tmp_path / "b" / "market1501")
 
 
-def test_corrupt_jpeg_stops_and_leaves_nothing(raw, tmp_path):
-    bad = Path(raw.query[1].path)
+@pytest.mark.parametrize("which", [0, 1])  # query 0 is a PNG, query 1 a JPEG
+def test_corrupt_image_stops_and_leaves_nothing(raw, tmp_path, which):
+    bad = Path(raw.query[which].path)
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     with pytest.raises(shards.ShardError, match=str(bad)):
         _build(raw, tmp_path / "out")
@@ -207,10 +218,30 @@ def test_missing_manifest_and_other_format(raw, tmp_path):
         shards.load_manifest(tmp_path / "market1501")
     _build(raw, tmp_path)
     path = tmp_path / "market1501" / "manifest.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "format": 2}))
-    with pytest.raises(shards.ShardError, match="shards built with format 2, this program reads format 1: "
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": 1}))  # CUHK03 still JPEG
+    with pytest.raises(shards.ShardError, match="shards built with format 1, this program reads format 2: "
                                                 "rebuild with tools/make_shards.py"):
         shards.SplitReader(tmp_path / "market1501", "train")
+
+
+def test_sample_without_one_image_member_is_refused(raw, tmp_path):
+    """A member of another image type (here .bmp) is no image the readers take."""
+    _build(raw, tmp_path)
+    d = tmp_path / "market1501"
+    tar = d / "train-000000.tar"
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as t:
+        for m, data in members:
+            m.name = m.name.replace(".jpg", ".bmp")
+            t.addfile(m, io.BytesIO(data))
+    shards.write_index(tar, tar.with_suffix(".idx"))
+    key = raw.train[0].key
+    message = (f"{tar}:{key}: a sample needs one image member (.jpg or .png) and a .json member, "
+               "it has .bmp, .json")
+    assert message in shards.verify_dataset(d)
+    with pytest.raises(shards.ShardError, match=re.escape(message)):
+        shards.SplitReader(d, "train")
 
 
 def test_foreign_folder_is_not_overwritten(raw, tmp_path):

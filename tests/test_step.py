@@ -1,16 +1,18 @@
 """The fast training iteration (engine.step) against the published one written literally
-(tools/reference.py): one forward per source, the unfused style module, the per-sample memory
-loop. Same initial weights, images, labels, shuffle and random draws must give the same loss,
-the same weights after the optimizer steps and the same memories. (NCHW inputs: channels_last
-changes the convolutions' summation order, and Adam's first steps amplify such rounding in
-near-zero gradients; the channels_last forward is checked in tests/test_resnet.py.)"""
+(tools/reference.py): a forward per source through 4 (or G) DataParallel replicas, the unfused
+style module, the per-sample memory loop. Same initial weights, images, labels, shuffle and
+random draws must give the same loss, weights, running statistics and memories, on 1 rank here
+and on 2 and 4 gloo ranks under torchrun. All in float64 (tests/step_case.py says why)."""
 from __future__ import annotations
 
-import copy
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from engine.optim import build_scaler
@@ -18,85 +20,106 @@ from engine.step import MODES, shuffle_plan, train_step
 from model.memory import MemoryClassifier
 from model.resnet import build_model
 from model.style import UBS
-from tools.reference import LiteralUBS, reference_step
+from tests import step_case
+from tools.reference import reference_step
 
-SIZES = [8, 8, 8]
-CLASSES = [5, 7, 6]
-
-
-def batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(sum(SIZES), 3, 64, 32, generator=g)
-    # 2 identities x 4 images per source, in sampler order, so labels repeat within a batch
-    labels = torch.cat([torch.randperm(n, generator=g)[:2].repeat_interleave(4) for n in CLASSES])
-    return images, labels
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("mode", ["il", "fbf", "fb"])
-def test_fast_iteration_matches_the_published_one(mode):
-    torch.manual_seed(0)
-    fast = build_model("resnet18", style=UBS()).train()
-    ref = copy.deepcopy(fast)
-    ref.style = LiteralUBS()
-    memories = [MemoryClassifier(fast.num_features, n) for n in CLASSES]
-    for m in memories:
-        m.centers.copy_(F.normalize(torch.randn_like(m.centers), dim=1))
-    centers = [m.centers.clone() for m in memories]
-    opt_fast = torch.optim.Adam(fast.parameters(), lr=3.5e-4, weight_decay=5e-4)
-    opt_ref = torch.optim.Adam(ref.parameters(), lr=3.5e-4, weight_decay=5e-4)
-    scaler = build_scaler(torch.device("cpu"), None)
-
-    for it in range(2):
-        images, labels = batch(it)
-        plan = shuffle_plan(SIZES, 1, 0, seed=3, epoch=0, it=it, shuffle=mode != "fb")
+@functools.cache
+def literal_run(mode: str, groups: int) -> dict[str, torch.Tensor]:
+    """tests/step_case.py's iterations as the published code runs them."""
+    model, memories = step_case.build(groups)
+    ref = step_case.literal(model)
+    centers = [m.centers for m in memories]
+    opt = torch.optim.Adam(ref.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    for it in range(step_case.ITERS):
+        images, labels, _ = step_case.batch(it)
+        plan = shuffle_plan(step_case.SIZES, 1, 0, seed=3, epoch=0, it=it, shuffle=mode != "fb")
         torch.manual_seed(10 + it)
-        loss_fast = train_step(fast, memories, images, labels,
-                               SIZES, opt_fast, scaler, None, mode, plan)
+        reference_step(ref, centers, list(images.split(step_case.SIZES)), list(labels.split(step_case.SIZES)),
+                       opt, mode, perm=plan.perm, replicas=groups)
+    return step_case.state(ref, memories)
+
+
+def fast_run(mode: str, groups: int, known_labels: bool = True) -> tuple[dict[str, torch.Tensor], list[float]]:
+    model, memories = step_case.build(groups)
+    opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    losses = []
+    for it in range(step_case.ITERS):
+        images, labels, per_source = step_case.batch(it)
+        plan = shuffle_plan(step_case.SIZES, 1, 0, seed=3, epoch=0, it=it, shuffle=mode != "fb",
+                            labels=per_source if known_labels else None)
         torch.manual_seed(10 + it)
-        if mode == "fb":
-            loss_ref = reference_fb(ref, centers, images, labels, opt_ref)
-        else:
-            loss_ref = reference_step(ref, centers, list(images.split(SIZES)), list(labels.split(SIZES)),
-                                      opt_ref, mode, perm=plan.perm)
-        assert float(loss_fast) == pytest.approx(loss_ref, rel=1e-5)
-    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-    for m, c in zip(memories, centers):
-        torch.testing.assert_close(m.centers, c, rtol=1e-4, atol=1e-5)
+        losses.append(float(train_step(model, memories, images, labels, step_case.SIZES, opt,
+                                       build_scaler(torch.device("cpu"), None), None, mode, plan)))
+    return step_case.state(model, memories), losses
 
 
-def reference_fb(model, centers, images, labels, optimizer) -> float:
-    """The FB baseline as published: forward per source, step, memories take those features."""
-    from tools.reference import loop_update, memory_loss
-
-    feats = [model(x) for x in images.split(SIZES)]
-    loss = sum(memory_loss(f, c, y, 0.05) for f, c, y in zip(feats, centers, labels.split(SIZES))) / 3
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    for f, c, y in zip(feats, centers, labels.split(SIZES)):
-        loop_update(c, f.detach(), y, 0.2)
-    return loss.item()
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-7, atol=1e-9,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
-def fake_step(mode: str, round_sizes: list[list[int]] | None) -> torch.Tensor:
+@pytest.mark.parametrize("mode, groups", [("il", 4), ("fbf", 4), ("fb", 4), ("il", 1), ("il", 2)])
+def test_fast_iteration_matches_the_published_one(mode, groups):
+    got, losses = fast_run(mode, groups)
+    assert all(0 < loss < 20 for loss in losses)
+    assert_same_state(got, literal_run(mode, groups))
+
+
+def test_memory_rounds_read_back_when_the_labels_are_not_known():
+    """Without the global labels the step gathers the device labels and the memory update
+    finds its rounds itself: same result."""
+    assert_same_state(fast_run("il", 4, known_labels=False)[0], fast_run("il", 4)[0])
+
+
+def test_statistics_groups_change_the_result():
+    """The literal comparison above means something: 4 groups and whole batches differ."""
+    four, one = literal_run("il", 4), literal_run("il", 1)
+    assert not torch.allclose(four["param.layer1.0.conv1.weight"], one["param.layer1.0.conv1.weight"])
+    assert not torch.allclose(four["buffer.bn1.running_var"], one["buffer.bn1.running_var"])
+
+
+@pytest.mark.parametrize("world, mode, groups", [(2, "il", 4), (2, "il", 1), (4, "il", 2), (2, "fb", 4)])
+def test_ranks_repeat_the_published_iteration(tmp_path, world, mode, groups):
+    """2 and 4 gloo ranks: the same groups of images, synchronised where a group spans ranks
+    (groups=1 on 2 ranks, groups=2 on 4), the global shuffle moved by all-to-all, memories
+    updated in the global shuffled order. Rank 0 ends where the literal single process does."""
+    result = tmp_path / "state.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+           str(ROOT / "tests" / "dist_step_check.py"), str(result), mode, str(groups)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_state(torch.load(result, weights_only=True), literal_run(mode, groups))
+
+
+def fake_step(mode: str, round_sizes: list[list[int]] | None, known_labels: bool) -> torch.Tensor:
     """One iteration where every tensor holds a shape and no values (FakeTensorMode): reading a
     value back to the host (``item``, ``tolist``, ``bool``, ``nonzero``...) raises, just as it
     would stall the host until the GPU has caught up."""
+    sizes, classes = step_case.SIZES, step_case.CLASSES
+    _, _, per_source = step_case.batch(0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         net = build_model("resnet18", style=UBS()).train()
-        memories = [MemoryClassifier(net.num_features, n) for n in CLASSES]
+        memories = [MemoryClassifier(net.num_features, n) for n in classes]
         opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, weight_decay=5e-4, fused=True)
-        images, labels = torch.randn(sum(SIZES), 3, 64, 32), torch.cat([torch.arange(n) % 2 for n in SIZES])
-        plan = shuffle_plan(SIZES, 1, 0, seed=3, epoch=0, it=0, shuffle=mode != "fb", round_sizes=round_sizes)
-        return train_step(net, memories, images, labels, SIZES, opt, build_scaler(torch.device("cpu"), None),
+        images, labels = torch.randn(sum(sizes), 3, 64, 32), torch.cat([torch.arange(n) % 4 for n in sizes])
+        plan = shuffle_plan(sizes, 1, 0, seed=3, epoch=0, it=0, shuffle=mode != "fb", round_sizes=round_sizes,
+                            labels=per_source if known_labels else None)
+        return train_step(net, memories, images, labels, sizes, opt, build_scaler(torch.device("cpu"), None),
                           None, mode, plan)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_the_step_reads_nothing_back_from_the_device(mode):
-    """With the sampler's round sizes the whole iteration (forwards, loss, fused Adam, memory
-    updates) only queues work; without them the memory update reads its round sizes back."""
-    assert fake_step(mode, round_sizes=[[2] * 4] * 3).shape == ()
+    """With the global labels (or the sampler's round sizes) the whole iteration (grouped
+    forwards, loss, fused Adam, memory updates) only queues work; without either the memory
+    update reads its round sizes back."""
+    assert fake_step(mode, None, known_labels=True).shape == ()
+    assert fake_step(mode, [[4] * 4] * 3, known_labels=False).shape == ()
     with pytest.raises(DataDependentOutputException):
-        fake_step(mode, round_sizes=None)
+        fake_step(mode, round_sizes=None, known_labels=False)

@@ -1,4 +1,4 @@
-"""UBS against the step-by-step version written from DESIGN.md section 5."""
+"""UBS against the step-by-step version written from docs/design.md."""
 import pytest
 import torch
 
@@ -7,7 +7,7 @@ from tools.reference import LiteralUBS
 
 
 def literal_ubs(x, rho=3.0, eps=1e-6):
-    """Every step as DESIGN words it (tools/reference.py), in fp32, on a plain NCHW copy."""
+    """Every step as docs/design.md words it (tools/reference.py), in fp32, on a plain NCHW copy."""
     return LiteralUBS(rho, eps).train()(x.float().contiguous())
 
 

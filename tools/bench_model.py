@@ -5,11 +5,17 @@ by the sampler as in training ("rounds"). Median of repeats after warm-up; CUDA 
 synchronise after every call, so they show the cost of a call, not the stall a read-back
 causes inside a queued iteration.
 
+``--ops`` counts instead the ATen operations one training iteration dispatches (views
+excluded), per phase and per ``--bn-groups`` value: on a GPU the step is bound by the host's
+dispatching, so the count is the cost that statistics groups must not multiply.
+
     python tools/bench_model.py [--device cpu,cuda] [--repeats 5] [--json out.json]
+    python tools/bench_model.py --ops [--bn-groups 1 4] [--arch resnet50] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -19,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from model.memory import MemoryClassifier  # noqa: E402
 from pipeline.loader import round_sizes  # noqa: E402
@@ -61,6 +68,80 @@ def bench_device(device: torch.device, args) -> list[dict]:
     return rows
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched ATen operations (views excluded) under the current ``phase``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "set-up"
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_ops(arch: str, bn_groups: int, mode: str = "il", batch: int = 64,
+                   size: tuple[int, int] = (32, 16)) -> dict[str, int]:
+    """ATen operations of one training iteration (engine.step.train_step, CPU, fp32, fused Adam,
+    the sampler's labels known), after one warm-up iteration, split into phases by hooks on the
+    model and the optimizer. Counts do not depend on the image size, so a small one is used."""
+    from engine.optim import build_scaler
+    from engine.step import shuffle_plan, train_step
+    from model.resnet import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, style=UBS(), bn_groups=bn_groups).train().to(memory_format=torch.channels_last)
+    classes = [1041, 702, 767]
+    memories = [MemoryClassifier(model.num_features, n) for n in classes]
+    opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4, fused=True)
+    scaler = build_scaler(torch.device("cpu"), None)
+    sizes = [batch] * 3
+    labels = [torch.randperm(n)[:batch // 4].repeat_interleave(4) for n in classes]
+    images = torch.randn(3 * batch, 3, *size).contiguous(memory_format=torch.channels_last)
+    counter, forwards = OpCounter(), []
+
+    def forward_pre(*_):
+        counter.phase = "forward 1" if not forwards else "forward 2 (with shuffle)"
+
+    def forward_post(*_):
+        forwards.append(1)
+        counter.phase = "loss + backward" if len(forwards) == 1 else "memory update"
+
+    def optimizer_pre(*_):
+        counter.phase = "optimizer"
+
+    def optimizer_post(*_):
+        counter.phase = "forward 2 (with shuffle)"
+
+    hooks = [model.register_forward_pre_hook(forward_pre), model.register_forward_hook(forward_post),
+             opt.register_step_pre_hook(optimizer_pre), opt.register_step_post_hook(optimizer_post)]
+    for it in range(2):
+        plan = shuffle_plan(sizes, 1, 0, seed=0, epoch=0, it=it, shuffle=mode != "fb",
+                            labels=[y.numpy() for y in labels])
+        forwards.clear()
+        counter.counts.clear()
+        with counter:
+            train_step(model, memories, images, torch.cat(labels), sizes, opt, scaler, None, mode, plan)
+    for h in hooks:
+        h.remove()
+    counts = {k: v for k, v in counter.counts.items() if k != "set-up"}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def print_ops(args) -> list[dict]:
+    rows = [{"bn_groups": g, "arch": args.arch, "mode": "il", **count_step_ops(args.arch, g)}
+            for g in args.bn_groups]
+    phases = [k for k in rows[0] if k not in ("bn_groups", "arch", "mode")]
+    print(f"ATen operations of one IL iteration ({args.arch}, views excluded), by --bn-groups")
+    print(f"{'phase':<26}" + "".join(f"{'groups ' + str(r['bn_groups']):>12}" for r in rows))
+    for k in phases:
+        print(f"{k:<26}" + "".join(f"{r.get(k, 0):>12}" for r in rows))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,9 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=4101, help="memory classes (MSMT17 mix: 4101)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    p.add_argument("--ops", action="store_true",
+                   help="count the ATen operations of one training iteration per phase instead of timing")
+    p.add_argument("--bn-groups", type=int, nargs="+", default=[1, 4],
+                   help="--ops: statistics-group settings to count (train.py --bn-groups)")
+    p.add_argument("--arch", choices=("resnet50", "resnet18"), default="resnet50", help="--ops: backbone")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ops:
+        rows = print_ops(args)
+        if args.json:
+            args.json.write_text(json.dumps({"torch": torch.__version__, "ops": rows}, indent=2))
+        return 0
     devices = [d for d in args.device.split(",") if d != "cuda" or torch.cuda.is_available()]
     rows = []
     for d in devices:

@@ -67,6 +67,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-batch-size", type=int, default=256,
                    help="images per forward in the eval mode's feature extraction")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast model")
+    p.add_argument("--bn-groups", type=int, default=4,
+                   help="statistics groups of the fast model (train.py --bn-groups); the reference "
+                        "normalises each source's batch as one")
     p.add_argument("--out", type=Path, default=Path("logs/benchmark"), help="folder for JSON and PNG")
     p.add_argument("--worker", action="store_true",
                    help="measure in this process group (under torchrun, e.g. across nodes) instead of "
@@ -117,6 +120,7 @@ def device_sync(device: torch.device):
 # ---------------------------------------------------------------- step and train (under torchrun)
 
 def build_fast(args, device, world: int, num_classes: list[int]):
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from engine.optim import amp_dtype, build_optimizer, build_scaler
@@ -125,7 +129,9 @@ def build_fast(args, device, world: int, num_classes: list[int]):
     from model.style import UBS
 
     dtype = amp_dtype(args.amp, device)
-    model = build_model(args.arch, "none", style=UBS()).to(device, memory_format=torch.channels_last)
+    model = build_model(args.arch, "none", style=UBS(), bn_groups=args.bn_groups)
+    model = model.to(device, memory_format=torch.channels_last)
+    model.rank, model.world = dist.get_rank() if world > 1 else 0, world
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   gradient_as_bucket_view=True) if world > 1 else model
     if args.compile:
@@ -143,7 +149,9 @@ def build_reference(args, device, world: int, num_classes: list[int]):
     from model.resnet import build_model
     from tools.reference import LiteralUBS
 
-    model = build_model(args.arch, "none", style=LiteralUBS()).to(device)
+    # one forward per source, each normalised as one batch (the published replicas ran on
+    # separate GPUs at once; one GPU running them one after another would only be slower)
+    model = build_model(args.arch, "none", style=LiteralUBS(), bn_groups=1).to(device)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     centers = [torch.nn.functional.normalize(torch.randn(n, model.num_features, device=device), dim=1)
@@ -157,20 +165,18 @@ INSTANCES = 4  # images per identity in a batch, as the identity sampler draws t
 
 def random_batch(args, device, world: int, rank: int, num_classes: list[int], channels_last: bool, dtype):
     """Random images and sampler-like labels (batch/4 identities x 4 each, the same global
-    batch on every rank, each rank taking its slice), per source, and each source's memory-update
-    round sizes over the global batch."""
-    from pipeline.loader import round_sizes
-
+    batch on every rank, each rank taking its slice), per source, and each source's global
+    batch labels (what the sampler hands the training step)."""
     per_rank = args.batch_size // world
     g = torch.Generator().manual_seed(0)
-    images, labels, rounds = [], [], []
+    images, labels, batch_labels = [], [], []
     for n in num_classes:
         x = torch.randn(per_rank, 3, args.height, args.width, device=device, dtype=dtype or torch.float32)
         images.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         ids = torch.randperm(n, generator=g)[:args.batch_size // INSTANCES].repeat_interleave(INSTANCES)
         labels.append(ids[rank * per_rank:(rank + 1) * per_rank].to(device))
-        rounds.append(round_sizes(ids.numpy()))
-    return images, labels, rounds
+        batch_labels.append(ids.numpy())
+    return images, labels, batch_labels
 
 
 def worker_step_or_train(args, impl: str, mode: str) -> dict:
@@ -195,14 +201,14 @@ def worker_step_or_train(args, impl: str, mode: str) -> dict:
 
         def next_batch():
             if loader is None:
-                x, y, rounds = fixed
-                return torch.cat(x), torch.cat(y), [len(t) for t in y], rounds
+                x, y, batch_labels = fixed
+                return torch.cat(x), torch.cat(y), [len(t) for t in y], batch_labels
             b = next(state["batches"])
-            return b.images, b.labels, b.sizes, b.round_sizes
+            return b.images, b.labels, b.sizes, b.batch_labels
 
         def iteration():
-            images, labels, sizes, round_sizes = next_batch()
-            plan = shuffle_plan(sizes, world, info.rank, 0, 0, state["it"], round_sizes=round_sizes)
+            images, labels, sizes, batch_labels = next_batch()
+            plan = shuffle_plan(sizes, world, info.rank, 0, 0, state["it"], labels=batch_labels)
             train_step(net, memories, images, labels, sizes, opt, scaler, dtype, "il", plan)
             state["it"] += 1
     else:
@@ -248,10 +254,13 @@ def make_train_loader(args, impl: str, info, sources: list[str]):
         cfg.dtype = amp_dtype(args.amp, info.device) or torch.float32
         loader = build_train_loader(args.shards, sources, cfg)
         return loader, loader.num_classes
-    from tools.bench_loaders import folder_loader
+    from tools.bench_loaders import FolderUnavailable, folder_loader
     if args.data_dir is None:
         raise SystemExit("--impl reference in train mode needs --data-dir (the raw JPEG folders)")
-    loader, num_classes = folder_loader(args.data_dir, sources, cfg)
+    try:
+        loader, num_classes = folder_loader(args.data_dir, sources, cfg)
+    except FolderUnavailable as err:
+        raise SystemExit(f"--impl reference in train mode: {err}") from err
     return FolderBatches(loader, info.device, len(sources)), num_classes
 
 
@@ -342,8 +351,10 @@ def report(results: list[dict], out: Path, info: dict, config: dict) -> None:
                   f"(metrics, {r['num_query']} x {r['num_gallery']} x {r['dim']}, {r['device']})")
             print(f"{'eval':6} {'extract':16} {1:5d} {r['extract_images_per_s']:10.1f} {'':>9}   "
                   f"(forward, test batch on the device)")
+        elif r["mode"] == "data" and "skipped" in r:
+            print(f"{'data':6} {r['loader']:16} skipped: {r['skipped']}")
         elif r["mode"] == "data":
-            folder = next((x for x in results if x.get("loader") == "folder"), None)
+            folder = next((x for x in results if x.get("loader") == "folder" and "images_per_s" in x), None)
             ratio = f"{r['images_per_s'] / folder['images_per_s']:6.2f}x" if folder else ""
             print(f"{'data':6} {r['loader']:16} {1:5d} {r['images_per_s']:10.1f} {'':>9} {ratio:>7}")
         else:
@@ -433,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             args.result.write_text(json.dumps(result))
         return 0
+    check_process_counts(counts, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     forwarded = [a for a in _strip(argv, ("--mode", "--impl", "--gpus", "--out"))]
     impls = ("fast", "reference") if args.impl == "both" else (args.impl,)
     modes = MODES if args.mode == "all" else (args.mode,)
@@ -454,6 +466,18 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: getattr(args, k) for k in keys}
     report(results, args.out, machine(), config)
     return 0
+
+
+def check_process_counts(counts: list[int], gpus: int) -> None:
+    """Refuse a --gpus count above the ``gpus`` visible GPUs: torchrun would start ranks with no
+    GPU of their own, which fail far from the cause. On a CPU-only machine (``gpus`` 0) any count
+    runs, as gloo processes sharing the cores."""
+    if gpus and max(counts) > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise SystemExit(f"--gpus {','.join(map(str, counts))}: asks for {max(counts)} processes on one "
+                         f"machine, which shows {gpus} GPU(s)"
+                         + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                         + f"; give counts up to {gpus}, or run --worker under torchrun on several machines")
 
 
 def _strip(argv: list[str], flags: tuple[str, ...]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Turn the raw re-ID datasets into WebDataset shards (DESIGN section 4), once.
+"""Turn the raw re-ID datasets into WebDataset shards (docs/design.md), once.
 
     python tools/make_shards.py --data-dir DATA --out shards --workers 8
     python tools/make_shards.py --out shards --verify
@@ -9,6 +9,7 @@ started again.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,18 @@ from pipeline.records import DATASETS, SPLITS  # noqa: E402
 
 # What OUT itself may hold besides dataset folders (the repository's shards/ keeps a README).
 _OUT_EXTRAS = {"README.md", ".gitignore", ".gitkeep"}
+
+# (images, identities) per split as the datasets' authors publish them (CUHK03: the new
+# protocol of Zhong et al. 2017; MSMT17_V1 train = list_train + list_val). A real dataset that
+# parses to other counts is incomplete or laid out otherwise than pipeline/datasets.py reads it.
+PUBLISHED_COUNTS = {
+    "market1501": {"train": (12936, 751), "query": (3368, 750), "gallery": (15913, 751)},
+    "dukemtmc": {"train": (16522, 702), "query": (2228, 702), "gallery": (17661, 1110)},
+    "cuhk03": {"train": (7365, 767), "query": (1400, 700), "gallery": (5332, 700)},
+    "cuhk03_labeled": {"train": (7368, 767), "query": (1400, 700), "gallery": (5328, 700)},
+    "msmt17v1": {"train": (32621, 1041), "query": (11659, 3060), "gallery": (82161, 3060)},
+}
+log = logging.getLogger("make_shards")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,6 +98,7 @@ def verify(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     from pipeline.datasets import parse  # the parsers need h5py/scipy; --verify does not
+    from tools.make_synthetic import MARKER  # its small look-alikes have other counts than the real data
 
     names = args.datasets or [n for n in DATASETS if (args.data_dir / n).is_dir()]
     if not names:
@@ -102,6 +116,9 @@ def build(args: argparse.Namespace) -> int:
         print(f"{name}: {reason}, building")
         start = time.perf_counter()
         splits = parse(name, args.data_dir, cuhk03_labeled=args.cuhk03_labeled)
+        if not (args.data_dir / MARKER).is_file():
+            for msg in count_differences(splits, args.cuhk03_labeled):
+                log.warning("%s (is %s complete?)", msg, args.data_dir / name)
         manifest = shards.write_dataset(splits, args.out, shard_size=args.shard_size, workers=args.workers,
                                         skip_bad=args.skip_bad, extra=extra)
         rows.append((name, manifest, time.perf_counter() - start))
@@ -110,6 +127,20 @@ def build(args: argparse.Namespace) -> int:
                   f"{args.out / name / shards.MANIFEST}")
     print(summary(rows))
     return 0
+
+
+def count_differences(splits, cuhk03_labeled: bool = False) -> list[str]:
+    """One sentence per split whose parsed counts differ from the published ones (none for a
+    dataset without published counts, CUHK-SYSU)."""
+    key = "cuhk03_labeled" if splits.name == "cuhk03" and cuhk03_labeled else splits.name
+    out = []
+    for split, (images, ids) in PUBLISHED_COUNTS.get(key, {}).items():
+        records = splits.split(split)
+        found = (len(records), len({r.pid for r in records}))
+        if found != (images, ids):
+            out.append(f"{key} {split}: found {found[0]} images of {found[1]} identities, the published "
+                       f"dataset has {images} images of {ids} identities")
+    return out
 
 
 def _check_out(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""Write a synthetic copy of the five raw re-ID datasets (DESIGN section 3), so the whole system
+"""Write a synthetic copy of the five raw re-ID datasets (docs/design.md), so the whole system
 runs end to end with no download.
 
 Every layout is the real one: Market-1501 / DukeMTMC-reID folders and file names (with junk

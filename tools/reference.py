@@ -1,4 +1,4 @@
-"""The published procedure's way of computing, written literally from DESIGN.md section 5.
+"""The published procedure's way of computing, written literally from docs/design.md.
 
 Two users: the tests hold the fast code (``model.style.UBS``, ``MemoryClassifier.update``) against
 these step-by-step versions, and ``tools/benchmark.py --impl reference`` runs a training
@@ -19,7 +19,7 @@ class LiteralUBS(UBS):
 
     def restyle(self, x: torch.Tensor) -> torch.Tensor:
         B, C = x.shape[:2]
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mu = xf.mean(dim=(2, 3), keepdim=True)
         var = xf.var(dim=(2, 3), keepdim=True)
         sig = (var + self.eps).sqrt()
@@ -34,6 +34,25 @@ class LiteralUBS(UBS):
         sig_new = sig_mean - self.rho * sig_std + 2 * self.rho * sig_std * r_sig
         out = x_norm * sig_new.view(B, C, 1, 1) + mu_new.view(B, C, 1, 1)
         return out.to(x.dtype)
+
+
+def replica_forward(model, x: torch.Tensor, replicas: int = 1, **kwargs) -> torch.Tensor:
+    """``nn.DataParallel(model)`` over ``replicas`` GPUs, literally: the batch is scattered as
+    contiguous chunks, each forwarded by its own replica; replica 0 is the module itself, so only
+    its in-place running-statistics updates survive, while the others work on copies of the
+    buffers (DataParallel broadcasts them) that are dropped after the forward. Parameters are
+    shared, so gradients of every replica reach them."""
+    if replicas == 1:
+        return model(x, **kwargs)
+    params = dict(model.named_parameters())
+    outs = []
+    for k, part in enumerate(x.chunk(replicas)):
+        if k == 0:
+            outs.append(model(part, **kwargs))
+        else:
+            buffers = {n: b.clone() for n, b in model.named_buffers()}
+            outs.append(torch.func.functional_call(model, {**params, **buffers}, (part,), kwargs))
+    return torch.cat(outs)
 
 
 @torch.no_grad()
@@ -52,22 +71,28 @@ def memory_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Ten
 
 def reference_step(model, centers: list[torch.Tensor], images: list[torch.Tensor],
                    labels: list[torch.Tensor], optimizer, mode: str = "il", temp: float = 0.05,
-                   momentum: float = 0.2, perm: torch.Tensor | None = None) -> float:
+                   momentum: float = 0.2, perm: torch.Tensor | None = None, replicas: int = 1) -> float:
     """One iteration as the published code runs it: a forward per source, fp32, the loss, a
     step, then the shuffled second forward (`perm`, or a fresh random permutation) and the
-    per-sample memory loop. Returns the loss (read back to the host every iteration, as the
-    published logging does)."""
-    feats = [model(x) for x in images]
+    per-sample memory loop; every forward through ``replicas`` DataParallel replicas (the
+    model itself must normalise each call as one batch: ``bn_groups=1``). FB (``mode="fb"``)
+    updates the memories with the first forward's features instead. Returns the loss (read back
+    to the host every iteration, as the published logging does)."""
+    feats = [replica_forward(model, x, replicas) for x in images]
     loss = sum(memory_loss(f, c, y, temp) for f, c, y in zip(feats, centers, labels)) / len(images)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
     with torch.no_grad():
+        if mode == "fb":
+            for f, c, y in zip(feats, centers, labels):
+                loop_update(c, f.detach(), y, momentum)
+            return loss.item()
         x = torch.cat(images)
         y = torch.cat(labels)
         src = torch.cat([torch.full((len(t),), j) for j, t in enumerate(labels)])
         perm = torch.randperm(len(x)) if perm is None else perm.cpu()
-        f2 = model(x[perm.to(x.device)], style=mode == "il")
+        f2 = replica_forward(model, x[perm.to(x.device)], replicas, style=mode == "il")
         y, src = y[perm.to(y.device)], src[perm]
         for j, c in enumerate(centers):
             keep = (src == j).to(f2.device)

@@ -1,0 +1,63 @@
+"""A small training case shared by tests/test_step.py and the ranks of tests/dist_step_check.py:
+the same initial weights, memories and global batches wherever it is built, in float64 so that
+rounding cannot grow through Adam's steps into a visible difference (fp32 summation-order noise
+in near-zero gradients turns into differences of the step size)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.memory import MemoryClassifier
+from model.resnet import build_model
+from model.style import UBS
+from tools.reference import LiteralUBS
+
+SIZES = [16, 16, 16]  # global rows per source: 4 identities x 4 images
+CLASSES = [5, 7, 6]
+ITERS = 2
+
+
+def build(bn_groups: int) -> tuple[torch.nn.Module, list[MemoryClassifier]]:
+    torch.manual_seed(0)
+    model = build_model("resnet18", style=UBS(), bn_groups=bn_groups).double().train()
+    memories = [MemoryClassifier(model.num_features, n).double() for n in CLASSES]
+    g = torch.Generator().manual_seed(1)
+    for m in memories:
+        m.centers.copy_(F.normalize(torch.randn(m.centers.shape, generator=g, dtype=torch.float64), dim=1))
+    return model, memories
+
+
+def literal(model: torch.nn.Module) -> torch.nn.Module:
+    """The same network as the published code ran it: each call normalised as one batch (the
+    replicas are made by tools.reference.replica_forward), the step-by-step style module."""
+    ref = copy.deepcopy(model)
+    ref.bn_groups = 1
+    ref.style = LiteralUBS()
+    return ref
+
+
+def batch(it: int) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """Global images, labels (sources one after another, sampler order) and labels per source."""
+    g = torch.Generator().manual_seed(100 + it)
+    images = torch.randn(sum(SIZES), 3, 16, 8, generator=g, dtype=torch.float64)
+    labels = torch.cat([torch.randperm(n, generator=g)[:s // 4].repeat_interleave(4)
+                        for n, s in zip(CLASSES, SIZES)])
+    return images, labels, [y.numpy() for y in labels.split(SIZES)]
+
+
+def rank_rows(rank: int, world: int) -> torch.Tensor:
+    """Rows of the global batch that rank holds: its slice of every source."""
+    starts = np.cumsum([0] + SIZES[:-1])
+    return torch.cat([torch.arange(s + rank * n // world, s + (rank + 1) * n // world)
+                      for s, n in zip(starts, SIZES)])
+
+
+def state(model: torch.nn.Module, memories: list[MemoryClassifier]) -> dict[str, torch.Tensor]:
+    """Weights, buffers (running statistics, batch counts) and memories, by name."""
+    out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out.update({f"buffer.{n}": b.clone() for n, b in model.named_buffers()})
+    out.update({f"memory.{j}": m.centers.clone() for j, m in enumerate(memories)})
+    return out
