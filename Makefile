@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 # torch and torchvision come from pip's usual resolution; DALI's CPU-only mode runs in CI.
 EXTRAS  ?= test,dali
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,17 @@ bench: install $(BENCH)/data/SYNTHETIC.json
 	$(BIN)/python tools/make_shards.py --data-dir $(BENCH)/data --out $(BENCH)/shards --workers 4
 	$(BIN)/python tools/benchmark.py --mode all --impl both --shards $(BENCH)/shards \
 		--data-dir $(BENCH)/data --out $(BENCH) $(if $(filter 1,$(HAS_CUDA)),--workers 8,$(CPU_BENCH))
+
+# `make gpu-check`: every GPU path in one go (tools/gpu_check.py: synthetic data, shards, GPU tests,
+# DALI against PIL, the benchmarks; OUT/results.json and OUT/summary.md), with whichever Python is
+# there: the .venv when it exists, else the machine's own (a bare GPU machine has no network to
+# install one). GPU_CHECK_FLAGS="--device cpu --quick" runs the tiny CPU configuration CI runs.
+GPU_CHECK       ?= logs/gpu-check
+GPU_CHECK_FLAGS ?=
+GPU_PY          ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py --out $(GPU_CHECK) $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf $(VENV) logs

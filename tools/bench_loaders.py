@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                        num_instances=args.num_instances, device=torch.device(args.device))
     results = []
     for sources in [args.sources.split(",")] + [CUHK03_SOURCES] * args.cuhk03:
-        results += measure_loaders(args.shards, args.data_dir, sources, args.loaders.split(","), cfg, args.warmup)
+        results += measure_loaders(args.shards, args.data_dir, sources, args.loaders.split(","), cfg,
+                                   args.warmup)
     print(f"{'loader':<8} {'workers':>7} {'batch':>6} {'images/s':>10}  sources (formats)")
     for r in results:
         formats = ", ".join(f"{s} {'+'.join(r['formats'][s])}" for s in r["sources"])

@@ -1,0 +1,726 @@
+"""Every GPU path of the project in one command (`make gpu-check`), for the short, rare loans of a
+GPU machine: no network there, the machine's own torch, DALI present or not.
+
+    python tools/gpu_check.py --out logs/gpu-check             # on the GPU machine, within 8 minutes
+    python tools/gpu_check.py --device cpu --quick --out DIR   # the same sequence, tiny, on a CPU (CI)
+
+Steps, in the order they run, each a subprocess with its own time limit and its log in
+OUT/logs/<step>.log:
+
+  synthetic      tools/make_synthetic.py: the medium synthetic set (--quick: small)
+  shards         tools/make_shards.py --workers N: its shards (not CUHK-SYSU: nothing here reads it)
+  gpu-tests      pytest -m gpu, with which GPU tests passed, failed or were skipped, and why
+  sync-free      the checks that a training iteration never waits for the device: CUDA's sync
+                 debug mode (tests/test_gpu.py) and FakeTensorMode (tests/test_step.py)
+  loader-parity  tools/compare_loaders.py: DALI against PIL on the same images
+  bench-step, bench-train, bench-data, bench-eval
+                 tools/benchmark.py --mode MODE --impl both: this project against the published way
+  model-parts    tools/bench_model.py: fused UBS and vectorised memory update against the literal ones
+  loaders-png    tools/bench_loaders.py --cuhk03: the loaders on sources with CUHK03's PNG images
+  ops            tools/bench_model.py --ops: ATen operations one training iteration dispatches
+
+A failing step does not stop the others; a step whose input step failed is skipped, saying so.
+The data steps run beside gpu-tests and sync-free, which need no data and time nothing; every
+timing step runs alone (with --quick two steps at a time: its timings only show that the tools
+work). ``--budget`` (450 s) bounds the whole run: a step that cannot start in time is skipped,
+saying so. Without DALI the torch loader runs alone and the DALI comparison is skipped with the
+import error.
+
+OUT/results.json holds the machine (GPU, driver, CUDA, torch, DALI, Python, CPUs, date), every
+step (command, status ok / failed / skipped, reason, seconds, log tail, details) and every figure
+with the command that produced it; OUT/summary.md has the figures as tables in the form of
+docs/benchmarks.md. The exit status is 1 when a step failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# In the order they run, the most wanted figures first (a spent --budget skips the last ones).
+STEPS = ("synthetic", "shards", "gpu-tests", "sync-free", "loader-parity", "bench-step", "bench-train",
+         "bench-data", "bench-eval", "model-parts", "loaders-png", "ops")
+DATA = ("synthetic", "shards")
+BESIDE_DATA = ("gpu-tests", "sync-free")  # need no data and time nothing: they run beside the data steps
+SYNC_TESTS = "nothing_back_from_the_device or not_synchronise_with_the_host"
+TAIL_LINES = 40
+NOT_SELECTED = "not selected (--only): uses what OUT holds"
+GRACE_S = 10  # between SIGTERM and SIGKILL of a step that ran out of time
+MARKER = "GPU_CHECK_STEP"  # environment variable naming the run and step of each process
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The sizes of a run: the full check for a GPU, or the tiny ``--quick`` one."""
+
+    scale: str  # tools/make_synthetic.py --scale
+    bench: tuple[str, ...]  # tools/benchmark.py flags of every mode
+    eval_size: tuple[str, ...]  # tools/benchmark.py flags of the eval mode only
+    loaders: tuple[str, ...]  # tools/bench_loaders.py flags
+    loader_kinds: str  # its --loaders when DALI can be imported (else torch alone)
+    parity: tuple[str, ...]  # tools/compare_loaders.py flags
+    model: tuple[str, ...]  # tools/bench_model.py flags of its timings
+    ops: tuple[str, ...]  # tools/bench_model.py --ops flags
+    lanes: int  # steps after the data steps running at once (1: every timing alone)
+    limit_s: int  # time limit of each step
+    budget_s: int  # default --budget
+
+
+def profile(quick: bool, workers: int) -> Profile:
+    """The full sizes are the published ones (ResNet-50, 256x128, 64 images per source); the quick
+    ones keep every code path (DALI, both implementations, PNG, every benchmark mode) at the
+    smallest size that still runs it."""
+    w = str(workers)
+    if quick:
+        return Profile(
+            scale="small",
+            bench=("-a", "resnet18", "--height", "64", "--width", "32", "-b", "8", "--workers", w,
+                   "--warmup", "1", "--window", "2", "--repeats", "2", "--test-batch-size", "16"),
+            eval_size=("--eval-size", "300,2000,64"),
+            loaders=("--workers", w, "--iters", "2", "--warmup", "1", "--num-ids", "2", "--cuhk03"),
+            loader_kinds="dali",
+            parity=("-a", "resnet18", "--height", "64", "--width", "32", "--num-ids", "2", "--workers", w,
+                    "--sources", "dukemtmc,cuhk03,msmt17v1", "--eval", ""),
+            model=("--repeats", "3", "--warmup", "1", "--style-shape", "8", "16", "16", "8", "--batch", "32",
+                   "--features", "128", "--classes", "200"),
+            ops=("--arch", "resnet18", "--bn-groups", "4"),
+            lanes=2, limit_s=150, budget_s=360)
+    return Profile(
+        scale="medium",
+        bench=("-a", "resnet50", "--height", "256", "--width", "128", "-b", "64", "--workers", w,
+               "--warmup", "5", "--window", "10", "--repeats", "3", "--test-batch-size", "256"),
+        eval_size=(),
+        loaders=("--workers", w, "--iters", "20", "--warmup", "3", "--cuhk03"),
+        loader_kinds="dali,torch",
+        parity=("-a", "resnet50", "--height", "256", "--width", "128", "--num-ids", "16", "--images", "64",
+                "--workers", w),
+        model=("--repeats", "9"),
+        ops=("--arch", "resnet50", "--bn-groups", "1", "4"),
+        lanes=1, limit_s=240, budget_s=450)
+
+
+@dataclass
+class Step:
+    """One subprocess of the check and, once run, what came of it."""
+
+    name: str
+    argv: list[str]
+    needs: tuple[str, ...] = ()
+    result: Path | None = None  # the file the step writes its figures to (shards: the folder)
+    status: str = "pending"  # ok | failed | skipped
+    reason: str = ""
+    note: str = ""  # what the step leaves out on this machine (DALI missing)
+    seconds: float = 0.0
+    returncode: int | None = None
+    log: str = ""
+    tail: str = ""
+    details: dict = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        return display(self.argv)
+
+
+def display(argv: list[str]) -> str:
+    """The command as a person would type it in the repository root."""
+    return shlex.join(["python" if a == sys.executable else a for a in argv])
+
+
+def rel(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (the steps run there)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def plan(out: Path, device: str, prof: Profile, workers: int, dali: bool) -> list[Step]:
+    """The steps, in STEPS order, with their commands and the files they write."""
+    py, data, shards, res = sys.executable, rel(out / "data"), rel(out / "shards"), out / "results"
+    pytest = [py, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-q"]
+    bench = [py, "tools/benchmark.py", "--impl", "both", "--gpus", "1", *prof.bench]
+    on = ("--device", device)
+    steps = [
+        Step("synthetic", [py, "tools/make_synthetic.py", "--out", data, "--scale", prof.scale,
+                           "--no-progress"]),
+        Step("shards", [py, "tools/make_shards.py", "--data-dir", data, "--out", shards, "--workers",
+                        str(workers), "--datasets", "market1501,dukemtmc,msmt17v1,cuhk03"],
+             needs=("synthetic",), result=out / "shards"),
+        Step("gpu-tests", [*pytest, "-m", "gpu", "--junitxml", rel(res / "gpu-tests.xml"), "tests"],
+             result=res / "gpu-tests.xml"),
+        Step("sync-free", [*pytest, "--junitxml", rel(res / "sync-free.xml"), "-k", SYNC_TESTS,
+                           "tests/test_gpu.py", "tests/test_step.py"], result=res / "sync-free.xml"),
+        Step("loader-parity", [py, "tools/compare_loaders.py", "--shards", shards, *on, *prof.parity,
+                               "--json", rel(res / "loader-parity.json")],
+             needs=("shards",), result=res / "loader-parity.json"),
+        Step("model-parts", [py, "tools/bench_model.py", *on, *prof.model, "--json",
+                             rel(res / "model-parts.json")], result=res / "model-parts.json"),
+        Step("ops", [py, "tools/bench_model.py", "--ops", *prof.ops, "--json", rel(res / "ops.json")],
+             result=res / "ops.json"),
+    ]
+    for mode in ("eval", "step", "data", "train"):
+        extra = {"eval": prof.eval_size, "step": ()}.get(mode, ("--shards", shards, "--data-dir", data))
+        folder = out / "bench" / mode
+        steps.append(Step(f"bench-{mode}", [*bench, "--mode", mode, *extra, "--out", rel(folder)],
+                          needs=() if mode in ("eval", "step") else ("shards",),
+                          result=folder / "benchmark.json"))
+    steps.append(Step("loaders-png", [py, "tools/bench_loaders.py", "--shards", shards, "--data-dir", data,
+                                      *on, *prof.loaders, "--loaders", prof.loader_kinds if dali else "torch",
+                                      "--json", rel(res / "loaders-png.json")],
+                      needs=("shards",), result=res / "loaders-png.json"))
+    if not dali:
+        for step in steps:
+            if step.name in ("bench-data", "bench-train", "loaders-png"):
+                step.note = "DALI cannot be imported: the torch loader alone"
+    return sorted(steps, key=lambda s: STEPS.index(s.name))
+
+
+# ---------------------------------------------------------------- running the steps
+
+@dataclass
+class Run:
+    """What every step of one invocation shares."""
+
+    out: Path
+    env: dict[str, str]
+    limit_s: int
+    deadline: float
+    only: set[str]
+    steps: dict[str, Step]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)  # interrupted: stop and skip
+
+
+def run_all(run: Run, lanes: int) -> bool:
+    """The data steps beside the untimed ones, then the others, ``lanes`` at a time. Ctrl-C or
+    SIGTERM stops the running steps and skips the rest; returns whether that happened."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            _wait(run, [pool.submit(run_steps, run, list(lane)) for lane in (DATA, BESIDE_DATA)])
+        with ThreadPoolExecutor(lanes) as pool:
+            rest = [name for name in STEPS if name not in DATA + BESIDE_DATA]
+            _wait(run, [pool.submit(run_steps, run, [name]) for name in rest])
+    except KeyboardInterrupt:
+        for step in run.steps.values():
+            if step.status == "pending":
+                step.status, step.reason = "skipped", "interrupted before it started"
+        return True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return False
+
+
+def _wait(run: Run, futures: list) -> None:
+    """Wait for the steps' lanes; on an interrupt, tell them to stop before the pool waits on."""
+    try:
+        for f in futures:
+            f.result()
+    except BaseException:
+        run.stopping.set()
+        raise
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_steps(run: Run, names: list[str]) -> None:
+    for name in names:
+        step = run.steps[name]
+        why = skip_reason(run, step)
+        if why:
+            step.status, step.reason = "skipped", why
+        else:
+            execute(run, step)
+            judge(step)
+        with run.lock:
+            print(f"[gpu-check] {step.name:<14} {step.status:<8} {step.seconds:6.1f} s  "
+                  f"{_why(step.reason, step.note)}", flush=True)
+
+
+def skip_reason(run: Run, step: Step) -> str:
+    """Why the step is not run, or "" when it is."""
+    if run.stopping.is_set():
+        return "interrupted before it started"
+    if run.only and step.name not in run.only:
+        return NOT_SELECTED
+    for need in (run.steps[n] for n in step.needs):
+        if need.status == "failed" or (need.status == "skipped" and need.reason != NOT_SELECTED):
+            return f"needs {need.name}, which {'failed' if need.status == 'failed' else 'was skipped'}"
+    if run.deadline - time.monotonic() < 5:
+        return "the time budget (--budget) was spent before it could start"
+    return ""
+
+
+def execute(run: Run, step: Step) -> None:
+    """Run the step under its time limit, its processes marked by MARKER; leave none behind."""
+    log = run.out / "logs" / f"{step.name}.log"
+    step.log = rel(log)
+    if step.result is not None and step.result.is_file():
+        step.result.unlink()  # a figure must come from this run
+    limit = min(run.limit_s, run.deadline - time.monotonic())
+    start = time.monotonic()
+    with open(log, "w") as f:
+        f.write(f"$ {step.command}\n")
+        f.flush()
+        tag = f"{run.out}:{step.name}"
+        proc = subprocess.Popen(step.argv, cwd=REPO, env={**run.env, MARKER: tag}, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            step.returncode = wait(proc, start + limit, run.stopping)
+            if step.returncode is None:
+                step.reason = "interrupted" if run.stopping.is_set() else f"timed out after {limit:.0f} s"
+        finally:  # whatever happens, the step's processes end with it
+            killed = stop(proc, f"{MARKER}={tag}")
+            step.details["killed_processes"] = killed
+            if killed:
+                f.write(f"\n[gpu-check] killed {killed} process(es) of this step still running at its end\n")
+    step.seconds = time.monotonic() - start
+    lines = log.read_text(errors="replace").splitlines()
+    step.tail = "\n".join(lines[-TAIL_LINES:])
+
+
+def wait(proc: subprocess.Popen, deadline: float, stopping: threading.Event) -> int | None:
+    """The step's exit status, or None when the deadline passed or the run was interrupted first."""
+    while time.monotonic() < deadline and not stopping.is_set():
+        try:
+            return proc.wait(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.poll()
+
+
+def marked(marker: str) -> set[int]:
+    """Live processes whose environment holds ``marker`` (NAME=value) exactly, from Linux's /proc:
+    every process a step started inherits the step's marker, whatever its session or parent
+    now (torchrun's workers run in sessions of their own; orphaned workers change parent)."""
+    want, found = marker.encode(), set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if want in environ.read_bytes().split(b"\0"):  # a zombie's reads empty
+                found.add(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop(proc: subprocess.Popen, marker: str) -> int:
+    """End a step: SIGTERM while it still runs (torchrun passes it on to its workers), then, after
+    GRACE_S (or 2 s for a step that ended by itself: workers finishing), SIGKILL to every process
+    of it left. Returns how many of its processes other than the step itself were killed."""
+    running = proc.poll() is None
+    if running:
+        _signal(marked(marker), signal.SIGTERM)
+    deadline = time.monotonic() + (GRACE_S if running else 2)
+    while time.monotonic() < deadline and (proc.poll() is None or marked(marker) - {proc.pid}):
+        time.sleep(0.1)
+    left = marked(marker) - {proc.pid}
+    _signal(left | ({proc.pid} if proc.poll() is None else set()), signal.SIGKILL)
+    proc.wait()
+    return len(left)
+
+
+def judge(step: Step) -> None:
+    """Status, reason and details of a step that ran, from its exit status and its result file."""
+    if step.returncode is None:  # timed out or interrupted
+        step.status = "failed"
+        return
+    try:
+        read_result(step)
+    except (OSError, ValueError, KeyError, ET.ParseError) as err:
+        step.status = "failed"  # its figures are missing, whatever its exit status
+        step.reason = f"exit status {step.returncode}; no result: {type(err).__name__}: {err}"
+    if step.status == "pending":
+        step.status = "ok" if step.returncode == 0 else "failed"
+    if step.status == "failed" and not step.reason:
+        step.reason = f"exit status {step.returncode}"
+
+
+def read_result(step: Step) -> None:
+    """Fill in the details a step's result file holds; some decide the status themselves."""
+    if step.name in ("gpu-tests", "sync-free"):
+        tests = pytest_outcomes(step.result)
+        step.details["tests"] = tests
+        judge_tests(step, tests)
+    elif step.name == "shards":
+        step.details["images"] = {m.parent.name: sum(split["images"] for split in
+                                                     json.loads(m.read_text())["splits"].values())
+                                  for m in sorted(step.result.glob("*/manifest.json"))}
+    elif step.result is not None:
+        data = json.loads(step.result.read_text())
+        step.details["result"] = data
+        if isinstance(data, dict) and "skipped" in data and step.returncode == 0:
+            step.status, step.reason = "skipped", data["skipped"]
+        elif isinstance(data, dict) and data.get("failed"):
+            step.reason = "outside the agreement required: " + ", ".join(data["failed"])
+
+
+def pytest_outcomes(xml: Path) -> list[dict]:
+    """Each test of a pytest junit XML file: its id, outcome and the reason for a skip or failure."""
+    out = []
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        module = case.get("classname", "").replace(".", "/")
+        test = {"test": f"{module}.py::{case.get('name')}", "outcome": "passed", "message": ""}
+        for tag, outcome in (("skipped", "skipped"), ("failure", "failed"), ("error", "error")):
+            found = case.find(tag)
+            if found is not None:
+                test["outcome"], test["message"] = outcome, (found.get("message") or "").strip()
+        out.append(test)
+    return out
+
+
+def judge_tests(step: Step, tests: list[dict]) -> None:
+    counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
+    step.details["counts"] = counts
+    reasons = sorted({t["message"] for t in tests if t["outcome"] == "skipped"})
+    if step.returncode == 0 and tests and counts["passed"] == 0:
+        step.status, step.reason = "skipped", f"all {len(tests)} tests skipped: " + "; ".join(reasons)
+    elif step.returncode == 0:
+        step.reason = f"{counts['passed']} passed, {counts['skipped']} skipped" + (
+            f" ({'; '.join(reasons)})" if reasons else "")
+    elif not tests:
+        step.reason = f"exit status {step.returncode}: no test ran (see the log)"
+    else:
+        bad = [t["test"] for t in tests if t["outcome"] in ("failed", "error")]
+        step.reason = f"{len(bad)} failed: {', '.join(bad)}"
+
+
+# ---------------------------------------------------------------- the machine and the figures
+
+def machine(device: str) -> dict:
+    """What ran the check: hardware, driver and versions."""
+    import torch
+
+    info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": device, "cpu": platform.processor() or
+            platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda_runtime": torch.version.cuda, "dali": dali_version(),
+            "packages": {m: module_version(m) for m in ("torchvision", "numpy", "PIL", "h5py", "scipy",
+                                                          "matplotlib", "webdataset", "pytest")}}
+    if device == "cuda":
+        from engine.optim import amp_dtype
+
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+                    capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                    bf16_native=torch.cuda.is_bf16_supported(including_emulation=False),
+                    amp_auto=str(amp_dtype("auto", torch.device("cuda"))).replace("torch.", ""),
+                    cudnn=torch.backends.cudnn.version(), driver=driver_version())
+    return info
+
+
+def dali_version() -> str:
+    try:
+        import nvidia.dali as dali
+    except ImportError as err:
+        return f"not importable ({err})"
+    return dali.__version__
+
+
+def module_version(name: str) -> str:
+    try:
+        module = __import__(name)
+    except ImportError:
+        return "missing"
+    return getattr(module, "__version__", "installed")
+
+
+def driver_version() -> str:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "unknown (no nvidia-smi)"
+    done = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                          text=True, timeout=30)
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+@dataclass
+class Section:
+    """One table of summary.md: the command that produced it, its rows, and its figures."""
+
+    title: str
+    command: str
+    headers: list[str]
+    rows: list[list] = field(default_factory=list)
+    figures: list[tuple[str, float, str]] = field(default_factory=list)  # name, value, unit
+
+    def lines(self) -> list[str]:
+        return ["", f"## {self.title}", "", f"`{self.command}`", "", "| " + " | ".join(self.headers) + " |",
+                "|" + " --- |" * len(self.headers)] + ["| " + " | ".join(_cell(c) for c in r) + " |"
+                                                       for r in self.rows]
+
+
+def _why(reason: str, note: str) -> str:
+    return "; ".join(x for x in (reason, note) if x)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def _synthetic(step: dict) -> Section:
+    sec = Section("Data preparation: synthetic set", step["command"], ["figure", "value", "unit"])
+    sec.figures = [("make_synthetic wall time (beside gpu-tests and sync-free)", round(step["seconds"], 1),
+                    "s")]
+    sec.rows = [list(f) for f in sec.figures]
+    return sec
+
+
+def _shards(step: dict) -> Section:
+    sec = Section("Data preparation: shards", step["command"], ["dataset", "images"],
+                  [[name, n] for name, n in step["details"]["images"].items()])
+    total = sum(step["details"]["images"].values())
+    sec.rows.append([f"all, {step['seconds']:.1f} s (beside gpu-tests and sync-free)", total])
+    sec.figures = [("make_shards wall time", round(step["seconds"], 1), "s"),
+                   ("make_shards images/s", round(total / step["seconds"], 1), "images/s")]
+    return sec
+
+
+def _parity(step: dict) -> Section:
+    sec = Section("DALI against PIL on the same images", step["command"],
+                  ["batch", "images", "pixel diff mean (1/255)", "max", "feature cosine min", "mean",
+                   "unrelated images"])
+    for batch, r in step["details"]["result"]["batches"].items():
+        sec.rows.append([batch, r["images"], r["pixel_mean_abs_diff"], r["pixel_max_abs_diff"],
+                         r["cosine_min"], r["cosine_mean"], r["unrelated_cosine_mean"]])
+        sec.figures += [(f"{batch}: pixel diff mean", round(r["pixel_mean_abs_diff"], 3), "1/255"),
+                        (f"{batch}: feature cosine min", round(r["cosine_min"], 5), "cosine")]
+    return sec
+
+
+def _loaders(step: dict) -> Section:
+    result = step["details"]["result"]
+    rows = result["results"] if isinstance(result, dict) else result
+    sec = Section(f"Loaders: images/s delivered ({step['name']})", step["command"],
+                  ["loader", "sources (formats)", "images/s", "vs folder"])
+    for r in rows:
+        formats = ", ".join(f"{s} {'+'.join(r['formats'][s])}" for s in r["sources"])
+        folder = next((x for x in rows if x["loader"] == "folder" and x["sources"] == r["sources"]
+                       and "images_per_s" in x), None)
+        if "skipped" in r:
+            sec.rows.append([r["loader"], formats, "skipped: " + r["skipped"], ""])
+            continue
+        ratio = f"{r['images_per_s'] / folder['images_per_s']:.2f}x" if folder else ""
+        sec.rows.append([r["loader"], formats, r["images_per_s"], ratio])
+        sec.figures.append((f"{r['loader']} loader, {','.join(r['sources'])}", r["images_per_s"], "images/s"))
+    return sec
+
+
+def _iteration(step: dict) -> Section:
+    rows = step["details"]["result"]["results"]
+    sec = Section(f"Training iteration: {rows[0]['mode']}", step["command"],
+                  ["mode", "implementation", "processes", "images/s", "ms / iteration", "vs reference"])
+    ref = next((r for r in rows if r["impl"] == "reference"), None)
+    for r in rows:
+        name = r["impl"] + (f" ({r['loader']} loader)" if r.get("loader") else "")
+        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
+        sec.rows.append([r["mode"], name, r["world"], r["images_per_s"], 1e3 * r["s_per_iter"], ratio])
+        sec.figures += [(f"{r['mode']} {r['impl']}", round(r["images_per_s"], 1), "images/s"),
+                        (f"{r['mode']} {r['impl']} per iteration", round(1e3 * r["s_per_iter"], 2), "ms")]
+    return sec
+
+
+def _eval(step: dict) -> Section:
+    r = step["details"]["result"]["results"][0]
+    size = f"{r['num_query']:,} x {r['num_gallery']:,} x {r['dim']}"
+    sec = Section("Evaluation", step["command"], ["part", "value", "unit"],
+                  [[f"metrics, {size} ({r['device']})", r["seconds"], "s"],
+                   ["extraction forward (eval mode, on the device)", r["extract_images_per_s"], "images/s"]])
+    sec.figures = [(f"eval metrics {size}", round(r["seconds"], 2), "s"),
+                   ("eval extraction forward", round(r["extract_images_per_s"], 1), "images/s")]
+    return sec
+
+
+def _model_parts(step: dict) -> Section:
+    sec = Section("Model parts", step["command"],
+                  ["op", "shape", "device", "dtype", "impl", "ms", "speed-up"])
+    for r in step["details"]["result"]["rows"]:
+        sec.rows.append([r["op"], "x".join(map(str, r["shape"])), r["device"], r["dtype"], r["impl"], r["ms"],
+                         f"{r['speedup']:.1f}x"])
+        sec.figures.append((f"{r['op']} {r['impl']} {r['dtype']} {r['device']}", round(r["ms"], 3), "ms"))
+    return sec
+
+
+def _ops(step: dict) -> Section:
+    rows = step["details"]["result"]["ops"]
+    phases = [k for k in rows[0] if k not in ("bn_groups", "arch", "mode")]
+    sec = Section(f"ATen operations of one {rows[0]['mode'].upper()} iteration ({rows[0]['arch']})",
+                  step["command"], ["phase"] + [f"--bn-groups {r['bn_groups']}" for r in rows])
+    sec.rows = [[k] + [r.get(k, 0) for r in rows] for k in phases]
+    sec.figures = [(f"{r['arch']}, --bn-groups {r['bn_groups']}: {k}", r.get(k, 0), "ATen ops")
+                   for r in rows for k in phases]
+    return sec
+
+
+SECTIONS = (("synthetic", _synthetic), ("shards", _shards), ("loader-parity", _parity),
+            ("bench-data", _loaders), ("loaders-png", _loaders), ("bench-step", _iteration),
+            ("bench-train", _iteration), ("bench-eval", _eval), ("model-parts", _model_parts), ("ops", _ops))
+
+
+def _single(steps: dict, name: str, impl: str) -> dict | None:
+    s = steps[name]
+    if s["status"] != "ok":
+        return None
+    return next((r for r in s["details"]["result"]["results"] if r["impl"] == impl and r["world"] == 1), None)
+
+
+def _derived(steps: dict) -> Section:
+    """Figures from two steps: the share of the step bound, and the projected full run."""
+    train, bound = _single(steps, "bench-train", "fast"), _single(steps, "bench-step", "fast")
+    ev = steps["bench-eval"]
+    sec = Section("From two steps: step bound and full-run projection",
+                  f"{steps['bench-train']['command']} ; {steps['bench-step']['command']} ; {ev['command']}",
+                  ["figure", "value", "unit"])
+    if train and bound:
+        sec.figures.append(("train (fast) as a share of the step bound",
+                            round(100 * train["images_per_s"] / bound["images_per_s"], 1), "%"))
+    if train and ev["status"] == "ok":
+        r = ev["details"]["result"]["results"][0]
+        train_s = 70 * 200 * train["s_per_iter"]
+        eval_s = (r["num_query"] + r["num_gallery"]) / r["extract_images_per_s"] + r["seconds"]
+        full_s = train_s + 70 * eval_s
+        sec.figures += [("70 epochs x 200 iterations (fast)", round(train_s / 60, 1), "min"),
+                        ("the same with an evaluation after every epoch", round(full_s / 60, 1), "min")]
+    sec.rows = [list(f) for f in sec.figures]
+    return sec
+
+
+def sections(steps: dict[str, dict]) -> list[Section]:
+    """The tables of the steps that ran, in summary order."""
+    out = [make(steps[name]) for name, make in SECTIONS if steps[name]["status"] == "ok"]
+    return [s for s in out + [_derived(steps)] if s.rows]
+
+
+def summary(results: dict) -> str:
+    """summary.md: the machine, the steps, the tests, and every figure in a table under its command."""
+    m, steps = results["machine"], {s["name"]: s for s in results["steps"]}
+    hardware = m.get("gpu", f"no GPU ({m['cpu']})") + f", {m['cpu_count']} CPUs"
+    software = (f"Python {m['python']}, torch {m['torch']} (CUDA {m['cuda_runtime']}), DALI {m['dali']}"
+                + (f", driver {m['driver']}, cuDNN {m['cudnn']}" if "driver" in m else ""))
+    lines = [f"# GPU check: {m.get('gpu', 'CPU')}, {m['date']}", "",
+             f"`{results['command']}` ({results['profile']} configuration, device {m['device']}, "
+             f"{results['seconds']:.0f} s). Every figure with its command: `results.json`; logs: `logs/`.",
+             "",
+             "| name | hardware | software | date |", "| --- | --- | --- | --- |",
+             f"| {m['device']} | {hardware} | {software} | {m['date']} |"]
+    if "gpu" in m:
+        lines += ["", f"Compute capability {m['capability']}, native bf16: {m['bf16_native']}, "
+                      f"`--amp auto` picks {m['amp_auto']}."]
+    if results["profile"] == "quick":
+        lines += ["", "Quick configuration: tiny sizes, steps two at a time. Its timings show that the tools "
+                      "work; they measure nothing."]
+    lines += Section("Steps", results["command"], ["step", "status", "seconds", "reason, note"],
+                     [[s["name"], s["status"], f"{s['seconds']:.1f}", _why(s["reason"], s["note"])]
+                      for s in results["steps"]]).lines()
+    for name in ("gpu-tests", "sync-free"):
+        tests = steps[name]["details"].get("tests")
+        if tests:
+            lines += Section(f"Tests: {name}", steps[name]["command"], ["test", "outcome", "message"],
+                             [[t["test"], t["outcome"], t["message"]] for t in tests]).lines()
+    for sec in sections(steps):
+        lines += sec.lines()
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("logs/gpu-check"),
+                   help="folder for the data, shards, logs, results.json and summary.md "
+                        "(default logs/gpu-check)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="cuda: the GPU check (refused without CUDA); cpu: every step on the CPU, CUDA hidden "
+                        "from the steps; auto (default): cuda when there is a GPU")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny configuration (small synthetic set, ResNet-18 at 64x32, a few iterations), "
+                        "as CI runs it on a CPU")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader and shard-writing worker processes "
+                        "(default: 1 with --quick, else min(8, CPUs))")
+    p.add_argument("--budget", type=int, default=None,
+                   help="seconds for the whole run; steps that cannot start within it are skipped "
+                        "(default: 450, 360 with --quick)")
+    p.add_argument("--only", default="",
+                   help=f"comma-separated steps to run, using what OUT already holds for the others "
+                        f"(default: all of {', '.join(STEPS)})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    only = {s for s in args.only.split(",") if s}
+    if only - set(STEPS):
+        raise SystemExit(f"--only: unknown step(s) {', '.join(sorted(only - set(STEPS)))}; "
+                         f"steps: {', '.join(STEPS)}")
+    workers = args.workers or (1 if args.quick else min(8, os.cpu_count() or 1))
+    prof = profile(args.quick, workers)
+    out = args.out.resolve()
+    for sub in ("logs", "results"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if device == "cpu" and args.quick:
+        # The tiny configuration's operations gain nothing from a second thread, and on a busy
+        # 2-core machine OpenMP waiting for a descheduled thread made them 5-10x slower.
+        env.setdefault("OMP_NUM_THREADS", "1")
+    start = time.monotonic()
+    dali = not dali_version().startswith("not importable")
+    steps = {s.name: s for s in plan(out, device, prof, workers, dali)}
+    run = Run(out, env, prof.limit_s, start + (args.budget or prof.budget_s), only, steps)
+    print(f"[gpu-check] {device}, {'quick' if args.quick else 'full'} configuration, {workers} workers, "
+          f"budget {args.budget or prof.budget_s} s, logs in {out / 'logs'}", flush=True)
+    interrupted = run_all(run, prof.lanes)
+    given = sys.argv[1:] if argv is None else argv
+    results = {"command": display([sys.executable, "tools/gpu_check.py", *given]),
+               "profile": "quick" if args.quick else "full", "seconds": round(time.monotonic() - start, 1),
+               "machine": machine(device), "steps": [asdict(s) for s in steps.values()]}
+    for s in results["steps"]:
+        s["command"] = display(s["argv"])
+        s["result"] = rel(Path(s["result"])) if s["result"] else None
+    results["figures"] = [{"table": sec.title, "name": name, "value": value, "unit": unit,
+                           "command": sec.command}
+                          for sec in sections({s["name"]: s for s in results["steps"]})
+                          for name, value, unit in sec.figures if math.isfinite(value)]
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "summary.md").write_text(summary(results))
+    failed = [s.name for s in steps.values() if s.status == "failed"]
+    print(f"[gpu-check] {'interrupted; ' if interrupted else ''}{len(failed)} failed"
+          f"{': ' + ', '.join(failed) if failed else ''}; wrote {out / 'results.json'} and "
+          f"{out / 'summary.md'} in {results['seconds']:.0f} s", flush=True)
+    return 130 if interrupted else 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
