@@ -48,5 +48,8 @@ GPU_PY          ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 gpu-check:
 	$(GPU_PY) tools/gpu_check.py --out $(GPU_CHECK) $(GPU_CHECK_FLAGS)
 
+# `make clean` removes only what `make` rebuilds: the environment and caches. Results (logs/,
+# where the README's runs and the demo write) and shards are never deleted.
 clean:
-	rm -rf $(VENV) logs
+	rm -rf $(VENV) .pytest_cache *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

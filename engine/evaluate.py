@@ -26,6 +26,9 @@ def extract_features(model, loader, device: torch.device, amp_dtype) -> torch.Te
 def evaluate_target(model, loader, device: torch.device, amp_dtype, rerank: bool = False) -> dict:
     """mAP and CMC of the target's query against its gallery (Market-1501 protocol)."""
     feats = extract_features(model, loader, device, amp_dtype)
+    bad = int((~torch.isfinite(feats).all(dim=1)).sum())
+    if bad:  # NaN distances would rank arbitrarily (or fail deep in the metrics): say what is wrong
+        raise ValueError(f"evaluate: {bad} of {len(feats)} features are not finite (NaN or inf)")
     q = torch.as_tensor(loader.is_query)
     pids, camids = torch.as_tensor(loader.pids), torch.as_tensor(loader.camids)
     q_dev = q.to(feats.device)

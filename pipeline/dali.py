@@ -27,9 +27,11 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, check_header, decode_rgb, to_device
+from pipeline.dali_sources import EvalSource, TrainSource
+from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, decode_rgb, to_device
 from pipeline.shards import ShardError
 from pipeline.transforms import MEAN, STD
+from pipeline.workers import starting_workers
 
 DEPTH = 2  # batches prepared ahead, so decoding overlaps the training step
 _TORCH = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16}
@@ -81,7 +83,8 @@ def _pipeline(graph, source, cfg: LoaderConfig, batch_size: int, seed: int):
     pipe = graph(source, cfg, batch_size=batch_size, num_threads=max(1, cfg.workers), seed=seed % 2**31,
                  device_id=_device_index(cfg.device) if cuda else None, py_num_workers=max(1, cfg.workers),
                  py_start_method="spawn", prefetch_queue_depth=DEPTH)
-    pipe.build()
+    with starting_workers():  # workers that import no torch and survive a stop signal
+        pipe.build()
     return pipe
 
 
@@ -162,19 +165,6 @@ def _rows_fed(plan: TrainPlan, epoch: int, iterations: range) -> list[tuple[int,
     return fed
 
 
-class _TrainSource:
-    """Batch callback run in DALI's worker processes; iteration k of the stream starting at ``first``."""
-
-    def __init__(self, plan: TrainPlan, first: int):
-        self.plan, self.first = plan, first
-
-    def __call__(self, info):
-        epoch, it = divmod(self.first + info.iteration, self.plan.iters)
-        items, labels, replaced = self.plan.iteration(epoch, it, check_header)
-        mirror, shift = self.plan.augmentation(epoch, it)
-        return [np.frombuffer(b, dtype=np.uint8) for b in items], labels, replaced, mirror, shift
-
-
 class DaliTrainLoader:
     """``epoch(e)`` yields ``iters`` :class:`TrainBatch`; consecutive epochs stream without a pause."""
 
@@ -201,7 +191,7 @@ class DaliTrainLoader:
             if self._next != g:
                 self._pipe = None  # shuts its workers down
                 seed = self.cfg.seed * 1_000_003 + self.cfg.rank * 7919 + g
-                self._pipe = _pipeline(_train_graph, _TrainSource(self.plan, g), self.cfg,
+                self._pipe = _pipeline(_train_graph, TrainSource(self.plan, g), self.cfg,
                                        sum(self.plan.sizes), seed)
                 self._next = g
             try:
@@ -235,23 +225,6 @@ class DaliTrainLoader:
         return [row for row, _ in found], found[0][1]
 
 
-class _EvalSource:
-    def __init__(self, rows: EvalRows):
-        self.rows = rows
-
-    def __call__(self, info):
-        if info.iteration >= self.rows.num_batches():
-            raise StopIteration
-        out = []
-        for j in self.rows.batch_rows(info.iteration):
-            try:
-                out.append(np.frombuffer(check_header(self.rows.rows.read(int(j))), dtype=np.uint8))
-            except Exception as err:
-                where = self.rows.rows.location(int(j))
-                raise ShardError(f"{where}: cannot decode the image ({err})") from err
-        return out
-
-
 class DaliEvalLoader:
     """This rank's rows in order, in batches of ``test_batch_size`` (the last one partial)."""
 
@@ -268,7 +241,7 @@ class DaliEvalLoader:
 
     def __iter__(self):
         if self._pipe is None:
-            source = _EvalSource(self.rows)
+            source = EvalSource(self.rows)
             self._pipe = _pipeline(_eval_graph, source, self.cfg, self.rows.batch, self.cfg.seed)
         pipe, self._pipe = self._pipe, None  # given back only after a complete pass
         for b in range(self.rows.num_batches()):

@@ -71,7 +71,7 @@ def parse_market1501(root: str | Path) -> DatasetSplits:
     distractor id 0; the 3819 junk images are dropped); mix 29419/1501.
     """
     base = Path(root).absolute() / "Market-1501-v15.09.15"
-    return _market_style("market1501", base, base, 6, (".jpg",))
+    return _market_style("market1501", base, base, 6, (".jpg", ".jpeg"))
 
 
 def parse_dukemtmc(root: str | Path) -> DatasetSplits:
@@ -81,7 +81,7 @@ def parse_dukemtmc(root: str | Path) -> DatasetSplits:
     in the gallery); mix 36411/1812.
     """
     base = Path(root).absolute() / "DukeMTMC-reID"
-    return _market_style("dukemtmc", base, base, 8, (".jpg",))
+    return _market_style("dukemtmc", base, base, 8, (".jpg", ".jpeg"))
 
 
 def parse_msmt17v1(root: str | Path) -> DatasetSplits:
@@ -133,7 +133,7 @@ def parse_cuhk03(root: str | Path, labeled: bool = False) -> DatasetSplits:
     if (root / "cuhk03_release").is_dir():
         return _cuhk03_release(root, kind)
     if (root / "cuhk03-np").is_dir():
-        return _market_style("cuhk03", root / "cuhk03-np" / kind, root, 2, (".png", ".jpg"))
+        return _market_style("cuhk03", root / "cuhk03-np" / kind, root, 2, (".png", ".jpg", ".jpeg"))
     raise DatasetError(f"missing folder {root / 'cuhk03_release'} (holding cuhk-03.mat, with "
                        f"{root / f'cuhk03_new_protocol_config_{kind}.mat'} beside it) or, instead, the "
                        f"CUHK03-NP folder {root / 'cuhk03-np' / kind} holding {_MARKET_LAYOUT}")
@@ -254,8 +254,8 @@ def parse_cuhk_sysu(root: str | Path) -> DatasetSplits:
 def _loadmat(path: Path) -> dict:
     try:
         return scipy.io.loadmat(path)
-    except (ValueError, OSError, NotImplementedError) as e:
-        raise DatasetError(f"{path}: not readable as a MATLAB v5 file: {e}") from None
+    except Exception as e:  # noqa: BLE001 - scipy raises many types (MatReadError, TypeError...) on bad files
+        raise DatasetError(f"{path}: not readable as a MATLAB v5 file: {type(e).__name__}: {e}") from None
 
 
 def _mat_field(mat: dict, name: str, path: Path) -> np.ndarray:

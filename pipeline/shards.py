@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.records import SPLITS, DatasetSplits, Record, mix_labels
+from pipeline.workers import become_worker, starting_workers
 
 FORMAT_VERSION = 2  # 1: every image a .jpg member (CUHK03 arrays lossy); 2: arrays as lossless .png
 IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png"}  # image format (PIL's name) -> member extension
@@ -62,12 +63,13 @@ def write_dataset(splits: DatasetSplits, out_root: Path, *, shard_size: int = 50
     if foreign:
         raise ShardError(f"{out} holds files that are not shards of this program ({', '.join(foreign[:5])}): "
                          "refusing to write there; choose another --out or move them")
+    for split in SPLITS:
+        _check_keys(splits.split(split), out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tasks = []
     for split in SPLITS:
         records = splits.split(split)
-        _check_keys(records, out)
         for c in range(0, len(records), shard_size):
             tmp = out / f"{_TMP}{split}-{c // shard_size:06d}"
             tasks.append((records[c:c + shard_size], str(tmp) + ".tar", str(tmp) + ".idx", skip_bad))
@@ -86,11 +88,13 @@ def write_dataset(splits: DatasetSplits, out_root: Path, *, shard_size: int = 50
 
 
 def _check_keys(records: list[Record], out: Path) -> None:
+    """Keys name tar members and index fields: the index separates its fields by spaces."""
     seen = set()
     for r in records:
-        if "." in r.key or "/" in r.key or not r.key or len(r.key) > 95 or r.key in seen:
+        if ("." in r.key or "/" in r.key or not r.key or len(r.key) > 95 or r.key in seen
+                or any(c.isspace() for c in r.key)):
             raise ShardError(f"{out}: record key {r.key!r} ({r.file}) must be unique, non-empty, at most "
-                             "95 characters, without dots or slashes")
+                             "95 characters, without dots, slashes or whitespace: rename the file")
         seen.add(r.key)
 
 
@@ -102,10 +106,13 @@ def _run(tasks: list[tuple], workers: int, bar: tqdm) -> list[dict]:
             results.append(_build_shard(*t))
             bar.update(len(t[0]))
         return results
-    # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit locked
+    # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit
+    # locked; the workers end with this process and leave its stop signals to it (pipeline.workers)
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
-        futures = {pool.submit(_build_shard, *t): i for i, t in enumerate(tasks)}
+    with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=become_worker,
+                                initargs=(os.getpid(),)) as pool:
+        with starting_workers():  # the pool starts its processes as tasks are submitted
+            futures = {pool.submit(_build_shard, *t): i for i, t in enumerate(tasks)}
         results: list[dict] = [{}] * len(tasks)
         try:
             for f in cf.as_completed(futures):
@@ -131,7 +138,8 @@ def _build_shard(records: list[Record], tar_path: str, idx_path: str, skip_bad: 
                 reason = (f"{r.path} ({r.dataset} {r.file}): unreadable or corrupt image: "
                           f"{type(e).__name__}: {e}")
                 if not skip_bad:
-                    raise ShardError(reason + " (use --skip-bad to skip such images)") from None
+                    raise ShardError(f"{reason} (tools/make_shards.py --skip-bad skips such images)") \
+                        from None
                 skipped.append({"key": r.key, "file": r.file, "error": reason})
                 continue
             meta = {"pid": r.pid, "camid": r.camid, "dataset": r.dataset, "split": r.split, "file": r.file}
@@ -313,7 +321,8 @@ def load_manifest(dataset_dir: Path) -> dict:
 
 
 def verify_dataset(dataset_dir: Path) -> list[str]:
-    """Re-hash every shard against the manifest and check each index against its tar.
+    """Re-hash every shard against the manifest, check each index against its tar, and, when
+    those hold, the manifest's names and counts against the samples' records.
 
     Returns the problems found, one sentence each (empty when the dataset is sound).
     """
@@ -342,7 +351,40 @@ def verify_dataset(dataset_dir: Path) -> list[str]:
         if total != info["images"]:
             problems.append(f"{d / MANIFEST}: split {split} has {total} samples in its shards, "
                             f"{info['images']} images in its summary")
+    return problems or _check_summary(d, manifest)
+
+
+def _check_summary(d: Path, manifest: dict) -> list[str]:
+    """The manifest's dataset name and counts must be those of the records in its shards: the
+    hashes cover the tars, not the manifest, so an edited manifest would pass them."""
+    where, name = d / MANIFEST, manifest.get("dataset")
+    problems = [] if name == d.name else [f"{where}: dataset {name!r}, but the folder is {d.name!r}"]
+    everything = []
+    for split, info in manifest["splits"].items():
+        records = [rec for s in info["shards"] for rec in _records(d / s["tar"], d / s["idx"])]
+        others = sorted({f"{r['dataset']}/{r['split']}" for r in records} - {f"{name}/{split}"})
+        if others:
+            problems.append(f"{where}: split {split} of {name!r} holds records of {', '.join(others[:3])}")
+        found = {"images": len(records), "ids": len({r["pid"] for r in records}),
+                 "cams": len({r["camid"] for r in records})}
+        problems += [f"{where}: split {split} says {key} {info.get(key)}, its shards hold {n}"
+                     for key, n in found.items() if info.get(key) != n]
+        everything += [(r["dataset"], split, r["pid"]) for r in records]
+    used = [label for label in mix_labels(everything) if label >= 0]
+    mix = {"images": len(used), "ids": len(set(used))}
+    if manifest.get("mix") != mix:
+        problems.append(f"{where}: mix says {manifest.get('mix')}, its shards hold {mix}")
     return problems
+
+
+def _records(tar: Path, idx: Path) -> list[dict]:
+    """Each sample's JSON record (pid, camid, dataset, split, file), in tar order."""
+    records = []
+    with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for _, comps in read_index(idx):
+            off, n, _ = comps["json"]
+            records.append(json.loads(mm[off:off + n]))
+    return records
 
 
 def _check_members(tar: Path, entries: list) -> list[str]:

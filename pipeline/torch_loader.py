@@ -3,9 +3,13 @@
 Same sampler (through :class:`pipeline.loader.TrainPlan`) and transforms as the DALI path;
 one DataLoader item is one whole iteration (all sources), built in a worker as a uint8 NHWC
 tensor (decode, resize, crop, mirror); ``to_device`` normalises it where it lands, so the NCHW
-view is channels_last, like the DALI path's output.
+view is channels_last, like the DALI path's output. The workers end with the trainer and
+leave stop signals sent to its process group to the trainer (``pipeline.workers``).
 """
 from __future__ import annotations
+
+import os
+from functools import partial
 
 import numpy as np
 import torch
@@ -14,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, decode_rgb, to_device
 from pipeline.shards import ShardError
 from pipeline.transforms import test_pixels, train_pixels
+from pipeline.workers import become_worker, starting_workers
 
 
 class _Iterations(Dataset):
@@ -49,7 +54,18 @@ class _EpochSampler(Sampler):
 def _data_loader(dataset: Dataset, sampler, cfg: LoaderConfig) -> DataLoader:
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=cfg.workers,
                       pin_memory=cfg.device.type == "cuda", persistent_workers=cfg.workers > 0,
-                      prefetch_factor=2 if cfg.workers > 0 else None)
+                      prefetch_factor=2 if cfg.workers > 0 else None,
+                      worker_init_fn=partial(_init_worker, os.getpid()))
+
+
+def _init_worker(parent: int, worker_id: int) -> None:
+    become_worker(parent)
+
+
+def _batches(loader: DataLoader):
+    """An iterator over ``loader``; its first one starts the (persistent) worker processes."""
+    with starting_workers():
+        return iter(loader)
 
 
 class TorchTrainLoader:
@@ -64,7 +80,7 @@ class TorchTrainLoader:
 
     def epoch(self, e: int, start: int = 0):
         self._sampler.epoch, self._sampler.start = e, start
-        for it, (images, labels, replaced) in enumerate(self._loader, start):
+        for it, (images, labels, replaced) in enumerate(_batches(self._loader), start):
             images, labels = to_device(images, labels, self.cfg)
             self.replaced += replaced
             yield TrainBatch(images, labels, list(self.plan.sizes), replaced, self.plan.round_sizes(e, it),
@@ -103,5 +119,5 @@ class TorchEvalLoader:
         return len(self.rows)
 
     def __iter__(self):
-        for images, index in self._loader:
+        for images, index in _batches(self._loader):
             yield to_device(images, index, self.cfg)

@@ -20,10 +20,10 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from pipeline.reading import FLIP_P, PAD, augment_params  # noqa: F401 (torch-free: the workers draw them)
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-PAD = 10
-FLIP_P = 0.5
 
 
 def train_transform(height: int = 256, width: int = 128) -> T.Compose:
@@ -64,17 +64,6 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     arithmetic, element by element, as torchvision's ``to_tensor`` then ``Normalize``."""
     mean, std = _mean_std(pixels.device)
     return pixels.float().div_(255).sub_(mean).div_(std)
-
-
-def augment_params(seed: int, epoch: int, it: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per image of one iteration's global batch (n rows, the sources one after another):
-    mirror flag (p=FLIP_P) and crop shift (dy, dx) in [-PAD, PAD], i.e. the crop's corner in
-    the padded image minus PAD. Ranks take their rows of it, so an image is augmented alike
-    whatever the number of ranks."""
-    rng = np.random.default_rng([seed, epoch, it, 0xA06])
-    mirror = (rng.random(n) < FLIP_P).astype(np.int32)
-    shift = rng.integers(-PAD, PAD + 1, size=(n, 2)).astype(np.int32)
-    return mirror, shift
 
 
 def test_pixels(image: Image.Image, height: int = 256, width: int = 128) -> np.ndarray:

@@ -39,6 +39,22 @@ def test_checkpoint_roundtrip_is_weights_only_and_atomic(tmp_path):
     assert back["epoch"] == 3 and torch.equal(back["memories"][0], state["memories"][0])
     assert [p.name for p in path.parent.iterdir()] == ["latest.pth"]  # no temporary left
 
+    # A save that fails midway (torch.save raises while serialising, its temporary file already
+    # open) leaves the previous checkpoint as it was and no temporary behind.
+    before = path.read_bytes()
+    seen_during_save = []
+
+    class FailsMidway:
+        def __reduce__(self):
+            seen_during_save.extend(p.name for p in path.parent.iterdir())
+            raise OSError("no space left on device")
+
+    with pytest.raises(OSError, match="no space left"):
+        save_checkpoint({**state, "epoch": 4, "zz_last": FailsMidway()}, path)
+    assert any(name.startswith(".latest.pth.tmp") for name in seen_during_save), seen_during_save
+    assert path.read_bytes() == before and load_checkpoint(path)["epoch"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["latest.pth"]
+
     # An arbitrary object in a checkpoint is refused, never unpickled.
     torch.save({"x": argparse.Namespace(a=1)}, tmp_path / "evil.pth")
     with pytest.raises(pickle.UnpicklingError):

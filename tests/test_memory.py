@@ -22,13 +22,19 @@ def memory(num_classes=100, dim=64, seed=0):
 
 
 def unit(n, dim, seed):
-    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+    return F.normalize(randn(n, dim, seed=seed), dim=1)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Seeded normal values: a failure repeats with the same numbers."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def test_update_pk_batch_matches_loop():
     """192 rows, 48 identities x 4 images, shuffled as in the memory-update forward."""
     mem = memory(num_classes=300, dim=256)
-    labels = torch.randperm(300)[:48].repeat_interleave(4)[torch.randperm(192)]
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randperm(300, generator=g)[:48].repeat_interleave(4)[torch.randperm(192, generator=g)]
     f = unit(192, 256, 1)
     want = loop_update(mem.centers, f, labels, 0.2)
     mem.update(f, labels)
@@ -68,7 +74,7 @@ def test_update_bf16_features_and_empty_batch():
 def test_loss_and_gradient_match_cross_entropy():
     mem = memory()
     f = unit(20, 64, 4).requires_grad_()
-    y = torch.randint(0, 100, (20,))
+    y = torch.randint(0, 100, (20,), generator=torch.Generator().manual_seed(0))
     loss = mem(f, y)
     loss.backward()
     f2 = f.detach().clone().requires_grad_()
@@ -94,7 +100,7 @@ def test_logits_fp32_under_autocast():
 
 def test_init_centers_normalised_means():
     mem = memory(num_classes=5, dim=16)
-    f = torch.randn(40, 16)
+    f = randn(40, 16)
     y = torch.arange(40) % 5
     mem.init_centers(f, y)
     want = F.normalize(torch.stack([f[y == k].mean(0) for k in range(5)]), dim=1)
@@ -105,18 +111,18 @@ def test_init_centers_names_missing_classes():
     mem = memory(num_classes=6, dim=16)
     before = mem.centers.clone()
     with pytest.raises(ValueError, match=r"2 of 6 classes.*\[3, 5\]"):
-        mem.init_centers(torch.randn(8, 16), torch.tensor([0, 1, 2, 4, 0, 1, 2, 4]))
+        mem.init_centers(randn(8, 16), torch.tensor([0, 1, 2, 4, 0, 1, 2, 4]))
     assert torch.equal(mem.centers, before)
 
 
 @pytest.mark.parametrize("features, labels, match", [
-    (torch.randn(4, 64), torch.tensor([0, 1, 100, 2]), "outside"),
-    (torch.randn(4, 64), torch.tensor([0, -1, 1, 2]), "outside"),
-    (torch.randn(4, 63), torch.tensor([0, 1, 2, 3]), r"\[N, 64\]"),
-    (torch.randn(4, 64), torch.tensor([0, 1, 2]), "one per feature row"),
-    (torch.randn(4, 64), torch.tensor([0., 1., 2., 3.]), "integer"),
-    (torch.randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), torch.arange(4), "NaN"),
-    (torch.randn(4, 64).index_fill_(0, torch.tensor([1]), float("inf")), torch.arange(4), r"rows \[1\]"),
+    (randn(4, 64), torch.tensor([0, 1, 100, 2]), "outside"),
+    (randn(4, 64), torch.tensor([0, -1, 1, 2]), "outside"),
+    (randn(4, 63), torch.tensor([0, 1, 2, 3]), r"\[N, 64\]"),
+    (randn(4, 64), torch.tensor([0, 1, 2]), "one per feature row"),
+    (randn(4, 64), torch.tensor([0., 1., 2., 3.]), "integer"),
+    (randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), torch.arange(4), "NaN"),
+    (randn(4, 64).index_fill_(0, torch.tensor([1]), float("inf")), torch.arange(4), r"rows \[1\]"),
 ])
 def test_bad_input_refused_memory_untouched(features, labels, match):
     mem = memory()
@@ -129,11 +135,11 @@ def test_bad_input_refused_memory_untouched(features, labels, match):
 
 
 @pytest.mark.parametrize("features, labels, sizes, match, reason", [
-    (torch.randn(4, 64), torch.tensor([0, 1, 100, 2]), [4], "1 with labels outside", 0),
-    (torch.randn(4, 64), torch.tensor([0, -1, 1, 2]), [4], "1 with labels outside", 0),
-    (torch.randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), torch.arange(4), [4],
+    (randn(4, 64), torch.tensor([0, 1, 100, 2]), [4], "1 with labels outside", 0),
+    (randn(4, 64), torch.tensor([0, -1, 1, 2]), [4], "1 with labels outside", 0),
+    (randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), torch.arange(4), [4],
      "1 with NaN", 1),
-    (torch.randn(4, 64), torch.tensor([0, 3, 3, 3]), [2, 2], "1 with round_sizes that do not match", 2),
+    (randn(4, 64), torch.tensor([0, 3, 3, 3]), [2, 2], "1 with round_sizes that do not match", 2),
 ])
 def test_known_round_sizes_refusals_are_counted_then_raised(features, labels, sizes, match, reason):
     """With `round_sizes` given nothing is read back: the bad batch changes nothing, is counted,
@@ -154,9 +160,9 @@ def test_known_round_sizes_refusals_are_counted_then_raised(features, labels, si
 def test_forward_rejects_bad_shapes_and_labels():
     mem = memory()
     with pytest.raises(ValueError, match=r"\[N, 64\]"):
-        mem(torch.randn(4, 32), torch.arange(4))
+        mem(randn(4, 32), torch.arange(4))
     with pytest.raises(IndexError, match="out of bounds"):
-        mem(torch.randn(4, 64), torch.tensor([0, 1, 2, 100]))
+        mem(randn(4, 64), torch.tensor([0, 1, 2, 100]))
 
 
 def test_rows_too_large_to_normalise_are_refused_with_nan():

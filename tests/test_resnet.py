@@ -89,14 +89,14 @@ def test_whole_batch_statistics_equal_separate_forwards(sizes, channels_last):
     want = torch.cat([separate(part) for part in x.split(sizes)])
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     for (name, a), (_, b) in zip(chunked.named_buffers(), separate.named_buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
     # gradients agree too
     w = torch.randn_like(out)
     (out * w).sum().backward()
     (want * w).sum().backward()
     for (name, a), (_, b) in zip(chunked.named_parameters(), separate.named_parameters()):
         if a.requires_grad:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=name)
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
 def test_groups_reset_and_ignored_in_eval():
@@ -110,13 +110,40 @@ def test_groups_reset_and_ignored_in_eval():
         m(x, sizes=[4, 3])
 
 
+@torch.no_grad()
+def _layer_outputs(model, x, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's output and the outputs of layer1..layer4, in fp32."""
+    seen = []
+    hooks = [getattr(model, f"layer{k}").register_forward_hook(lambda mod, i, o: seen.append(o.float()))
+             for k in range(1, 5)]
+    out = model(x, **kwargs)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
 def test_grouped_forward_under_autocast():
-    m = build_model("resnet18", bn_groups=2).train()
+    """bf16 autocast against the same forward in fp32. bf16 rounding (2^-8) grows through the
+    layers, most where a statistics group is small: the neck normalises each feature over the
+    4 samples of a group, which magnifies it many times over (at 32x16, layer4 too), so in
+    training mode the trunk's layers are compared at 64x32 (measured relative errors about 0.7%,
+    1.6%, 2.7% and 4% after layer1..4), and the whole output in eval mode (measured row error
+    below 0.01). At this size torch 2.14.1's CPU bf16 convolutions gave no NaN/inf in 80 trials
+    (they intermittently do at tiny sizes, in plain torchvision models too)."""
+    m = randomise_bn(build_model("resnet18", bn_groups=2))
+    x = images(8, size=(64, 32))
+    want, want_layers = _layer_outputs(m.train(), x, sizes=[4, 4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m(images(8, size=(32, 16)), sizes=[4, 4])
-    # no finiteness check: torch 2.14.1's CPU bf16 convolutions intermittently return NaN/inf
-    # for tiny inputs, in plain torchvision models too
-    assert out.shape == (8, 512) and out.dtype == torch.float32
+        out, layers = _layer_outputs(m, x, sizes=[4, 4])
+    assert out.shape == (8, 512) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    for k, (got, ref, bound) in enumerate(zip(layers, want_layers, (0.025, 0.05, 0.08, 0.13)), 1):
+        error = float((got - ref).norm() / ref.norm())
+        assert error < bound, f"layer{k}: relative error {error:.4f} under bf16 autocast"
+    want, _ = _layer_outputs(m.eval(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = _layer_outputs(m, x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0, atol=0.01)
 
 
 def test_whole_batch_bn_bf16_channels_last():

@@ -45,13 +45,34 @@ def test_bf16_input_stats_in_fp32():
     torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)
 
 
-def test_gradient_path():
-    x = features().requires_grad_()
-    UBS().train()(x).sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-    xb = features().bfloat16().requires_grad_()
-    out = UBS().train()(xb)
-    assert out.dtype == torch.bfloat16 and out.requires_grad
+def literal_input_gradient(x, w, rho=3.0, eps=1e-6):
+    """d sum(w * UBS(x)) / dx with the statistics held constant (model/style.py: no gradient
+    flows through them), from the steps of docs/design.md: out = (x - mu) / sig * sig_new + mu_new,
+    so the gradient is w * sig_new / sig, per sample and channel. Draws as LiteralUBS takes them
+    (means first, then stds); only the stds' draws matter here."""
+    B, C = x.shape[:2]
+    x = x.double()
+    var = x.var(dim=(2, 3))
+    std, sig = var.sqrt(), (var + eps).sqrt()
+    torch.rand((B, C))  # the means' draws
+    r_sig = torch.rand((B, C)).double()
+    sig_new = std.mean(0) - rho * std.std(0) + 2 * rho * std.std(0) * r_sig
+    return w.double() * (sig_new / sig)[:, :, None, None]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)])
+def test_gradient_path(dtype, tol):
+    x = features().to(dtype)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(11)
+    want = literal_input_gradient(x, w)
+    xg = x.clone().requires_grad_()
+    torch.manual_seed(11)
+    out = UBS().train()(xg)
+    assert out.dtype == dtype and out.requires_grad
+    (out.float() * w).sum().backward()
+    assert xg.grad.dtype == dtype
+    torch.testing.assert_close(xg.grad.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 def test_identity_in_eval():

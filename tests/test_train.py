@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -45,48 +43,10 @@ def test_two_process_gloo_run_keeps_ranks_identical(synthetic_shards, tmp_path):
     assert res["world"] == 2 and res["exit_code"] == 0
     assert res["weights_max_diff"] == 0.0
     assert res["memories_max_diff"] == 0.0
+    # 4 Adam steps at the warm-up learning rate move the weights, but only a little (a change of
+    # order 1 would mean the start was not train.py's initialisation).
+    assert 1e-5 < res["weights_change"] < 0.05, res["weights_change"]
     assert 0.0 <= res["history"][-1]["mAP"] <= 1.0
-
-
-def test_stop_and_resume_repeats_the_uninterrupted_run(synthetic_shards, tmp_path):
-    whole = tmp_path / "whole"
-    assert train.main(small_run(synthetic_shards, whole, "--epochs", "2")) == 0
-    part = tmp_path / "part"
-    assert train.main(small_run(synthetic_shards, part, "--epochs", "1")) == 0
-    assert train.main(small_run(synthetic_shards, part, "--epochs", "2",
-                                "--resume", str(part / "latest.pth"))) == 0
-    a, b = history(whole), history(part)
-    assert [r["epoch"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
-        assert ra["mAP"] == pytest.approx(rb["mAP"], abs=1e-6)
-    ca, cb = load_checkpoint(whole / "latest.pth"), load_checkpoint(part / "latest.pth")
-    for ma, mb in zip(ca["memories"], cb["memories"]):
-        torch.testing.assert_close(ma, mb, rtol=1e-5, atol=1e-6)
-    assert (part / "best.pth").is_file() and (part / "metrics.png").stat().st_size > 0
-
-
-def test_sigterm_saves_a_checkpoint_that_resumes(synthetic_shards, tmp_path):
-    logs = tmp_path / "logs"
-    args = small_run(synthetic_shards, logs, "--iters", "40", "--log-every", "1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "mode il" in line:  # training set up: let it run a moment, then stop it
-            time.sleep(3)
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(lines)
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + out
-    assert "checkpoint saved" in out
-    ckpt = load_checkpoint(logs / "latest.pth")
-    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] <= 40
-    assert train.main([*args, "--resume", str(logs / "latest.pth")]) == 0
-    assert history(logs)[-1]["epoch"] == 1
 
 
 @pytest.mark.parametrize("mode", [[], ["--baseline", "fb"]], ids=["fbf", "fb"])
@@ -109,9 +69,9 @@ def test_evaluate_a_checkpoint(synthetic_shards, tmp_path, capsys):
                                 "--resume", str(tmp_path / "best.pth"))) == 0
     out = capsys.readouterr().out
     assert "market1501: mAP" in out and "rank-1" in out
-    with pytest.raises(SystemExit, match="arch: checkpoint 'resnet18', now 'resnet50'"):
-        train.main(small_run(synthetic_shards, tmp_path, "--evaluate", "-a", "resnet50",
-                             "--resume", str(tmp_path / "best.pth")))
+    assert train.main(small_run(synthetic_shards, tmp_path, "--evaluate", "-a", "resnet50",
+                                "--resume", str(tmp_path / "best.pth"))) == 2
+    assert "arch: checkpoint 'resnet18', now 'resnet50'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("poison, message", [
@@ -139,13 +99,13 @@ def test_nonfinite_values_stop_and_keep_the_checkpoint(synthetic_shards, tmp_pat
     (["-d", "cuhk_sysu"], "can only be a source"),
     (["-b", "18"], "multiple of --num-instances"),
 ])
-def test_bad_configurations_are_refused(synthetic_shards, tmp_path, flags, message):
-    with pytest.raises(SystemExit, match=message):
-        train.main(small_run(synthetic_shards, tmp_path, *flags))
+def test_bad_configurations_are_refused(synthetic_shards, tmp_path, capsys, flags, message):
+    assert train.main(small_run(synthetic_shards, tmp_path, *flags)) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "latest.pth").exists()
 
 
-def test_shards_of_another_format_are_refused(synthetic_shards, tmp_path):
+def test_shards_of_another_format_are_refused(synthetic_shards, tmp_path, capsys):
     shards = tmp_path / "shards"
     for name in ("dukemtmc", "cuhk03", "msmt17v1"):
         (shards / name).parent.mkdir(exist_ok=True)
@@ -157,13 +117,13 @@ def test_shards_of_another_format_are_refused(synthetic_shards, tmp_path):
     manifest = json.loads((synthetic_shards / "market1501" / "manifest.json").read_text())
     manifest["format"] = 0
     (shards / "market1501" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SystemExit, match="format"):
-        train.main(small_run(shards, tmp_path / "logs"))
+    assert train.main(small_run(shards, tmp_path / "logs")) == 2
+    assert "format" in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()
 
 
-def test_resume_from_another_configuration_names_the_settings(synthetic_shards, tmp_path):
+def test_resume_from_another_configuration_names_the_settings(synthetic_shards, tmp_path, capsys):
     assert train.main(small_run(synthetic_shards, tmp_path)) == 0
-    with pytest.raises(SystemExit, match=r"seed: checkpoint 1, now 7"):
-        train.main(small_run(synthetic_shards, tmp_path, "--seed", "7", "--epochs", "2",
-                             "--resume", str(tmp_path / "latest.pth")))
+    assert train.main(small_run(synthetic_shards, tmp_path, "--seed", "7", "--epochs", "2",
+                                "--resume", str(tmp_path / "latest.pth"))) == 2
+    assert "seed: checkpoint 1, now 7" in capsys.readouterr().err

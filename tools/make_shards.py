@@ -4,24 +4,30 @@
     python tools/make_shards.py --out shards --verify
 
 Datasets whose shards are already complete are skipped, so an interrupted run can simply be
-started again.
+started again; a dataset whose raw files changed since its shards were built (the manifest
+records their count, sizes and names) is rebuilt. One build at a time writes into OUT.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))
 
+from engine.runlock import LOCK_NAME, FolderBusy, hold_folder  # noqa: E402
 from pipeline import shards  # noqa: E402
 from pipeline.records import DATASETS, SPLITS  # noqa: E402
 
-# What OUT itself may hold besides dataset folders (the repository's shards/ keeps a README).
-_OUT_EXTRAS = {"README.md", ".gitignore", ".gitkeep"}
+# What OUT itself may hold besides dataset folders (the repository's shards/ keeps a README;
+# a build holds OUT/.lock).
+_OUT_EXTRAS = {"README.md", ".gitignore", ".gitkeep", LOCK_NAME}
 
 # (images, identities) per split as the datasets' authors publish them (CUHK03: the new
 # protocol of Zhong et al. 2017; MSMT17_V1 train = list_train + list_val). A real dataset that
@@ -97,18 +103,36 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace) -> int:
-    from pipeline.datasets import parse  # the parsers need h5py/scipy; --verify does not
-    from tools.make_synthetic import MARKER  # its small look-alikes have other counts than the real data
-
     names = args.datasets or [n for n in DATASETS if (args.data_dir / n).is_dir()]
     if not names:
         raise shards.ShardError(f"{args.data_dir}: no dataset folders found (expected some of "
                                 f"{', '.join(DATASETS)}, each as DATA/<name>/<folder>)")
     _check_out(args.out)
+    with _holding(args.out):
+        return _build(args, names)
+
+
+@contextmanager
+def _holding(out: Path) -> Iterator[None]:
+    """OUT for this build only: two builds into one folder would write the same shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = hold_folder(out)
+    except FolderBusy as e:
+        raise shards.ShardError(f"--out {e}: another build is writing there; wait for it to end") from None
+    with lock:
+        yield
+
+
+def _build(args: argparse.Namespace, names: list[str]) -> int:
+    from pipeline.datasets import parse  # the parsers need h5py/scipy; --verify does not
+    from tools.make_synthetic import MARKER  # its small look-alikes have other counts than the real data
+
     rows = []
     for name in names:
         extra = {"cuhk03_labeled": args.cuhk03_labeled} if name == "cuhk03" else {}
-        reason = _needs_build(args.out / name, extra)
+        raw = raw_fingerprint(args.data_dir / name)
+        reason = _needs_build(args.out / name, extra) or _raw_changed(args.out / name, raw)
         if reason is None:
             print(f"{name}: complete in {args.out / name}, skipped (delete that folder to rebuild)")
             rows.append((name, shards.load_manifest(args.out / name), None))
@@ -120,7 +144,7 @@ def build(args: argparse.Namespace) -> int:
             for msg in count_differences(splits, args.cuhk03_labeled):
                 log.warning("%s (is %s complete?)", msg, args.data_dir / name)
         manifest = shards.write_dataset(splits, args.out, shard_size=args.shard_size, workers=args.workers,
-                                        skip_bad=args.skip_bad, extra=extra)
+                                        skip_bad=args.skip_bad, extra={**extra, "raw": raw})
         rows.append((name, manifest, time.perf_counter() - start))
         if "skipped" in manifest:
             print(f"{name}: skipped {manifest['skipped']['count']} bad image(s), listed in "
@@ -152,6 +176,28 @@ def _check_out(out: Path) -> None:
     if foreign:
         raise shards.ShardError(f"--out {out} holds things that are not shards of this program "
                                 f"({', '.join(foreign[:5])}): refusing to write there")
+
+
+def raw_fingerprint(folder: Path) -> dict:
+    """What a build reads, cheaply (no file is opened): the count, total size and a digest of
+    the names and sizes of every file under DATA/<name>. An added, removed, renamed or resized
+    file changes it; an edit that keeps a file's size does not."""
+    digest, files, size = hashlib.sha256(), 0, 0
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        n = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\t{n}\n".encode())
+        files, size = files + 1, size + n
+    return {"files": files, "bytes": size, "digest": digest.hexdigest()}
+
+
+def _raw_changed(dataset_dir: Path, raw: dict) -> str | None:
+    """Why complete shards no longer match their raw data, or None (also for shards built before
+    the manifest recorded it)."""
+    then = shards.load_manifest(dataset_dir).get("raw")
+    if then is None or then == raw:
+        return None
+    return (f"the raw data changed since the build ({then['files']} files, {then['bytes']} bytes then; "
+            f"{raw['files']} files, {raw['bytes']} bytes now)")
 
 
 def _needs_build(dataset_dir: Path, extra: dict) -> str | None:

@@ -1,0 +1,80 @@
+"""What every data worker process does first, and how a parent starts workers.
+
+Three rules, for the DALI workers, the torch DataLoader workers and the shard builder's pool:
+
+- A worker ends with its parent. The kernel kills it when the parent dies for any reason,
+  SIGKILL and the out-of-memory killer included (Linux ``PR_SET_PDEATHSIG``), so no worker is
+  left holding memory after a killed run.
+- A stop signal is for the parent. Schedulers and terminals stop a job by signalling a whole
+  process group (torchrun forwards its SIGTERM or SIGINT to each trainer's group; Ctrl-C reaches
+  the terminal's foreground group), so workers receive the trainer's stop signal too; dying on
+  it would break the trainer's last iterations before its checkpoint. A worker keeps SIGTERM
+  and SIGINT blocked and a thread takes them with ``sigwaitinfo``: one sent by the parent itself
+  (a pool's ``terminate()``, multiprocessing's clean-up at exit) ends the worker at once, any
+  other is left to the parent, which ends its workers when it is done.
+- A spawned worker imports only what reading bytes needs. ``multiprocessing``'s spawn re-imports
+  the parent's ``__main__`` script in every child; for ``train.py`` that is torch, DALI and the
+  model, about 300 MB per worker. Our worker callbacks live in torch-free modules
+  (``pipeline.reading``, ``pipeline.dali_sources``), so :func:`starting_workers` hides
+  ``__main__`` from the children.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def become_worker(parent: int) -> None:
+    """Run first in a worker process whose parent is ``parent`` (a pid): stop signals are
+    obeyed from the parent only, and the parent's death kills this process. A parent that died
+    before this call ends the worker here."""
+    # Normally blocked since birth (starting_workers): every thread of the worker inherits it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_obey_parent_only, args=(parent,), name="stop signals", daemon=True).start()
+    _die_with_parent()
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _obey_parent_only(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_pid == parent:
+            os._exit(128 + info.si_signo)
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return  # no parent-death signal elsewhere; the loaders' own checks remain
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+@contextmanager
+def starting_workers() -> Iterator[None]:
+    """Wrap the start of worker processes. Stop signals stay pending in this thread meanwhile
+    (none is lost: the handlers run when the block ends), and the children inherit the block
+    across fork and exec, so every thread of a worker has them blocked from its start and a
+    signal cannot kill a worker before :func:`become_worker` has run. ``__main__`` is hidden
+    from spawned children (see the module docstring); the workers' callbacks must then be
+    defined in importable modules, never in a script."""
+    main = sys.modules["__main__"]
+    hidden = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(hidden)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

@@ -1,0 +1,218 @@
+"""train.py checks what it can before any work and refuses in one line, `train.py: error: ...`,
+with exit code 2: flags, the logs dir (another run's files, a live run holding it, a file, a place
+it cannot write), weights and checkpoint files, a target that cannot be evaluated. It saves an
+epoch's checkpoint before evaluating it and survives a failed evaluation; --evaluate needs only
+the target; `make clean` keeps results."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from engine.checkpoint import load_checkpoint
+from tests.live import ROOT, Live, tiny_run, torchrun
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_shards, tmp_path_factory) -> Path:
+    """latest.pth of a finished one-epoch IL run (resnet18 at 64x32)."""
+    logs = tmp_path_factory.mktemp("trained")
+    assert train.main(tiny_run(synthetic_shards, logs, workers=0)) == 0
+    return logs / "latest.pth"
+
+
+def refusal(capsys, argv: list[str]) -> str:
+    """The one line train.main refuses ``argv`` with (exit code 2), before any work."""
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    lines = [line for line in text.splitlines() if line.startswith("train.py: error: ")]
+    assert len(lines) == 1, text
+    assert "Traceback" not in text and "initialising memories" not in text, text
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--num-instances", "0"], "argument --num-instances: expected an integer >= 1, got 0"),
+    (["-b", "0"], "argument -b/--batch-size: expected an integer >= 1, got 0"),
+    (["--iters", "0"], "argument --iters"),
+    (["--height", "0"], "argument --height"),
+    (["--epochs", "0"], "argument --epochs"),
+    (["--log-every", "0"], "argument --log-every"),
+    (["--temp", "0"], "argument --temp"),
+    (["--pretrained", "imagenett"], "--pretrained 'imagenett': expected 'imagenet', 'none' or a weights"),
+    (["--evaluate"], "--evaluate needs --resume"),
+    (["-b", "18"], "multiple of --num-instances"),
+])
+def test_bad_flags_are_refused_in_one_line(synthetic_shards, tmp_path, capsys, flags, named):
+    line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "logs", *flags))
+    assert named in line
+    assert not (tmp_path / "logs").exists()
+
+
+def test_apex_and_cuda_are_checked_before_any_work(synthetic_shards, tmp_path, capsys):
+    argv = tiny_run(synthetic_shards, tmp_path / "logs")
+    if not torch.cuda.is_available():
+        assert "--device cuda: torch sees no CUDA device" in refusal(capsys, [*argv, "--device", "cuda"])
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        assert "--apex: NVIDIA apex is not installed" in refusal(capsys, [*argv, "--apex"])
+
+
+def test_unusable_files_are_refused_naming_them(synthetic_shards, trained, tmp_path, capsys):
+    garbage = tmp_path / "weights.pth"
+    garbage.write_bytes(os.urandom(4096))
+    line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "a", "--pretrained", str(garbage)))
+    assert f"--pretrained {garbage} cannot be read as weights" in line and "weights_only=False" not in line
+
+    ckpt = load_checkpoint(trained)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(trained.read_bytes()[: trained.stat().st_size // 2])
+    cases = {cut: "truncated or damaged", tmp_path: "is a folder, expected a checkpoint file"}
+    more_classes = [torch.zeros(len(m) + 1, m.shape[1]) for m in ckpt["memories"]]
+    for name, state, why in [("no_config.pth", {"model": ckpt["model"]}, "it lacks config"),
+                             ("list.pth", [1, 2, 3], "it holds a list, expected a dict"),
+                             ("classes.pth", {**ckpt, "memories": more_classes}, "memories have shapes"),
+                             ("two.pth", {**ckpt, "memories": ckpt["memories"][:2]}, "memories have shapes")]:
+        torch.save(state, tmp_path / name)
+        cases[tmp_path / name] = why
+    for path, why in cases.items():
+        line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "b", "--epochs", "2",
+                                        "--resume", str(path)))
+        assert f"--resume {path}" in line and why in line, line
+
+
+def test_logs_dir_must_be_a_writable_folder(synthetic_shards, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert f"--logs-dir {a_file} is a file" in refusal(capsys, tiny_run(synthetic_shards, a_file))
+    assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, a_file / "logs"))
+    assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, Path("/proc/il-logs")))
+
+
+def test_a_logs_dir_holds_one_run(synthetic_shards, tmp_path, capsys):
+    """While a run writes into a logs dir, a second run there is refused; a stopped run's folder
+    is refused without --resume or --overwrite; --overwrite starts afresh."""
+    logs = tmp_path / "logs"
+    first = Live([sys.executable, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200",
+                                                                    workers=0)])
+    try:
+        first.wait_for("first iteration done")
+        line = refusal(capsys, tiny_run(synthetic_shards, logs))
+        assert f"is in use by another process (pid {first.proc.pid})" in line
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.finish(120) == 128 + signal.SIGTERM, first.output
+    finally:
+        first.close()
+    before = (logs / "latest.pth").read_bytes()
+    line = refusal(capsys, tiny_run(synthetic_shards, logs))
+    assert "holds another run (latest.pth)" in line and f"--resume {logs / 'latest.pth'}" in line
+    assert (logs / "latest.pth").read_bytes() == before
+
+    assert train.main(tiny_run(synthetic_shards, logs, "--overwrite", workers=0)) == 0
+    rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and load_checkpoint(logs / "latest.pth")["epoch"] == 1
+
+
+def test_a_target_that_cannot_be_evaluated_is_refused_before_any_work(synthetic_data, synthetic_shards,
+                                                                      tmp_path, capsys):
+    from tools import make_shards
+
+    raw = tmp_path / "raw"
+    market = raw / "market1501" / "Market-1501-v15.09.15"
+    shutil.copytree(synthetic_data / "market1501", raw / "market1501")
+    query_ids = {p.name[:4] for p in (market / "query").iterdir()}
+    for p in (market / "bounding_box_test").iterdir():
+        if p.name[:4] in query_ids:
+            p.unlink()
+    shards = tmp_path / "shards"
+    assert make_shards.main(["--data-dir", str(raw), "--out", str(shards)]) == 0
+    for name in ("dukemtmc", "cuhk03", "msmt17v1"):
+        (shards / name).symlink_to(synthetic_shards / name)
+    line = refusal(capsys, tiny_run(shards, tmp_path / "logs"))
+    assert "-d market1501: no query image has a gallery image of its identity" in line
+
+
+def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, trained, tmp_path, capsys):
+    """Non-finite running statistics give NaN evaluation features: the epoch's checkpoint is
+    saved before the evaluation, the failure is logged and recorded, and training continues."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    ckpt = load_checkpoint(trained)
+    ckpt["model"]["neck.running_var"][:] = float("nan")
+    torch.save(ckpt, logs / "latest.pth")
+    assert train.main(tiny_run(synthetic_shards, logs, "--epochs", "2", "--resume", str(logs / "latest.pth"),
+                               workers=0)) == 0
+    log = capsys.readouterr().err
+    assert "epoch 2: evaluation on market1501 failed" in log and "not finite" in log, log
+    rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and "eval_error" in rows[1] and "mAP" not in rows[1]
+    assert load_checkpoint(logs / "latest.pth")["epoch"] == 2
+
+
+def test_evaluate_needs_only_the_target(synthetic_shards, trained, tmp_path, capsys):
+    only = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained), "--device", "cpu",
+            "--workers", "0", "--loader", "torch", "--test-batch-size", "64"]
+    assert train.main([*only, "-d", "market1501"]) == 0
+    out = capsys.readouterr()
+    assert "market1501: mAP" in out.out and "was a source" not in out.err
+    assert train.main([*only, "-d", "dukemtmc"]) == 0
+    assert "-d dukemtmc was a source of this checkpoint" in capsys.readouterr().err
+    line = refusal(capsys, [*only, "-d", "market1501", "-a", "resnet50"])
+    assert "arch: checkpoint 'resnet18', now 'resnet50'" in line
+
+
+def test_a_refusal_under_torchrun_is_one_line_and_heads_its_report(tmp_path):
+    proc = subprocess.run(torchrun(2, str(ROOT / "train.py"), "--iters", "0"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = "train.py: error: argument --iters: expected an integer >= 1, got 0"
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count(f"\n{line}\n") + out.startswith(line) == 1, out  # printed once, by rank 0
+    root_cause = out[out.index("Root Cause"):]
+    assert f"traceback : {line}" in root_cause, out
+
+
+def test_make_clean_keeps_results(tmp_path):
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    kept = [tmp_path / "logs" / "il" / "best.pth", tmp_path / "shards" / "market1501" / "manifest.json"]
+    removed = [tmp_path / ".venv" / "bin" / "python", tmp_path / "pipeline" / "__pycache__" / "a.pyc"]
+    for path in kept + removed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    subprocess.run(["make", "clean"], cwd=tmp_path, check=True, capture_output=True)
+    assert all(p.is_file() for p in kept)
+    assert not any(p.parent.exists() for p in removed)
+
+
+def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
+    """Start-up reads the three sources' mix sets with one loader (one pool of workers, not
+    three) and starts each memory exactly as engine.evaluate.init_memories does per source."""
+    from engine.evaluate import init_memories
+    from model.memory import MemoryClassifier
+    from model.resnet import build_model
+    from pipeline.loader import LoaderConfig, build_eval_loader
+
+    cfg = LoaderConfig(height=64, width=32, workers=0, loader="torch", test_batch_size=64)
+    sources = ["dukemtmc", "cuhk03", "msmt17v1"]
+    torch.manual_seed(0)
+    model = build_model("resnet18").to(memory_format=torch.channels_last)
+    mix = build_eval_loader(synthetic_shards, sources, "mix", cfg)
+    alone = [build_eval_loader(synthetic_shards, s, "mix", cfg) for s in sources]
+    assert len(mix) == sum(len(a) for a in alone)
+    classes = [int(a.labels.max()) + 1 for a in alone]
+    one, each = ([MemoryClassifier(model.num_features, n) for n in classes] for _ in range(2))
+    train.init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
+    init_memories(model, alone, each, torch.device("cpu"), None)
+    for a, b in zip(one, each):
+        torch.testing.assert_close(a.centers, b.centers, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,136 @@
+"""Real runs stopped and killed: SIGTERM and SIGINT, sent to torchrun or to a trainer's process
+group, with either loader, end with latest.pth at the last finished iteration and one line
+saying how to resume; a killed trainer or shard build leaves no process behind; a rank with four
+DALI workers stays under 2 GB."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoint import load_checkpoint
+from tests.live import ROOT, Live, alive, cmdline, maps_library, tiny_run, torchrun
+from tools.rank_memory import children, descendants, pss_bytes
+
+STOP_LINE = re.compile(r"stopped by (SIG\w+) at epoch (\d+), iteration (\d+).*--resume (\S+)")
+RANK_MEMORY_GOAL = 2 * 2**30  # bytes of PSS for a whole rank with 4 DALI workers (docs/benchmarks.md)
+
+
+def rank_of(pid: int) -> int:
+    with open(f"/proc/{pid}/environ") as f:
+        env = dict(item.split("=", 1) for item in f.read().split("\0") if "=" in item)
+    return int(env["RANK"])
+
+
+def assert_no_trainer_traceback(out: str) -> None:
+    """A traceback may only be torchrun's own report (SignalException when it was signalled,
+    ChildFailedError when a trainer ended with 128 + the signal), never a trainer's or a worker's."""
+    for block in out.split("Traceback (most recent call last):")[1:]:
+        exception = next(line for line in block.splitlines() if line and not line.startswith(" "))
+        assert exception.startswith("torch.distributed.elastic."), out
+    for sign in ("DataLoader worker", "Worker data receiving", "KeyboardInterrupt", "Error in"):
+        assert sign not in out, out
+
+
+def gone_within(pids: list[int], seconds: float) -> list[int]:
+    """The pids still alive after waiting up to ``seconds`` for them to end."""
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.parametrize("loader, signum, to", [
+    ("dali", signal.SIGTERM, "torchrun"),
+    ("torch", signal.SIGINT, "torchrun"),
+    ("dali", signal.SIGINT, "rank 1"),
+    ("torch", signal.SIGTERM, "rank 0"),
+], ids=["dali-SIGTERM-torchrun", "torch-SIGINT-torchrun", "dali-SIGINT-rank1", "torch-SIGTERM-rank0"])
+def test_a_stop_signal_saves_the_last_iteration_and_says_how_to_resume(
+        synthetic_shards, tmp_path, loader, signum, to):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    logs = tmp_path / "logs"
+    run = Live(torchrun(2, str(ROOT / "train.py"),
+                        *tiny_run(synthetic_shards, logs, "--iters", "200", loader=loader, workers=2)))
+    try:
+        run.wait_for("first iteration done")
+        trainers = {rank_of(p): p for p in children(run.proc.pid)}
+        everything = [run.proc.pid, *descendants(run.proc.pid)]
+        if to == "torchrun":
+            os.kill(run.proc.pid, signum)  # what a scheduler or Ctrl-C does to torchrun
+        else:  # one trainer and its workers, as a signal to a process group reaches them
+            os.killpg(trainers[int(to.split()[1])], signum)
+        run.finish(240)
+    finally:
+        run.close()
+    out = run.output
+    stops = STOP_LINE.findall(out)
+    assert len(stops) == 1, out
+    name, epoch, iteration, resume = stops[0]
+    assert name == signal.Signals(signum).name and Path(resume) == logs / "latest.pth"
+    ckpt = load_checkpoint(logs / "latest.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (int(epoch) - 1, int(iteration))
+    assert 1 <= ckpt["iteration"] < 200
+    assert_no_trainer_traceback(out)
+    assert not gone_within(everything, 5), [cmdline(p) for p in everything if alive(p)]
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_shards, tmp_path, loader):
+    """SIGKILL (or the out-of-memory killer) gives the trainer no chance to stop its workers:
+    they must end by themselves. Before that, the DALI rank's whole process tree (4 workers)
+    stays under 2 GB: its workers import no torch, and the memory-initialisation pipelines
+    have released theirs."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    workers = 4 if loader == "dali" else 2
+    run = Live([sys.executable, str(ROOT / "train.py"),
+                *tiny_run(synthetic_shards, tmp_path / "logs", "--iters", "200", loader=loader,
+                          workers=workers)])
+    tree: list[int] = []
+    try:
+        peak, deadline = 0, time.monotonic() + 300
+        while not any("first iteration done" in line for line in run.lines):
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.output
+            peak = max(peak, sum(pss_bytes(p) for p in [run.proc.pid, *descendants(run.proc.pid)]))
+            time.sleep(0.2)
+        tree = descendants(run.proc.pid)
+        pool = [p for p in tree if "resource_tracker" not in cmdline(p)]
+        assert len(pool) == workers, [cmdline(p) for p in tree]  # the training loader's workers only
+        if loader == "dali":
+            assert not [p for p in pool if maps_library(p, "libtorch")], "a DALI worker imported torch"
+            assert peak <= RANK_MEMORY_GOAL, f"peak PSS {peak / 2**30:.2f} GiB"
+        os.kill(run.proc.pid, signal.SIGKILL)
+        left = gone_within(tree, 5)
+        assert not left, [cmdline(p) for p in left]
+    finally:
+        run.close()
+        for p in tree:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_a_killed_shard_build_leaves_no_worker_behind(synthetic_data, tmp_path):
+    run = Live([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--data-dir", str(synthetic_data),
+                "--out", str(tmp_path / "shards"), "--workers", "2", "--shard-size", "8"])
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len([p for p in descendants(run.proc.pid) if "spawn_main" in cmdline(p)]) < 2:
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.output
+            time.sleep(0.02)
+        tree = descendants(run.proc.pid)
+        os.kill(run.proc.pid, signal.SIGKILL)
+        left = gone_within(tree, 5)
+        assert not left, [cmdline(p) for p in left]
+    finally:
+        run.close()
+        for p in tree:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)

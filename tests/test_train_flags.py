@@ -1,0 +1,199 @@
+"""train.py behaviour no other test runs: --compile, --rerank and --eval-every 0 inside a run,
+--data-dir building missing shards, every refusal of check_flags, the autocast choice on a CPU,
+and the published torchvision augmentation against the loaders' train_pixels."""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+from PIL import Image
+
+import train
+from engine.evaluate import extract_features
+from engine.optim import amp_dtype, build_scaler
+from engine.runlock import LOCK_NAME
+from model.resnet import build_model
+from pipeline.loader import LoaderConfig, build_eval_loader
+from pipeline.shards import SplitReader
+from pipeline.transforms import FLIP_P, PAD, augment_params, normalize, train_pixels, train_transform
+from tests.test_evaluation import _squared_euclidean
+from tests.test_metrics import literal_market
+from tests.test_rerank import standard_re_ranking
+from tests.test_train import SOURCES, history, small_run
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------ runs
+
+RUN_FLAGS = ("--epochs", "2", "--iters", "2", "--eval-every", "0", "--rerank")
+
+
+@pytest.fixture(scope="module")
+def flag_runs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
+    """Two runs of the same configuration: "eager" builds its shards with --data-dir into an
+    empty --shards, "compiled" reads them with --compile. Inductor's C++ build of the training
+    graphs takes about 10 minutes on 2 busy cores (measured), too long for the suite, so the
+    compiled run hands dynamo's captured graphs to its "eager" backend (torch's debug override,
+    TORCH_COMPILE_OVERRIDE_BACKENDS): train.py's torch.compile wrapping and dynamo's capture of
+    both training forwards and their backward run for real; inductor's code generation does not."""
+    root = tmp_path_factory.mktemp("flag_runs")
+    shards = root / "shards"
+    assert train.main(small_run(shards, root / "eager", "--data-dir", str(synthetic_data), *RUN_FLAGS)) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch._dynamo.config, "debug_backend_override", ">=0:eager")
+        try:
+            assert train.main(small_run(shards, root / "compiled", *RUN_FLAGS, "--compile")) == 0
+        finally:
+            torch._dynamo.reset()
+    return {"shards": shards, "eager": root / "eager", "compiled": root / "compiled"}
+
+
+def test_data_dir_builds_the_missing_shards(flag_runs):
+    """--data-dir builds the four datasets the run needs (not CUHK-SYSU) into the empty --shards."""
+    needed = ["cuhk03", "dukemtmc", "market1501", "msmt17v1"]
+    assert sorted(p.name for p in flag_runs["shards"].iterdir() if p.name != LOCK_NAME) == needed
+    assert all((flag_runs["shards"] / name / "manifest.json").is_file() for name in needed)
+
+
+def test_eval_every_0_reranks_at_the_end_only(flag_runs):
+    """--eval-every 0 evaluates after the last epoch only; --rerank makes that evaluation the
+    standard k-reciprocal re-ranking of the final model's features, then the literal protocol."""
+    shards, logs = flag_runs["shards"], flag_runs["eager"]
+    rows = history(logs)
+    assert [r["epoch"] for r in rows] == [1, 2] and "mAP" not in rows[0]
+    ckpt = torch.load(logs / "latest.pth", weights_only=True)
+    model = build_model("resnet18", "none", bn_groups=ckpt["config"]["bn_groups"])
+    model.load_state_dict(ckpt["model"])
+    loader = build_eval_loader(shards, "market1501", "test", LoaderConfig(height=64, width=32, workers=0,
+                                                                         loader="torch"))
+    feats = extract_features(model.to(memory_format=torch.channels_last), loader, CPU, None)
+    q, g = (SplitReader(shards / "market1501", s) for s in ("query", "gallery"))
+    ids = (q.pids, g.pids, q.camids, g.camids)
+    qf, gf = feats[:len(q)], feats[len(q):]
+    blocks = [_squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
+    _, reranked = literal_market(standard_re_ranking(*blocks), *ids)
+    _, plain = literal_market(blocks[0], *ids)
+    assert rows[1]["mAP"] == pytest.approx(reranked, abs=1e-4)
+    assert abs(reranked - plain) > 1e-3
+
+
+def test_compile_trains_as_eager(flag_runs):
+    """The compiled run's losses and final (re-ranked) evaluation are the eager run's."""
+    eager, compiled = history(flag_runs["eager"]), history(flag_runs["compiled"])
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert compiled[1]["mAP"] == pytest.approx(eager[1]["mAP"], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ refusals
+
+def _refusal(flags: list[str], world: int = 1) -> str:
+    args = train.get_parser().parse_args(flags)
+    with pytest.raises(train.UsageError) as err:
+        train.check_flags(args, train.run_config(args), world)
+    return str(err.value)
+
+
+GOOD = [*SOURCES, "-b", "16", "--pretrained", "none"]
+
+
+@pytest.mark.parametrize("flags, world, message", [
+    (["--dataset_src1", "viper"], 1, "--dataset_src1 'viper': unknown dataset; choose from market1501"),
+    (["--dataset_src2", "viper"], 1, "--dataset_src2 'viper': unknown dataset"),
+    (["--dataset_src3", "viper"], 1, "--dataset_src3 'viper': unknown dataset"),
+    (["-d", "viper"], 1, "-d 'viper': unknown dataset"),
+    (["-d", "cuhk_sysu"], 1, "-d cuhk_sysu: has no query/gallery split, it can only be a source"),
+    (["-d", "dukemtmc"], 1, "-d dukemtmc: the target is also a source; it must stay unseen"),
+    (["--dataset_src2", "dukemtmc"], 1, "the three sources must differ"),
+    (["-b", "18"], 1, "-b 18 must be a multiple of --num-instances 4"),
+    (["-b", "16"], 3, r"-b 16 \(global per source\) must divide over 3 ranks"),
+    (["-b", "16", "--bn-groups", "3"], 1, "--bn-groups 3 with -b 16 on 1 rank"),
+    (["-b", "24", "--bn-groups", "3"], 2, "--bn-groups 3 with -b 24 on 2 rank.*groups of 8 rows do not line up"),
+    (["--evaluate"], 1, "--evaluate needs --resume CHECKPOINT"),
+    (["--evaluate", "--resume", "x.pth", "-d", "cuhk_sysu"], 1, "it can only be a source"),
+])
+def test_every_refusal_of_check_flags(flags, world, message):
+    assert re.search(message, _refusal([*GOOD, *flags], world))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cuda_refused_without_a_gpu():
+    assert "--device cuda: torch sees no CUDA device" in _refusal([*GOOD, "--device", "cuda"])
+
+
+def test_apex_refused_when_missing():
+    try:
+        import apex.optimizers  # noqa: F401
+        pytest.skip("apex is installed")
+    except ImportError:
+        pass
+    assert "--apex: NVIDIA apex is not installed" in _refusal([*GOOD, "--apex"])
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_good_configurations_pass(world):
+    """The refusals are not too eager: the published settings, whole-batch statistics, and (on
+    one rank, where its groups need no lining up) the configuration refused on 2 ranks above."""
+    cases = [GOOD, [*GOOD, "-b", "64"], [*GOOD, "-b", "64", "--bn-groups", "1"],
+             [*GOOD, "--evaluate", "--resume", "x.pth"]]
+    if world == 1:
+        cases.append([*GOOD, "-b", "24", "--bn-groups", "3"])
+    for flags in cases:
+        args = train.get_parser().parse_args(flags)
+        train.check_flags(args, train.run_config(args), world)
+
+
+def test_refusal_is_one_line_and_exit_code_2(capsys):
+    assert train.main([*GOOD, "-d", "viper"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train.py: error: -d 'viper': unknown dataset; choose from " + ", ".join(train.DATASETS)]
+
+
+# ------------------------------------------------------------------------------ autocast on a CPU
+
+def test_amp_dtype_on_cpu():
+    """auto is fp32 on a CPU (no autocast, no scaler); an explicit choice is honoured."""
+    assert amp_dtype("auto", CPU) is None and amp_dtype("off", CPU) is None
+    assert amp_dtype("bf16", CPU) == torch.bfloat16 and amp_dtype("fp16", CPU) == torch.float16
+    assert not build_scaler(CPU, None).is_enabled()
+
+
+# ------------------------------------------------------------------------------ augmentation
+
+def test_train_transform_is_train_pixels_for_some_random_parts():
+    """The published composition (flip, then pad and a random crop, torchvision's own draws)
+    gives exactly train_pixels' output (resize, pad, crop at a shift, then mirror) for one of
+    its 2 x 21 x 21 random parts, and over many draws both cover the same parts at the same
+    rates: a fair flip and every shift in [-PAD, PAD]."""
+    height, width = 40, 20
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (57, 23, 3), dtype=np.uint8)).save(buf, "PNG")
+    image = Image.open(buf).convert("RGB")
+
+    def key(chw: torch.Tensor) -> bytes:
+        return chw.contiguous().numpy().tobytes()
+
+    parts = [(m, dy, dx) for m in (0, 1) for dy in range(-PAD, PAD + 1) for dx in range(-PAD, PAD + 1)]
+    outputs = {}
+    for m, dy, dx in parts:
+        pixels = torch.from_numpy(train_pixels(image, m, dy, dx, height, width))
+        outputs[key(normalize(pixels).permute(2, 0, 1))] = (m, dy, dx)
+    assert len(outputs) == len(parts)  # every random part gives a different image
+    transform = train_transform(height, width)
+    found = []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        found.append(outputs[key(transform(image))])  # KeyError: an output train_pixels never gives
+    mirror, dy, dx = np.asarray(found).T
+    mine_mirror, mine_shift = augment_params(seed=0, epoch=0, it=0, n=300)
+    for flips in (mirror, mine_mirror):
+        assert abs(flips.mean() - FLIP_P) < 0.1
+    for shifts in (dy, dx, mine_shift[:, 0], mine_shift[:, 1]):
+        assert sorted(set(shifts.tolist())) == list(range(-PAD, PAD + 1))
