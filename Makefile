@@ -40,13 +40,13 @@ bench: install $(BENCH)/data/SYNTHETIC.json
 # `make gpu-check`: every GPU path in one go (tools/gpu_check.py: synthetic data, shards, GPU tests,
 # DALI against PIL, the benchmarks; OUT/results.json and OUT/summary.md), with whichever Python is
 # there: the .venv when it exists, else the machine's own (a bare GPU machine has no network to
-# install one). GPU_CHECK_FLAGS="--device cpu --quick" runs the tiny CPU configuration CI runs.
+# install one; PYTHONPATH finds the packages without an install). GPU_CHECK_FLAGS="--device cpu --quick" runs the tiny CPU configuration CI runs.
 GPU_CHECK       ?= logs/gpu-check
 GPU_CHECK_FLAGS ?=
 GPU_PY          ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 
 gpu-check:
-	$(GPU_PY) tools/gpu_check.py --out $(GPU_CHECK) $(GPU_CHECK_FLAGS)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) tools/gpu_check.py --out $(GPU_CHECK) $(GPU_CHECK_FLAGS)
 
 # `make clean` removes only what `make` rebuilds: the environment and caches. Results (logs/,
 # where the README's runs and the demo write) and shards are never deleted.

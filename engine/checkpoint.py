@@ -8,15 +8,17 @@ import os
 import pickle
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from engine.config import RunConfig
+
 # Settings that must agree between a run and the checkpoint it resumes from (the number of
 # epochs may grow: a finished run can be continued).
-RESUME_KEYS = ("arch", "sources", "target", "batch_size", "num_instances", "height", "width",
-               "update_style", "baseline", "iters", "seed", "lr", "weight_decay",
-               "temp", "momentum", "rho", "stem_relu", "bn_groups")
+RESUME_KEYS = RunConfig.resume_keys()
 # What a checkpoint holds, by use: --evaluate needs the first two, a resume all of them.
 EVAL_PARTS = {"config": dict, "model": dict}
 TRAIN_PARTS = {**EVAL_PARTS, "epoch": int, "iteration": int, "memories": list, "optimizer": dict,
@@ -25,6 +27,47 @@ TRAIN_PARTS = {**EVAL_PARTS, "epoch": int, "iteration": int, "memories": list, "
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, or not one that train.py wrote."""
+
+
+@dataclass
+class TrainState:
+    """Everything a resume needs, as latest.pth holds it. The sampler, shuffles, augmentation and
+    style draws are functions of (seed, epoch, iteration, rank) (``pipeline.seeds``), so
+    (epoch, iteration) is their whole state. ``memories`` are the memory classifiers (their
+    ``centers`` are saved); ``epoch_losses`` the losses of the epoch's iterations before
+    ``iteration`` (a mid-epoch resume reports the whole epoch's mean loss)."""
+
+    config: dict
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    memories: list = field(default_factory=list)
+    epoch: int = 0
+    iteration: int = 0
+    best_map: float = -1.0
+    history: list[dict] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        """The checkpoint file's dict (keys and order as train.py always wrote them)."""
+        return {"config": self.config, "epoch": self.epoch, "iteration": self.iteration,
+                "model": self.model.state_dict(), "memories": [m.centers for m in self.memories],
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "best_map": self.best_map, "history": self.history,
+                "epoch_losses": self.epoch_losses}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """The states and position of a checkpoint dict (:func:`read_checkpoint`); the memories'
+        centres are copied by whoever makes the memories (``ckpt["memories"]``). Raises
+        RuntimeError, ValueError or KeyError when the states do not fit."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.iteration = ckpt["epoch"], ckpt["iteration"]
+        self.best_map, self.history = ckpt["best_map"], list(ckpt["history"])
+        self.epoch_losses = [float(x) for x in ckpt.get("epoch_losses", [])][:self.iteration]
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -43,3 +43,15 @@ def init_memories(model, loaders, memories, device: torch.device, amp_dtype) -> 
         feats = extract_features(model, loader, device, amp_dtype)
         labels = torch.as_tensor(loader.labels, device=feats.device)
         memory.init_centers(feats, labels)
+
+
+def init_memories_in_one_pass(model, mix, memories: list, device: torch.device, dtype) -> None:
+    """:func:`init_memories` over the sources' mix sets read one after another by one
+    loader (``mix.rows.source`` tells the sources apart): one pool of workers starts instead of
+    one per source."""
+    feats = extract_features(model, mix, device, dtype)
+    source = torch.as_tensor(mix.rows.source, device=feats.device)
+    labels = torch.as_tensor(mix.labels, device=feats.device)
+    for s, memory in enumerate(memories):
+        memory.init_centers(feats[source == s], labels[source == s])
+

@@ -28,6 +28,7 @@ import torch
 
 from engine.distributed import all_gather_rows, exchange_rows
 from engine.optim import autocast
+from pipeline.seeds import SHUFFLE, stream_rng
 
 MODES = ("il", "fbf", "fb")
 
@@ -99,7 +100,7 @@ def shuffle_plan(sizes: list[int], world: int, rank: int, seed: int, epoch: int,
     owner = within // per_rank
     local = np.repeat(np.cumsum(sizes) - sizes, glob) + within % per_rank
     if shuffle:
-        perm = np.random.default_rng([seed, epoch, it, 0x5EED]).permutation(total)
+        perm = stream_rng(seed, epoch, it, SHUFFLE).permutation(total)
         position = np.empty(total, dtype=np.int64)
         position[perm] = np.arange(total)  # of each global row among the gathered features
     else:

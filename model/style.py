@@ -5,7 +5,7 @@ mean +- rho * std of its statistics group's style statistics (docs/design.md; th
 those of ``model.groups``: the published runs took them per DataParallel replica). The
 computation is fused into one reduction pass (per-sample channel variance and mean, fp32) and one
 multiply-add pass: ``x_norm * sig_new + mu_new`` equals ``x * a + b`` with ``a = sig_new / sig``
-and ``b = mu_new - mu * a``. ``tools/reference.py`` holds the step-by-step version.
+and ``b = mu_new - mu * a``. ``reference/style.py`` holds the step-by-step version.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class UBS(nn.Module):
         return self.restyle(x) if self.training else x
 
     def restyle(self, x: torch.Tensor) -> torch.Tensor:
-        """The training-mode transform (tools/reference.LiteralUBS overrides it step by step)."""
+        """The training-mode transform (reference.LiteralUBS overrides it step by step)."""
         return ubs(x, self.rho, self.eps, self.layout)
 
     def extra_repr(self) -> str:

@@ -27,8 +27,10 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from pipeline.batches import EvalLoader, LoaderConfig, TrainBatch, to_device
 from pipeline.dali_sources import EvalSource, TrainSource
-from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, decode_rgb, to_device
+from pipeline.reading import EvalRows, TrainPlan, decode_rgb
+from pipeline.seeds import LOADER, int_seed
 from pipeline.shards import ShardError
 from pipeline.transforms import MEAN, STD
 from pipeline.workers import starting_workers
@@ -190,7 +192,7 @@ class DaliTrainLoader:
         while True:
             if self._next != g:
                 self._pipe = None  # shuts its workers down
-                seed = self.cfg.seed * 1_000_003 + self.cfg.rank * 7919 + g
+                seed = int_seed(self.cfg.seed, self.cfg.rank, g, LOADER)
                 self._pipe = _pipeline(_train_graph, TrainSource(self.plan, g), self.cfg,
                                        sum(self.plan.sizes), seed)
                 self._next = g
@@ -225,19 +227,14 @@ class DaliTrainLoader:
         return [row for row, _ in found], found[0][1]
 
 
-class DaliEvalLoader:
-    """This rank's rows in order, in batches of ``test_batch_size`` (the last one partial)."""
+class DaliEvalLoader(EvalLoader):
+    """The evaluation rows through a DALI pipeline, kept between complete passes."""
 
     name = "dali"
 
     def __init__(self, rows: EvalRows, cfg: LoaderConfig):
-        self.rows, self.cfg = rows, cfg
-        self.pids, self.camids = rows.pids, rows.camids
-        self.is_query, self.labels = rows.is_query, rows.labels
+        super().__init__(rows, cfg)
         self._pipe = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def __iter__(self):
         if self._pipe is None:

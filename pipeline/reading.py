@@ -17,10 +17,11 @@ from PIL import Image
 
 from pipeline.records import SPLITS, mix_labels
 from pipeline.sampler import identity_batches, rank_slice
+from pipeline.seeds import AUGMENT, stream_rng
 from pipeline.shards import ShardError, SplitReader, load_manifest
 
 if TYPE_CHECKING:
-    from pipeline.loader import LoaderConfig
+    from pipeline.batches import LoaderConfig
 
 PAD = 10  # pixels of zero padding before the random crop (pipeline.transforms)
 FLIP_P = 0.5  # probability of the horizontal flip
@@ -31,7 +32,7 @@ def augment_params(seed: int, epoch: int, it: int, n: int) -> tuple[np.ndarray, 
     mirror flag (p=FLIP_P) and crop shift (dy, dx) in [-PAD, PAD], i.e. the crop's corner in
     the padded image minus PAD. Ranks take their rows of it, so an image is augmented alike
     whatever the number of ranks."""
-    rng = np.random.default_rng([seed, epoch, it, 0xA06])
+    rng = stream_rng(seed, epoch, it, AUGMENT)
     mirror = (rng.random(n) < FLIP_P).astype(np.int32)
     shift = rng.integers(-PAD, PAD + 1, size=(n, 2)).astype(np.int32)
     return mirror, shift

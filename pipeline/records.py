@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 DATASETS = ("market1501", "dukemtmc", "cuhk03", "msmt17v1", "cuhk_sysu")
 SPLITS = ("train", "query", "gallery")
 SOURCE_ONLY = ("cuhk_sysu",)  # has a train split only; never an evaluation target
+# The file that marks a folder of synthetic raw data (tools/make_synthetic.py writes it): its small
+# look-alikes have other counts than the real datasets, so a shard build does not compare them.
+MARKER = "SYNTHETIC.json"
 
 
 @dataclass(frozen=True)

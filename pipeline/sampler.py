@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.seeds import stream_rng
+
 
 def identity_batches(labels: np.ndarray, camids: np.ndarray, *, num_ids: int = 16,
                      num_instances: int = 4, num_batches: int, seed: int, epoch: int,
@@ -27,7 +29,7 @@ def identity_batches(labels: np.ndarray, camids: np.ndarray, *, num_ids: int = 1
     camids = np.asarray(camids, dtype=np.int64)
     if labels.shape != camids.shape:
         raise ValueError(f"labels {labels.shape} and camids {camids.shape} differ in shape")
-    rng = np.random.default_rng([seed, epoch, source])
+    rng = stream_rng(seed, epoch, source)
 
     # Group rows by (label, camera): an identity is a block, a camera a sub-block in it.
     keep = np.flatnonzero(labels >= 0)

@@ -1,6 +1,6 @@
 """Fallback loaders for machines without DALI: PIL + torchvision in a torch DataLoader.
 
-Same sampler (through :class:`pipeline.loader.TrainPlan`) and transforms as the DALI path;
+Same sampler (through :class:`pipeline.reading.TrainPlan`) and transforms as the DALI path;
 one DataLoader item is one whole iteration (all sources), built in a worker as a uint8 NHWC
 tensor (decode, resize, crop, mirror); ``to_device`` normalises it where it lands, so the NCHW
 view is channels_last, like the DALI path's output. The workers end with the trainer and
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.loader import EvalRows, LoaderConfig, TrainBatch, TrainPlan, decode_rgb, to_device
+from pipeline.batches import EvalLoader, LoaderConfig, TrainBatch, to_device
+from pipeline.reading import EvalRows, TrainPlan, decode_rgb
 from pipeline.shards import ShardError
 from pipeline.transforms import test_pixels, train_pixels
 from pipeline.workers import become_worker, starting_workers
@@ -106,17 +107,12 @@ class _EvalBatches(Dataset):
         return torch.from_numpy(pixels), torch.from_numpy(index)
 
 
-class TorchEvalLoader:
+class TorchEvalLoader(EvalLoader):
     name = "torch"
 
     def __init__(self, rows: EvalRows, cfg: LoaderConfig):
-        self.rows, self.cfg = rows, cfg
-        self.pids, self.camids = rows.pids, rows.camids
-        self.is_query, self.labels = rows.is_query, rows.labels
+        super().__init__(rows, cfg)
         self._loader = _data_loader(_EvalBatches(rows, cfg), range(rows.num_batches()), cfg)
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def __iter__(self):
         for images, index in _batches(self._loader):

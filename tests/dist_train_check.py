@@ -16,11 +16,12 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from engine import distributed as du  # noqa: E402
+from engine.config import RunConfig  # noqa: E402
 from model.resnet import build_model  # noqa: E402
 from model.style import UBS  # noqa: E402
 
 
-def initial_weights(args, cfg: train.RunConfig) -> torch.Tensor:
+def initial_weights(args, cfg: RunConfig) -> torch.Tensor:
     """The parameters the run starts from, made as train.py makes them: seeded with --seed,
     then built, before anything else draws random numbers."""
     torch.manual_seed(cfg.seed)
@@ -32,7 +33,7 @@ def initial_weights(args, cfg: train.RunConfig) -> torch.Tensor:
 def main() -> int:
     result, argv = Path(sys.argv[1]), sys.argv[2:]
     args = train.get_parser().parse_args(argv)
-    cfg = train.run_config(args)
+    cfg = RunConfig.from_args(args)
     info = du.init_distributed("cpu")
     start = initial_weights(args, cfg)
     res = train.train(args, cfg, info)

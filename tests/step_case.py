@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from model.memory import MemoryClassifier
 from model.resnet import build_model
 from model.style import UBS
-from tools.reference import LiteralUBS
+from reference import LiteralUBS
 
 SIZES = [16, 16, 16]  # global rows per source: 4 identities x 4 images
 CLASSES = [5, 7, 6]
@@ -32,7 +32,7 @@ def build(bn_groups: int) -> tuple[torch.nn.Module, list[MemoryClassifier]]:
 
 def literal(model: torch.nn.Module) -> torch.nn.Module:
     """The same network as the published code ran it: each call normalised as one batch (the
-    replicas are made by tools.reference.replica_forward), the step-by-step style module."""
+    replicas are made by reference.replica_forward), the step-by-step style module."""
     ref = copy.deepcopy(model)
     ref.bn_groups = 1
     ref.style = LiteralUBS()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runlock import LOCK_NAME
+from pipeline.runlock import LOCK_NAME
 from pipeline import shards
 from pipeline.records import DATASETS, SPLITS, mix_labels
 from tools import make_shards

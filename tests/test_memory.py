@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference
 from model.memory import MemoryClassifier, NonFiniteFeatures
-from tools import reference
 
 
 def loop_update(centers, features, labels, m):
-    """docs/design.md, sample by sample in batch order (tools/reference.py), on a copy."""
+    """docs/design.md, sample by sample in batch order (reference/memory.py), on a copy."""
     c = centers.clone()
     reference.loop_update(c, features, labels, m)
     return c

@@ -3,6 +3,7 @@ the run that was never stopped: the same evaluations, memories, weights and opti
 so does a run resumed at an epoch's end."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -24,8 +25,10 @@ def runs(synthetic_shards, tmp_path_factory) -> tuple[Path, Path, str]:
     whole, part = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("part")
     assert train.main(small_run(synthetic_shards, whole, *FLAGS)) == 0
     args = small_run(synthetic_shards, part, *FLAGS)
+    # The stopped run computes with as many threads as this process (summation order follows them).
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
     try:
         lines = []
         for line in proc.stdout:

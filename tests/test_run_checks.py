@@ -18,6 +18,7 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint
+from engine.evaluate import init_memories_in_one_pass
 from tests.live import ROOT, Live, tiny_run, torchrun
 
 
@@ -212,7 +213,7 @@ def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
     assert len(mix) == sum(len(a) for a in alone)
     classes = [int(a.labels.max()) + 1 for a in alone]
     one, each = ([MemoryClassifier(model.num_features, n) for n in classes] for _ in range(2))
-    train.init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
+    init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
     init_memories(model, alone, each, torch.device("cpu"), None)
     for a, b in zip(one, each):
         torch.testing.assert_close(a.centers, b.centers, rtol=1e-5, atol=1e-6)

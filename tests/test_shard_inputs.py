@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import train
-from engine.runlock import hold_folder
+from pipeline.runlock import hold_folder
 from tests.live import tiny_run
 from tools import make_shards
 

@@ -1,5 +1,5 @@
 """The fast training iteration (engine.step) against the published one written literally
-(tools/reference.py): a forward per source through 4 (or G) DataParallel replicas, the unfused
+(reference/): a forward per source through 4 (or G) DataParallel replicas, the unfused
 style module, the per-sample memory loop. Same initial weights, images, labels, shuffle and
 random draws must give the same loss, weights, running statistics and memories, on 1 rank here
 and on 2 and 4 gloo ranks under torchrun. All in float64 (tests/step_case.py says why)."""
@@ -21,7 +21,7 @@ from model.memory import MemoryClassifier
 from model.resnet import build_model
 from model.style import UBS
 from tests import step_case
-from tools.reference import reference_step
+from reference import reference_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

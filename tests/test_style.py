@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from model.style import UBS
-from tools.reference import LiteralUBS
+from reference import LiteralUBS
 
 
 def literal_ubs(x, rho=3.0, eps=1e-6):
-    """Every step as docs/design.md words it (tools/reference.py), in fp32, on a plain NCHW copy."""
+    """Every step as docs/design.md words it (reference/style.py), in fp32, on a plain NCHW copy."""
     return LiteralUBS(rho, eps).train()(x.float().contiguous())
 
 

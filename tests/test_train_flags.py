@@ -14,11 +14,14 @@ import torch._dynamo
 from PIL import Image
 
 import train
+from engine.config import RunConfig
 from engine.evaluate import extract_features
 from engine.optim import amp_dtype, build_scaler
-from engine.runlock import LOCK_NAME
+from engine.preflight import check_flags
 from model.resnet import build_model
 from pipeline.loader import LoaderConfig, build_eval_loader
+from pipeline.records import DATASETS
+from pipeline.runlock import LOCK_NAME
 from pipeline.shards import SplitReader
 from pipeline.transforms import FLIP_P, PAD, augment_params, normalize, train_pixels, train_transform
 from tests.test_evaluation import _squared_euclidean
@@ -96,7 +99,7 @@ def test_compile_trains_as_eager(flag_runs):
 def _refusal(flags: list[str], world: int = 1) -> str:
     args = train.get_parser().parse_args(flags)
     with pytest.raises(train.UsageError) as err:
-        train.check_flags(args, train.run_config(args), world)
+        check_flags(args, RunConfig.from_args(args), world)
     return str(err.value)
 
 
@@ -146,13 +149,13 @@ def test_good_configurations_pass(world):
         cases.append([*GOOD, "-b", "24", "--bn-groups", "3"])
     for flags in cases:
         args = train.get_parser().parse_args(flags)
-        train.check_flags(args, train.run_config(args), world)
+        check_flags(args, RunConfig.from_args(args), world)
 
 
 def test_refusal_is_one_line_and_exit_code_2(capsys):
     assert train.main([*GOOD, "-d", "viper"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["train.py: error: -d 'viper': unknown dataset; choose from " + ", ".join(train.DATASETS)]
+    assert err == ["train.py: error: -d 'viper': unknown dataset; choose from " + ", ".join(DATASETS)]
 
 
 # ------------------------------------------------------------------------------ autocast on a CPU

@@ -1,10 +1,10 @@
 """Training-loader throughput, side by side: DALI, the torch/PIL fallback, and the published way.
 
-"folder" is how the published code loads: a per-image dataset that opens each JPEG from the raw
-folders with PIL, the same transforms, a DataLoader collating the three sources' 64-image
-batches (here one 192-image batch per iteration, same sampler). All three run with the same
-worker count; images/s counts training images delivered (decoded, augmented, normalised) after
-a warm-up that absorbs worker start-up.
+"folder" is how the published code loads (``reference.folder_loader``): a per-image dataset
+that opens each JPEG from the raw folders with PIL, the same transforms, a DataLoader collating
+the three sources' 64-image batches (here one 192-image batch per iteration, same sampler).
+All three run with the same worker count; images/s counts training images delivered (decoded,
+augmented, normalised) after a warm-up that absorbs worker start-up.
 
 The default sources are all JPEG. ``--cuhk03`` measures every loader a second time on the
 sources of the Market-1501 target (dukemtmc, cuhk03, msmt17v1), as three of the four
@@ -20,67 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-from pipeline.loader import LoaderConfig, build_train_loader  # noqa: E402
-from pipeline.records import mix_labels  # noqa: E402
-from pipeline.sampler import identity_batches  # noqa: E402
-from pipeline.shards import IMAGE_EXTS, read_index  # noqa: E402
-from pipeline.transforms import train_transform  # noqa: E402
-
-
-class _Files(Dataset):
-    """(path, label) per image; PIL decode + torchvision transform per item, as the published code."""
-
-    def __init__(self, items: list[tuple[str, int]], cfg: LoaderConfig):
-        self.items, self.transform = items, train_transform(cfg.height, cfg.width)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        path, label = self.items[i]
-        return self.transform(Image.open(path).convert("RGB")), label
+from pipeline.loader import LoaderConfig, build_train_loader
+from pipeline.shards import IMAGE_EXTS, read_index
+from reference import FolderUnavailable, folder_loader
 
 
 CUHK03_SOURCES = ["dukemtmc", "cuhk03", "msmt17v1"]  # the Market-1501 target's sources
-
-
-class FolderUnavailable(ValueError):
-    """A source the folder baseline cannot read: its raw images are not files in a folder
-    (CUHK03 from cuhk-03.mat, CUHK-SYSU crops of scenes)."""
-
-
-def folder_loader(data_dir: Path, sources: list[str], cfg: LoaderConfig) -> tuple[DataLoader, list[int]]:
-    """A DataLoader of (images, labels) batches read from the raw folders, one per iteration
-    (the sources' batches in order), and each source's number of classes."""
-    from pipeline.datasets import parse
-
-    items, per_source, num_classes = [], [], []
-    for k, name in enumerate(sources):
-        splits = parse(name, data_dir)
-        records = splits.train + splits.query + splits.gallery
-        if any(r.box or r.h5_ref for r in records):
-            raise FolderUnavailable(f"{name} in {data_dir} is not a folder of image files, as the folder "
-                                    "baseline needs (CUHK03 does as CUHK03-NP's folders, not as cuhk-03.mat)")
-        labels = np.asarray(mix_labels([(r.dataset, r.split, r.pid) for r in records]))
-        keep = np.flatnonzero(labels >= 0)
-        num_classes.append(int(labels.max()) + 1)
-        camids = np.asarray([records[i].camid for i in keep])
-        rows = identity_batches(labels[keep], camids, num_ids=cfg.num_ids, num_instances=cfg.num_instances,
-                                num_batches=cfg.iters, seed=0, epoch=0, source=k)
-        per_source.append(len(items) + rows)
-        items += [(records[i].path, int(labels[i])) for i in keep]
-    order = np.concatenate(per_source, axis=1).reshape(-1).tolist()
-    loader = DataLoader(_Files(items, cfg), batch_size=cfg.batch_size * len(sources), sampler=order,
-                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                        pin_memory=cfg.device.type == "cuda")
-    return loader, num_classes
 
 
 def _measure(batches, warmup: int) -> tuple[float, int]:

@@ -21,17 +21,15 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from model.memory import MemoryClassifier  # noqa: E402
-from pipeline.loader import round_sizes  # noqa: E402
-from model.style import UBS  # noqa: E402
-from tools.benchmark import device_sync, timed_windows  # noqa: E402
-from tools.reference import LiteralUBS, loop_update  # noqa: E402
+from model.memory import MemoryClassifier
+from model.style import UBS
+from pipeline.reading import round_sizes
+from reference import LiteralUBS, loop_update
+from tools.benchmark import device_sync, timed_windows
 
 
 def time_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:

@@ -33,9 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 MODES = ("data", "step", "train", "eval")
 
@@ -147,7 +145,7 @@ def build_reference(args, device, world: int, num_classes: list[int]):
     from torch.nn.parallel import DistributedDataParallel
 
     from model.resnet import build_model
-    from tools.reference import LiteralUBS
+    from reference import LiteralUBS
 
     # one forward per source, each normalised as one batch (the published replicas ran on
     # separate GPUs at once; one GPU running them one after another would only be slower)
@@ -183,7 +181,7 @@ def worker_step_or_train(args, impl: str, mode: str) -> dict:
     """One measurement inside a torchrun process group; rank 0's result is returned."""
     from engine import distributed as du
     from engine.step import shuffle_plan, train_step
-    from tools.reference import reference_step
+    from reference import reference_step
 
     info = du.init_distributed()
     device, world = info.device, info.world
@@ -254,7 +252,7 @@ def make_train_loader(args, impl: str, info, sources: list[str]):
         cfg.dtype = amp_dtype(args.amp, info.device) or torch.float32
         loader = build_train_loader(args.shards, sources, cfg)
         return loader, loader.num_classes
-    from tools.bench_loaders import FolderUnavailable, folder_loader
+    from reference import FolderUnavailable, folder_loader
     if args.data_dir is None:
         raise SystemExit("--impl reference in train mode needs --data-dir (the raw JPEG folders)")
     try:

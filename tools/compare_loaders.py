@@ -27,12 +27,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.loader import LoaderConfig, build_eval_loader, build_train_loader  # noqa: E402
-from pipeline.transforms import MEAN, STD  # noqa: E402
+from pipeline.loader import LoaderConfig, build_eval_loader, build_train_loader
+from pipeline.transforms import MEAN, STD
 
 LOADERS = ("dali", "torch")
 

@@ -14,12 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import train  # noqa: E402
-from tools import make_shards, make_synthetic  # noqa: E402
+import train
+from tools import make_shards, make_synthetic
 
 SOURCES = ["--dataset_src1", "dukemtmc", "--dataset_src2", "cuhk03", "--dataset_src3", "msmt17v1",
            "-d", "market1501"]

@@ -4,6 +4,8 @@ GPU machine: no network there, the machine's own torch, DALI present or not.
     python tools/gpu_check.py --out logs/gpu-check             # on the GPU machine, within 8 minutes
     python tools/gpu_check.py --device cpu --quick --out DIR   # the same sequence, tiny, on a CPU (CI)
 
+(with the project installed, or with ``PYTHONPATH=.`` in front, as `make gpu-check` sets it).
+
 Steps, in the order they run, each a subprocess with its own time limit and its log in
 OUT/logs/<step>.log:
 
@@ -51,7 +53,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # In the order they run, the most wanted figures first (a spent --budget skips the last ones).
 STEPS = ("synthetic", "shards", "gpu-tests", "sync-free", "loader-parity", "bench-step", "bench-train",
@@ -688,7 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     for sub in ("logs", "results"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The steps run tools/*.py as scripts: the repository on PYTHONPATH finds the packages
+    # whether or not the project is installed (a bare GPU machine's Python has no install).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     if device == "cpu" and args.quick:

@@ -1,39 +1,9 @@
-"""The published procedure's way of computing, written literally from docs/design.md.
-
-Two users: the tests hold the fast code (``model.style.UBS``, ``MemoryClassifier.update``) against
-these step-by-step versions, and ``tools/benchmark.py --impl reference`` runs a training
-iteration the way the published code runs it (fp32, NCHW, one forward per source, a Python loop
-over every sample to update the memories, the unfused style module), so every speed claim is a
-ratio measured side by side on the same machine.
-"""
+"""One training iteration as the published code runs it, through literal DataParallel replicas."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from model.style import UBS
-
-
-class LiteralUBS(UBS):
-    """UBS step by step: per-sample statistics, batch statistics of them, uniform draws."""
-
-    def restyle(self, x: torch.Tensor) -> torch.Tensor:
-        B, C = x.shape[:2]
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        mu = xf.mean(dim=(2, 3), keepdim=True)
-        var = xf.var(dim=(2, 3), keepdim=True)
-        sig = (var + self.eps).sqrt()
-        x_norm = (xf - mu) / sig
-        mu_b = mu.view(B, C)
-        std_b = var.sqrt().view(B, C)
-        mu_mean, mu_std = mu_b.mean(dim=0), mu_b.std(dim=0).clamp(min=self.eps)
-        sig_mean, sig_std = std_b.mean(dim=0), std_b.std(dim=0).clamp(min=self.eps)
-        r_mu = torch.rand((B, C), device=x.device)
-        r_sig = torch.rand((B, C), device=x.device)
-        mu_new = mu_mean - self.rho * mu_std + 2 * self.rho * mu_std * r_mu
-        sig_new = sig_mean - self.rho * sig_std + 2 * self.rho * sig_std * r_sig
-        out = x_norm * sig_new.view(B, C, 1, 1) + mu_new.view(B, C, 1, 1)
-        return out.to(x.dtype)
+from reference.memory import loop_update, memory_loss
 
 
 def replica_forward(model, x: torch.Tensor, replicas: int = 1, **kwargs) -> torch.Tensor:
@@ -53,20 +23,6 @@ def replica_forward(model, x: torch.Tensor, replicas: int = 1, **kwargs) -> torc
             buffers = {n: b.clone() for n, b in model.named_buffers()}
             outs.append(torch.func.functional_call(model, {**params, **buffers}, (part,), kwargs))
     return torch.cat(outs)
-
-
-@torch.no_grad()
-def loop_update(centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-                momentum: float) -> None:
-    """The memory update as published: one sample at a time, in batch order."""
-    for f, y in zip(features, labels.tolist()):
-        centers[y] = momentum * centers[y] + (1 - momentum) * f
-        centers[y] /= centers[y].norm()
-
-
-def memory_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor,
-                temp: float) -> torch.Tensor:
-    return F.cross_entropy(features @ centers.t() / temp, labels)
 
 
 def reference_step(model, centers: list[torch.Tensor], images: list[torch.Tensor],

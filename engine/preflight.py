@@ -1,0 +1,165 @@
+"""The checks before any work: flags, weights, shards, the target's loader, a resumed
+checkpoint's configuration. Each refusal is a :class:`engine.usage.UsageError` naming the flag
+and what would work; with several ranks the callers agree on it (:func:`engine.usage.checked`)."""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from engine import distributed as du
+from engine.checkpoint import (RESUME_KEYS, CheckpointError, config_differences, read_checkpoint,
+                               read_torch_file)
+from engine.config import RunConfig
+from engine.optim import amp_dtype
+from engine.usage import UsageError, checked
+from model.groups import make_layout
+from model.resnet import imagenet_weights_file
+from pipeline.build import build_shards
+from pipeline.loader import LoaderConfig, build_eval_loader, select_loader
+from pipeline.records import DATASETS, SOURCE_ONLY
+from pipeline.shards import ShardError, load_manifest
+
+log = logging.getLogger("train")
+
+
+def check_flags(args, cfg: RunConfig, world: int) -> None:
+    """What the flags alone decide, before any process group, file or device is touched."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device (use --device cpu, or auto)")
+    if args.evaluate:
+        if args.resume is None:
+            raise UsageError("--evaluate needs --resume CHECKPOINT (the checkpoint to evaluate)")
+        check_target(cfg.target)
+        return
+    if args.apex:
+        try:
+            import apex.optimizers  # noqa: F401
+        except ImportError:
+            raise UsageError("--apex: NVIDIA apex is not installed (it is not on PyPI; build it from "
+                             "NVIDIA's repository), or leave --apex out for torch's fused Adam") from None
+    for flag, name in zip(("--dataset_src1", "--dataset_src2", "--dataset_src3"), cfg.sources):
+        if name not in DATASETS:
+            raise UsageError(f"{flag} {name!r}: unknown dataset; choose from {', '.join(DATASETS)}")
+    check_target(cfg.target)
+    if cfg.target in cfg.sources:
+        raise UsageError(f"-d {cfg.target}: the target is also a source; it must stay unseen")
+    if len(set(cfg.sources)) != 3:
+        raise UsageError(f"sources {cfg.sources}: the three sources must differ")
+    if cfg.batch_size % cfg.num_instances:
+        raise UsageError(f"-b {cfg.batch_size} must be a multiple of --num-instances {cfg.num_instances}")
+    if cfg.batch_size % world:
+        raise UsageError(f"-b {cfg.batch_size} (global per source) must divide over {world} ranks")
+    try:  # the statistics groups of the first and of the shuffled second forward
+        make_layout([cfg.batch_size // world] * 3, cfg.bn_groups, 0, world)
+        make_layout([3 * cfg.batch_size // world], cfg.bn_groups, 0, world)
+    except ValueError as e:
+        raise UsageError(f"--bn-groups {cfg.bn_groups} with -b {cfg.batch_size} on {world} rank(s): {e}") \
+            from None
+
+
+def check_target(name: str) -> None:
+    if name not in DATASETS:
+        raise UsageError(f"-d {name!r}: unknown dataset; choose from {', '.join(DATASETS)}")
+    if name in SOURCE_ONLY:
+        raise UsageError(f"-d {name}: has no query/gallery split, it can only be a source")
+
+
+def check_pretrained(args) -> str:
+    """The weights --pretrained names, checked now (their file read safely): 'none', 'imagenet'
+    or a path."""
+    if args.resume is not None or args.pretrained == "none":
+        return "none"
+    if args.pretrained == "imagenet":
+        try:
+            imagenet_weights_file(args.arch)
+        except RuntimeError as e:
+            raise UsageError(f"--pretrained imagenet: {e}") from None
+        return "imagenet"
+    path = Path(args.pretrained)
+    if not path.is_file():
+        raise UsageError(f"--pretrained {args.pretrained!r}: expected 'imagenet', 'none' or a weights file, "
+                         f"and there is no file {path}")
+    try:
+        read_torch_file(path, "weights")
+    except CheckpointError as e:
+        raise UsageError(f"--pretrained {e}") from None
+    return str(path)
+
+
+
+def prepare_shards(args, names: list[str], dist_info: du.DistInfo) -> None:
+    """Every dataset the run needs must have complete shards of the current format; with
+    --data-dir, rank 0 builds the missing ones first."""
+    missing = [n for n in names if not (args.shards / n / "manifest.json").is_file()]
+    with checked(dist_info.world):
+        if missing and args.data_dir is not None and dist_info.is_main:
+            build_missing(args, missing)
+    with checked(dist_info.world):
+        for name in names:
+            try:
+                load_manifest(args.shards / name)
+            except (FileNotFoundError, ValueError) as e:
+                hint = "" if args.data_dir else (f" (run: python tools/make_shards.py --data-dir DATA --out "
+                                                 f"{args.shards} --datasets {name}, or pass --data-dir)")
+                raise UsageError(f"shards of {name}: {e}{hint}") from e
+
+
+def build_missing(args, missing: list[str]) -> None:
+    log.info("building shards of %s from %s into %s", ", ".join(missing), args.data_dir, args.shards)
+    try:
+        build_shards(args.data_dir, args.shards, missing)
+    except (ShardError, ValueError, OSError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        raise UsageError(f"building the shards of {', '.join(missing)} from {args.data_dir} failed "
+                         f"(make_shards' error is above; to skip bad images, build them with "
+                         f"python tools/make_shards.py --data-dir {args.data_dir} --out "
+                         f"{args.shards} --datasets {','.join(missing)} --skip-bad)") from None
+
+
+def loader_config(args, cfg: RunConfig, dist_info: du.DistInfo) -> LoaderConfig:
+    try:
+        kind = select_loader(args.loader)
+    except ImportError as e:
+        raise UsageError(f"--loader {args.loader}: {e}") from None
+    return cfg.loader_config(workers=args.workers, dtype=amp_dtype(args.amp, dist_info.device),
+                             device=dist_info.device, rank=dist_info.rank, world=dist_info.world, loader=kind,
+                             test_batch_size=args.test_batch_size)
+
+
+def build_target_loader(args, cfg: RunConfig, lcfg: LoaderConfig):
+    """The target's query + gallery loader (no worker started yet); a target on which no query
+    can be ranked is refused now, not after the first epoch."""
+    try:
+        loader = build_eval_loader(args.shards, cfg.target, "test", lcfg)
+    except ShardError as e:
+        raise UsageError(f"shards of {cfg.target}: {e}") from None
+    query = loader.is_query
+    cameras: dict[int, set[int]] = {}  # the gallery's cameras of each identity
+    for pid, cam in set(zip(loader.pids[~query].tolist(), loader.camids[~query].tolist())):
+        cameras.setdefault(pid, set()).add(cam)
+    queries = set(zip(loader.pids[query].tolist(), loader.camids[query].tolist()))
+    if not any(cameras.get(pid, set()) - {cam} for pid, cam in queries):
+        raise UsageError(f"-d {cfg.target}: no query image has a gallery image of its identity from another "
+                         f"camera, so the target cannot be evaluated (check its shards: "
+                         f"{args.shards / cfg.target})")
+    return loader
+
+
+
+def read_resume(args, cfg: RunConfig) -> dict | None:
+    """The --resume checkpoint, refused when it is not one or another configuration wrote it."""
+    if args.resume is None:
+        return None
+    try:
+        ckpt = read_checkpoint(args.resume)
+    except CheckpointError as e:
+        raise UsageError(f"--resume {e}") from None
+    diffs = config_differences(ckpt["config"], asdict(cfg), RESUME_KEYS)
+    if diffs:
+        raise UsageError(f"--resume {args.resume} was written by another configuration: "
+                         f"{'; '.join(diffs)}")
+    return ckpt

@@ -1,0 +1,273 @@
+"""One training run around its epochs: the checks before any work (:meth:`Run.preflight`), the
+set-up (:meth:`Run.set_up`: memories, DDP, logs), the end of each epoch (schedule, checkpoint,
+evaluation, logs), a stop; and ``--evaluate`` (:func:`evaluate_only`)."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from engine import distributed as du
+from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_checkpoint, read_checkpoint, \
+    save_checkpoint
+from engine.config import RunConfig
+from engine.evaluate import evaluate_target, init_memories_in_one_pass
+from engine.logsdir import LogsDir, claim_logs_dir
+from engine.loop import EpochResult, Trainer
+from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
+from engine.preflight import build_target_loader, check_pretrained, loader_config, prepare_shards, read_resume
+from engine.runlog import RunLog
+from engine.usage import UsageError, checked
+from model.memory import MemoryClassifier
+from model.resnet import build_model
+from model.style import UBS
+from pipeline.loader import build_eval_loader, build_train_loader
+
+log = logging.getLogger("train")
+# What --evaluate takes from the checkpoint rather than from the flags:
+NETWORK_KEYS = ("arch", "stem_relu", "bn_groups", "height", "width")
+
+
+@dataclass
+class RunResult:
+    """What a run leaves in memory: tests compare it across ranks and runs."""
+
+    exit_code: int
+    history: list[dict] = field(default_factory=list)
+    model: torch.nn.Module | None = None
+    memories: list[MemoryClassifier] = field(default_factory=list)
+
+
+class Run:
+    """One training run: :meth:`preflight` checks everything it can first, :meth:`set_up` does
+    the work before the first iteration; ``state`` is what latest.pth holds."""
+
+    def __init__(self, args, cfg: RunConfig, dist_info: du.DistInfo, stack: ExitStack):
+        self.args, self.cfg, self.dist = args, cfg, dist_info
+        self.started = time.monotonic()
+        self.device = dist_info.device
+        self.dtype = amp_dtype(args.amp, self.device)
+        self.logs = LogsDir(args.logs_dir)
+        stack.callback(lambda: self.logs.release())  # the one preflight claims
+        self.ckpt: dict | None = None  # the --resume checkpoint until set-up has copied it
+        self.state: TrainState | None = None
+
+    # -------------------------------------------------------------------------------- checks
+    def preflight(self) -> None:
+        """Every check before any work, each refusal agreed by all ranks."""
+        args, cfg, world = self.args, self.cfg, self.dist.world
+        with checked(world):
+            if self.dist.is_main:
+                self.logs = claim_logs_dir(args.logs_dir, args.resume is not None, args.overwrite)
+            self.ckpt = read_resume(args, cfg)
+            pretrained = check_pretrained(args)
+            self.lcfg = loader_config(args, cfg, self.dist)
+            self.state = self.build_state(pretrained)
+        prepare_shards(args, cfg.sources + [cfg.target], self.dist)
+        with checked(world):
+            self.target_loader = build_target_loader(args, cfg, self.lcfg)
+            try:
+                self.train_loader = build_train_loader(args.shards, cfg.sources, self.lcfg)
+            except ValueError as e:  # ShardError, or a source too small for the batch
+                raise UsageError(f"sources {', '.join(cfg.sources)}: {e}") from None
+            self.check_memories()
+
+    def build_state(self, pretrained: str) -> TrainState:
+        """The model (seeded with --seed), optimizer, schedule and scaler, with the checkpoint's
+        states loaded now so a damaged one is refused before any work."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        try:
+            model = build_model(cfg.arch, pretrained, stem_relu=cfg.stem_relu, style=UBS(rho=cfg.rho),
+                                bn_groups=cfg.bn_groups)
+        except ValueError as e:  # weights of another network, or not a state dict
+            raise UsageError(f"--pretrained {e}") from None
+        model.rank, model.world = self.dist.rank, self.dist.world
+        model = model.to(self.device, memory_format=torch.channels_last)
+        optimizer = build_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, self.device, self.args.apex)
+        scheduler = build_scheduler(optimizer, self.args.milestones, warmup_epochs=self.args.warmup_epochs)
+        state = TrainState(asdict(cfg), model, optimizer, scheduler, build_scaler(self.device, self.dtype))
+        if self.ckpt is not None:
+            self.load(state, self.ckpt)
+        return state
+
+    def load(self, state: TrainState, ckpt: dict) -> None:
+        try:
+            state.load_state_dict(ckpt)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"--resume {self.args.resume}: its states do not fit this run "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if not 0 <= ckpt["iteration"] < self.cfg.iters or ckpt["epoch"] < 0:
+            raise UsageError(f"--resume {self.args.resume}: epoch {ckpt['epoch']}, iteration "
+                             f"{ckpt['iteration']} is not a position in a run of {self.cfg.iters} "
+                             "iterations per epoch")
+
+    def check_memories(self) -> None:
+        """A resumed run's memories must be one [classes, features] matrix per source, as the
+        sources' shards and the network give them."""
+        if self.ckpt is None:
+            return
+        expected = [(n, self.state.model.num_features) for n in self.train_loader.num_classes]
+        found = [tuple(m.shape) for m in self.ckpt["memories"]]
+        if found != expected:
+            raise UsageError(f"--resume {self.args.resume}: its memories have shapes {found}, the sources "
+                             f"{', '.join(self.cfg.sources)} need {expected} (one [classes, features] per "
+                             "source): it belongs to other data")
+
+    # -------------------------------------------------------------------------------- set-up
+    def set_up(self) -> None:
+        """The work before the first iteration: memories, DDP, logs."""
+        cfg, st = self.cfg, self.state
+        self.describe()
+        st.memories = [MemoryClassifier(st.model.num_features, n, temp=cfg.temp,
+                                        momentum=cfg.momentum).to(self.device)
+                       for n in self.train_loader.num_classes]
+        du.broadcast_state(st.model)
+        if self.ckpt is None:
+            log.info("initialising memories from source features (%s)",
+                     ", ".join(f"{s}: {n} ids" for s, n in zip(cfg.sources, self.train_loader.num_classes)))
+            mix = build_eval_loader(self.args.shards, cfg.sources, "mix", self.lcfg)
+            init_memories_in_one_pass(st.model, mix, st.memories, self.device, self.dtype)
+            del mix  # its workers end now
+        else:
+            for mem, centers in zip(st.memories, self.ckpt["memories"]):
+                mem.centers.copy_(centers)
+            log.info("resumed from %s (epoch %d, iteration %d)", self.args.resume, st.epoch, st.iteration)
+        self.ckpt = None  # its tensors are copied; free them
+        net = st.model
+        if self.dist.world > 1:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda"
+                                          else None, gradient_as_bucket_view=True)
+        if self.args.compile:
+            net = torch.compile(net)
+        self.trainer = Trainer(net, st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
+        self.runlog = RunLog(self.logs.path if self.dist.is_main else None, cfg.target, cfg.epochs,
+                             f"{cfg.mode.upper()}: {'+'.join(cfg.sources)} -> {cfg.target}",
+                             progress=not self.args.no_progress)
+        if self.dist.is_main:
+            self.logs.used = True
+            self.runlog.open(self.logs.stale, st.history if self.args.resume is not None else None)
+
+    def describe(self) -> None:
+        """The run's set-up in one log line, and a warning for statistics groups too small to learn."""
+        cfg, dist_info = self.cfg, self.dist
+        backend = ("nccl" if self.device.type == "cuda" else "gloo" if dist_info.world > 1
+                   else "single process")
+        log.info("device %s x %d ranks (%s), precision %s, channels_last%s, loader %s, mode %s, "
+                 "statistics groups %d per batch", self.device, dist_info.world, backend,
+                 self.dtype or "fp32", ", torch.compile" if self.args.compile else "", self.lcfg.loader,
+                 cfg.mode, cfg.bn_groups)
+        group_ids = cfg.batch_size // cfg.bn_groups // cfg.num_instances
+        if group_ids < 4:
+            log.warning("each statistics group holds %d images of %d identities (-b %d / --bn-groups %d); "
+                        "the published run had 16 images of 4: with fewer, BatchNorm normalises away much "
+                        "of what tells identities apart and training learns little (use a smaller "
+                        "--bn-groups)",
+                        cfg.batch_size // cfg.bn_groups, group_ids, cfg.batch_size, cfg.bn_groups)
+
+    # -------------------------------------------------------------------------------- epochs
+    def end_epoch(self, epoch: int, res: EpochResult) -> None:
+        """Schedule, checkpoint, then evaluation (whose failure is reported, not fatal), then the
+        checkpoint again with its result, best.pth, and the logs."""
+        cfg, args, st = self.cfg, self.args, self.state
+        st.scheduler.step()
+        du.broadcast_state(st.model, buffers_only=True)
+        row = {"epoch": epoch + 1, "loss": float(res.losses[res.first:].mean()),
+               "lr": st.optimizer.param_groups[0]["lr"],
+               "images_per_s": res.done * 3 * cfg.batch_size / res.seconds, "time_s": res.seconds}
+        st.history.append(row)
+        self.checkpoint(epoch + 1, 0, res.losses)  # before the evaluation: a failed one loses nothing
+        if (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == cfg.epochs:
+            self.evaluate(epoch, row)
+            is_best = "mAP" in row and row["mAP"] > st.best_map
+            if is_best:
+                st.best_map = row["mAP"]
+            self.checkpoint(epoch + 1, 0, res.losses)  # with the evaluation's result
+            if is_best and self.dist.is_main:
+                copy_checkpoint(self.logs.path / "latest.pth", self.logs.path / "best.pth")
+        self.runlog.epoch(row, st.history)
+
+    def evaluate(self, epoch: int, row: dict) -> None:
+        t1 = time.perf_counter()
+        try:
+            res = evaluate_target(self.state.model, self.target_loader, self.device, self.dtype,
+                                  rerank=self.args.rerank)
+        except ValueError as e:  # e.g. non-finite features: the run goes on, its checkpoint is saved
+            row["eval_error"] = str(e)
+            log.error("epoch %d: evaluation on %s failed: %s; training goes on (latest.pth is saved)",
+                      epoch + 1, self.cfg.target, e)
+            return
+        row.update(mAP=res["mAP"], rank1=res["rank1"], rank5=res["rank5"], rank10=res["rank10"],
+                   eval_s=time.perf_counter() - t1)
+
+    def checkpoint(self, epoch: int, iteration: int, losses: torch.Tensor) -> None:
+        """latest.pth (rank 0) at (epoch, iteration), with the epoch's losses before it."""
+        st = self.state
+        st.epoch, st.iteration = epoch, iteration
+        if self.dist.is_main:
+            st.epoch_losses = losses[:iteration].tolist()
+            save_checkpoint(st.state_dict(), self.logs.path / "latest.pth")
+
+    def stopped(self, epoch: int, res: EpochResult) -> RunResult:
+        """Every rank stops here at the same iteration; none exits before latest.pth is written
+        (torchrun ends the others as soon as one exits with a non-zero code)."""
+        self.checkpoint(epoch, res.stopped_after, res.losses)
+        du.barrier()
+        signum = res.stop_signal
+        if self.dist.is_main:
+            print(f"train.py: stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, iteration "
+                  f"{res.stopped_after}: checkpoint saved; resume with: --resume "
+                  f"{self.logs.path / 'latest.pth'}",
+                  file=sys.stderr, flush=True)
+        return RunResult(128 + signum, self.state.history, self.state.model, self.state.memories)
+
+    def finish(self) -> RunResult:
+        self.runlog.finish(self.state.history)
+        return RunResult(0, self.state.history, self.state.model, self.state.memories)
+
+
+def evaluate_only(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
+    """--evaluate: the checkpoint's network on the target. Only -d is needed; the network, input
+    size and sources come from the checkpoint, and a flag that contradicts it is refused."""
+    with checked(dist_info.world):
+        try:
+            ckpt = read_checkpoint(args.resume, EVAL_PARTS)
+        except CheckpointError as e:
+            raise UsageError(f"--resume {e}") from None
+        saved = ckpt["config"]
+        given = getattr(args, "given", set())
+        for key in NETWORK_KEYS:
+            if key not in saved:
+                raise UsageError(f"--resume {args.resume}: its config lacks {key!r} "
+                                 "(not a train.py checkpoint)")
+            if key in given and getattr(args, key) != saved[key]:
+                raise UsageError(f"--resume {args.resume} was written by another network: {key}: checkpoint "
+                                 f"{saved[key]!r}, now {getattr(args, key)!r} (leave the flag out)")
+        cfg = replace(cfg, **{k: saved[k] for k in NETWORK_KEYS}, sources=list(saved.get("sources", [])))
+    if cfg.target in cfg.sources:
+        log.warning("-d %s was a source of this checkpoint (trained on %s): this is not an unseen-domain "
+                    "result", cfg.target, ", ".join(cfg.sources))
+    prepare_shards(args, [cfg.target], dist_info)
+    with checked(dist_info.world):
+        lcfg = loader_config(args, cfg, dist_info)
+        loader = build_target_loader(args, cfg, lcfg)
+        model = build_model(cfg.arch, "none", stem_relu=cfg.stem_relu, style=UBS(rho=cfg.rho),
+                            bn_groups=cfg.bn_groups)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UsageError(f"--resume {args.resume}: its weights do not fit its network "
+                             f"({str(e).splitlines()[0]})") from None
+    model = model.to(dist_info.device, memory_format=torch.channels_last)
+    res = evaluate_target(model, loader, dist_info.device, amp_dtype(args.amp, dist_info.device),
+                          rerank=args.rerank)
+    if dist_info.is_main:
+        print(f"{cfg.target}: mAP {100 * res['mAP']:.1f}  rank-1 {100 * res['rank1']:.1f}  "
+              f"rank-5 {100 * res['rank5']:.1f}  rank-10 {100 * res['rank10']:.1f}")
+    return RunResult(0, [res], model)

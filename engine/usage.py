@@ -1,0 +1,55 @@
+"""Refusals: a flag, file or folder that cannot work is refused before any work, as one line
+(``train.py: error: ...``) and exit code 2, by every rank together."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """A refusal: a flag, file or folder that cannot work. ``main`` prints it as one line and
+    exits 2."""
+
+
+
+def agree(error: UsageError | None, world: int) -> None:
+    """Every rank raises the first refusal found on any rank (in rank order), so all ranks exit 2
+    together instead of some waiting in a collective for ranks that have left."""
+    if world > 1:
+        found: list[str | None] = [None] * world
+        dist.all_gather_object(found, None if error is None else str(error))
+        error = next((UsageError(m) for m in found if m is not None), None)
+    if error is not None:
+        raise error
+
+
+@contextmanager
+def checked(world: int) -> Iterator[None]:
+    """A block of checks that may fail on some ranks only; every rank leaves it together."""
+    error = None
+    try:
+        yield
+    except UsageError as e:
+        error = e
+    agree(error, world)
+
+
+
+def refuse(line: str, is_main: bool) -> None:
+    """Why the run cannot go on: one line on rank 0's stderr and, under torchrun, in the error
+    file torchrun reads, so that its failure report repeats the line under "Root Cause" (README:
+    reading torchrun's report)."""
+    if is_main:
+        print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+
