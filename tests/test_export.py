@@ -1,0 +1,73 @@
+"""tools/export.py: the ONNX and TorchScript files give the PyTorch evaluation features."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.features import network_from_checkpoint
+from pipeline.reading import decode_rgb
+from pipeline.shards import SplitReader
+from pipeline.transforms import test_transform as eval_transform
+from tests.test_extract import TARGET, trained_checkpoint
+from tools import export
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synthetic_shards, tmp_path_factory) -> Path:
+    return trained_checkpoint(synthetic_shards, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, synthetic_shards) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised real images (synthetic shards, query then gallery) and the PyTorch features."""
+    model, cfg = network_from_checkpoint(checkpoint)
+    tf = eval_transform(cfg["height"], cfg["width"])
+    images = []
+    for split in ("query", "gallery"):
+        reader = SplitReader(synthetic_shards / TARGET, split)
+        images += [tf(decode_rgb(reader.read(i))) for i in range(min(4, len(reader)))]
+    x = torch.stack(images)
+    with torch.no_grad():
+        return x, model(x)
+
+
+def assert_same_features(got, want) -> None:
+    got = torch.as_tensor(got)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(len(got)), atol=1e-5, rtol=0)
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_onnx_matches_pytorch(checkpoint, reference, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "reid.onnx"
+    assert export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out)]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x, want = reference
+    for rows in (slice(0, len(x)), slice(0, 3), slice(5, 6)):  # the batch size is free
+        (got,) = session.run(None, {session.get_inputs()[0].name: x[rows].numpy()})
+        assert_same_features(got, want[rows])
+
+
+def test_torchscript_matches_pytorch(checkpoint, reference, tmp_path):
+    out = tmp_path / "reid.pt"
+    assert export.main(["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out)]) == 0
+    loaded = torch.jit.load(str(out))
+    x, want = reference
+    with torch.no_grad():
+        for rows in (slice(0, len(x)), slice(0, 3), slice(5, 6)):
+            assert_same_features(loaded(x[rows]), want[rows])
+    assert [p.name for p in tmp_path.iterdir()] == ["reid.pt"]  # no temporaries
+
+
+def test_bad_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("nope")
+    assert export.main(["--checkpoint", str(bad), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export.py: error: --checkpoint ") and "bad.pth" in err and err.count("\n") == 1
+    assert not (tmp_path / "m.pt").exists()

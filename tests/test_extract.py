@@ -1,0 +1,172 @@
+"""engine/features.py and tools/extract.py: a trained checkpoint on any images gives the
+features evaluation uses."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from engine.evaluate import extract_features
+from engine.features import FeatureExtractor, ImageError, network_from_checkpoint
+from pipeline.loader import LoaderConfig, build_eval_loader
+from pipeline.reading import decode_rgb
+from pipeline.shards import SplitReader
+from pipeline.transforms import test_transform as eval_transform
+from tests.test_train import small_run
+from tools import extract
+
+TARGET = "market1501"
+_CHECKPOINTS: dict[str, Path] = {}
+
+
+def trained_checkpoint(shards: Path, tmp_path_factory) -> Path:
+    """latest.pth of a one-iteration train.py run (resnet18 at 64x32), made once per session
+    (tests/test_export.py uses it too)."""
+    if str(shards) not in _CHECKPOINTS:
+        logs = tmp_path_factory.mktemp("extract_run")
+        assert train.main(small_run(shards, logs, "--iters", "1")) == 0
+        _CHECKPOINTS[str(shards)] = logs / "latest.pth"
+    return _CHECKPOINTS[str(shards)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synthetic_shards, tmp_path_factory) -> Path:
+    return trained_checkpoint(synthetic_shards, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def query(synthetic_shards):
+    return SplitReader(synthetic_shards / TARGET, "query")
+
+
+@pytest.fixture(scope="module")
+def eval_query_features(checkpoint, synthetic_shards) -> torch.Tensor:
+    """The query rows' features as evaluation computes them (engine.evaluate on the eval loader)."""
+    model, cfg = network_from_checkpoint(checkpoint)
+    model = model.to(memory_format=torch.channels_last)
+    lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader="torch", test_batch_size=64)
+    loader = build_eval_loader(synthetic_shards, TARGET, "test", lcfg)
+    feats = extract_features(model, loader, torch.device("cpu"), None)
+    return feats[torch.as_tensor(loader.is_query)]
+
+
+@pytest.fixture(scope="module")
+def image_folder(query, tmp_path_factory) -> Path:
+    """The query images as files in a folder tree (the first half in a subfolder)."""
+    root = tmp_path_factory.mktemp("images")
+    for i, key in enumerate(query.keys):
+        data = query.read(i)
+        ext = {"JPEG": ".jpg", "PNG": ".png"}[Image.open(io.BytesIO(data)).format]
+        sub = root / ("a" if i < len(query) // 2 else "b")
+        sub.mkdir(exist_ok=True)
+        (sub / f"{i:05d}{ext}").write_bytes(data)
+    return root
+
+
+def test_extractor_gives_evaluation_features(checkpoint, query, eval_query_features):
+    ext = FeatureExtractor.from_checkpoint(checkpoint, device="cpu", batch_size=7)
+    images = [decode_rgb(query.read(i)) for i in range(len(query))]
+    feats = ext(images)
+    assert feats.dtype == torch.float32 and feats.shape == eval_query_features.shape
+    torch.testing.assert_close(feats, eval_query_features, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(len(feats)))
+    # normalised tensors (the published test transform) give the same rows
+    tf = eval_transform(ext.height, ext.width)
+    batch = torch.stack([tf(im) for im in images[:5]])
+    torch.testing.assert_close(ext(batch), eval_query_features[:5], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="expected normalised images"):
+        ext(torch.zeros(2, 3, ext.height + 1, ext.width))
+
+
+def test_extractor_names_bad_images(checkpoint, tmp_path):
+    ext = FeatureExtractor.from_checkpoint(checkpoint, device="cpu")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="broken.jpg"):
+        ext([bad])
+    with pytest.raises(ImageError, match="missing.jpg"):
+        ext([tmp_path / "missing.jpg"])
+
+
+def run_tool(args, capsys) -> tuple[int, str]:
+    code = extract.main([*args, "--device", "cpu", "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def read_out(out: Path) -> tuple[np.ndarray, list[str]]:
+    return np.load(out / "features.npy"), (out / "images.txt").read_text().splitlines()
+
+
+def test_tool_folder_glob_and_list_agree(checkpoint, image_folder, query, eval_query_features, tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    names = sorted(str(p) for p in image_folder.rglob("*.*"))
+    listing.write_text("\n".join(names) + "\n")
+    results = {}
+    for how, spec in (("folder", [str(image_folder)]), ("glob", [f"{image_folder}/**/*.*"]),
+                      ("txt", [str(listing)])):
+        out = tmp_path / how
+        code, err = run_tool(["--checkpoint", str(checkpoint), "--images", *spec, "--out", str(out),
+                              "--batch-size", "16"], capsys)
+        assert code == 0, err
+        results[how] = read_out(out)
+        assert sorted(p.name for p in out.iterdir()) == ["features.npy", "images.txt"]  # no temporaries
+    feats, rows = results["folder"]
+    assert rows == names and feats.dtype == np.float32 and feats.shape == tuple(eval_query_features.shape)
+    for how in ("glob", "txt"):
+        assert results[how][1] == rows
+        np.testing.assert_allclose(results[how][0], feats, atol=1e-6)
+    # the files are the query rows in order: the folder's names are their indices
+    np.testing.assert_allclose(feats, eval_query_features.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_tool_reads_a_shard_split(checkpoint, synthetic_shards, query, eval_query_features, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_tool(["--checkpoint", str(checkpoint), "--shards", str(synthetic_shards), "-d", TARGET,
+                          "--split", "query", "--out", str(out)], capsys)
+    assert code == 0, err
+    feats, rows = read_out(out)
+    assert rows == list(query.keys)
+    np.testing.assert_array_equal(np.load(out / "pids.npy"), query.pids)
+    np.testing.assert_array_equal(np.load(out / "camids.npy"), query.camids)
+    np.testing.assert_allclose(feats, eval_query_features.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_tool_refuses_in_one_line(checkpoint, image_folder, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00" * 100)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    shutil.copytree(image_folder / "a", broken)
+    bad = sorted(broken.iterdir())[1]
+    bad.write_bytes(b"garbage")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{next(image_folder.rglob('*.*'))}\n{tmp_path / 'nowhere.jpg'}\n")
+    cases = [(["--checkpoint", str(garbage), "--images", str(image_folder)], "garbage.pth"),
+             (["--checkpoint", str(tmp_path / "none.pth"), "--images", str(image_folder)], "none.pth"),
+             (["--checkpoint", str(checkpoint), "--images", str(empty)], "no .jpg/.jpeg/.png"),
+             (["--checkpoint", str(checkpoint), "--images", str(tmp_path / "x" / "*.jpg")], "matches no files"),
+             (["--checkpoint", str(checkpoint), "--images", str(broken)], bad.name),
+             (["--checkpoint", str(checkpoint), "--images", str(listing)], "nowhere.jpg")]
+    for args, needle in cases:
+        out = tmp_path / "out"
+        code, err = run_tool([*args, "--out", str(out)], capsys)
+        assert code == 2, err
+        assert err.startswith("extract.py: error: ") and err.count("\n") == 1 and needle in err, err
+        assert not out.exists()
+
+
+def test_tool_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        extract.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--images", "--shards", "--dataset", "--split", "--out", "--batch-size",
+                 "--device", "--workers", "--no-progress"):
+        assert flag in text

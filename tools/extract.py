@@ -1,0 +1,177 @@
+"""Features of any images from a trained checkpoint (the features evaluation uses: eval mode,
+the published test transform at the checkpoint's input size, L2-normalised).
+
+    python tools/extract.py --checkpoint logs/run/best.pth --images photos/ --out feats/
+    python tools/extract.py --checkpoint logs/run/best.pth --images 'cams/*/*.jpg' list.txt --out feats/
+    python tools/extract.py --checkpoint logs/run/best.pth --shards shards -d market1501 \\
+        --split query --out feats/market_query
+
+Writes OUT/features.npy (float32 [N, D], rows of norm 1) and OUT/images.txt (one image per
+row, same order); with --shards, images.txt holds the shard keys and OUT/pids.npy and
+OUT/camids.npy the identities and cameras. Files are written under temporary names and
+renamed, so OUT never holds half-written ones. Errors are one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from engine.checkpoint import CheckpointError
+from engine.features import FeatureExtractor, ImageError
+from pipeline.reading import decode_rgb
+from pipeline.shards import ShardError, SplitReader
+
+PROG = "extract.py"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class ExtractError(Exception):
+    """A refusal: printed as ``extract.py: error: ...``, exit code 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a train.py checkpoint (latest.pth or best.pth); the network and input size "
+                        "come from it. Read with weights_only: it cannot run code")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="PATH",
+                     help="images to extract: a folder (searched recursively for .jpg/.jpeg/.png, "
+                          "sorted), a glob pattern (quote it; ** recurses), a .txt file of image paths "
+                          "(one per line, relative to the current folder), or an image file; several "
+                          "are taken in the order given")
+    src.add_argument("--shards", type=Path,
+                     help="a shards folder (tools/make_shards.py): extract a split of dataset -d")
+    p.add_argument("-d", "--dataset", help="with --shards: the dataset (e.g. market1501)")
+    p.add_argument("--split", choices=("query", "gallery", "train"), default="query",
+                   help="with --shards: the split to extract (default: query)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (made if needed) for features.npy and images.txt "
+                        "(and pids.npy, camids.npy with --shards)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default: 128)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: CUDA when there is a GPU (with autocast), else the CPU")
+    p.add_argument("--workers", type=int, default=4, help="image decoding threads (default: 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.shards is not None and not args.dataset:
+        p.error("--shards needs -d/--dataset")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
+
+
+def _folder_images(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def collect_images(specs: list[str]) -> list[str]:
+    """The image paths named by folders, glob patterns, .txt lists and files, in order."""
+    paths: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = _folder_images(path)
+            if not found:
+                raise ExtractError(f"--images {spec}: the folder holds no .jpg/.jpeg/.png images")
+        elif path.is_file() and path.suffix.lower() == ".txt":
+            found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not found:
+                raise ExtractError(f"--images {spec}: the list is empty")
+        elif path.is_file():
+            found = [spec]
+        elif glob.has_magic(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not found:
+                raise ExtractError(f"--images {spec}: the pattern matches no files")
+        else:
+            raise ExtractError(f"--images {spec}: no such file or folder")
+        paths.extend(found)
+    return paths
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(out: Path, features: np.ndarray, names: list[str], **arrays: np.ndarray) -> None:
+    """OUT/features.npy, OUT/images.txt and OUT/<name>.npy for each of ``arrays``, each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+
+    def saver(array):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+        return write
+
+    _write_atomic(out / "features.npy", saver(np.ascontiguousarray(features, dtype=np.float32)))
+    for name, array in arrays.items():
+        _write_atomic(out / f"{name}.npy", saver(array))
+    _write_atomic(out / "images.txt", lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
+
+
+def _progress(total_images: int, batch_size: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return lambda batches: tqdm(batches, total=-(-total_images // batch_size), unit="batch",
+                                desc="extract", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.shards is not None:
+        try:
+            reader = SplitReader(args.shards / args.dataset, args.split)
+        except (ShardError, OSError) as e:
+            raise ExtractError(f"--shards {args.shards} -d {args.dataset}: {e}") from None
+        items, names = list(range(len(reader))), list(reader.keys)
+
+        def load(i):
+            try:
+                return decode_rgb(reader.read(i))
+            except Exception as e:  # noqa: BLE001 - say which sample
+                raise ImageError(f"{reader.location(i)}: cannot decode the image ({e})") from None
+        extra = {"pids": reader.pids.astype(np.int64), "camids": reader.camids.astype(np.int64)}
+        if not items:
+            raise ExtractError(f"--shards: split {args.split} of {args.dataset} is empty")
+    else:
+        items = names = collect_images(args.images)
+        load, extra = None, {}
+    try:
+        extractor = FeatureExtractor.from_checkpoint(args.checkpoint, device=args.device,
+                                                     batch_size=args.batch_size, workers=args.workers)
+    except CheckpointError as e:
+        raise ExtractError(f"--checkpoint {e}") from None
+    except ValueError as e:  # a device that is not there
+        raise ExtractError(f"--device {args.device}: {e}") from None
+    progress = _progress(len(items), args.batch_size, not args.no_progress and len(items) > args.batch_size)
+    feats = (extractor.extract(items, load=load, progress=progress) if load is not None
+             else extractor.extract(items, progress=progress))
+    write_outputs(args.out, feats.numpy(), names, **extra)
+    print(f"{len(names)} images -> {args.out / 'features.npy'} "
+          f"[{feats.shape[0]}, {feats.shape[1]}] and {args.out / 'images.txt'}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ExtractError, ImageError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
