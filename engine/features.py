@@ -166,4 +166,5 @@ class FeatureExtractor:
             return self.extract(images, load=lambda im: im, progress=progress)
         if all(isinstance(im, (str, Path)) for im in images):
             return self.extract(images, progress=progress)
-        raise TypeError("expected image paths, PIL images, or a float tensor [B, 3, H, W] of normalised images")
+        raise TypeError("expected image paths, PIL images, or a float tensor [B, 3, H, W] of normalised "
+                        "images")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointError
 from engine.features import network_from_checkpoint
+from pipeline.files import write_atomic
 
 PROG = "export.py"
 OPSET = 18
@@ -66,13 +66,9 @@ def export(checkpoint: Path, fmt: str, out: Path) -> dict:
     # two rows: a batch of one would let a tracer treat the batch size as a constant
     example = torch.randn(2, 3, cfg["height"], cfg["width"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with torch.no_grad():
-            (export_onnx if fmt == "onnx" else export_torchscript)(module, example, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with torch.no_grad():
+        write = export_onnx if fmt == "onnx" else export_torchscript
+        write_atomic(out, lambda tmp: write(module, example, tmp))
     return cfg
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from engine.checkpoint import CheckpointError
 from engine.features import FeatureExtractor, ImageError
 from pipeline.reading import decode_rgb
+from pipeline.files import write_atomic
 from pipeline.shards import ShardError, SplitReader
 
 PROG = "extract.py"
@@ -96,15 +96,6 @@ def collect_images(specs: list[str]) -> list[str]:
     return paths
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(out: Path, features: np.ndarray, names: list[str], **arrays: np.ndarray) -> None:
     """OUT/features.npy, OUT/images.txt and OUT/<name>.npy for each of ``arrays``, each atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -115,10 +106,10 @@ def write_outputs(out: Path, features: np.ndarray, names: list[str], **arrays: n
                 np.save(f, array)
         return write
 
-    _write_atomic(out / "features.npy", saver(np.ascontiguousarray(features, dtype=np.float32)))
+    write_atomic(out / "features.npy", saver(np.ascontiguousarray(features, dtype=np.float32)))
     for name, array in arrays.items():
-        _write_atomic(out / f"{name}.npy", saver(array))
-    _write_atomic(out / "images.txt", lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
+        write_atomic(out / f"{name}.npy", saver(array))
+    write_atomic(out / "images.txt", lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
 
 
 def _progress(total_images: int, batch_size: int, enabled: bool):
