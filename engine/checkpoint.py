@@ -4,7 +4,6 @@
 relies on it, and says in one line what is wrong with one that is not."""
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 import warnings
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from engine.config import RunConfig
+from pipeline.files import write_atomic
 
 # Settings that must agree between a run and the checkpoint it resumes from (the number of
 # epochs may grow: a finished run can be continued).
@@ -74,23 +74,12 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Write `state` to `path` atomically: a crash leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Copy a checkpoint file atomically (best.pth from latest.pth, without serialising twice)."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
