@@ -15,8 +15,6 @@ iterations: latest.pth is saved at the last finished iteration and one line says
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import logging
 import os
 import signal
@@ -26,6 +24,7 @@ from pathlib import Path
 
 from engine import distributed as du
 from engine.config import RunConfig
+from engine.flags import train_parser
 from engine.loop import NonFiniteLoss, train_one_epoch
 from engine.preflight import check_flags
 from engine.run import Run, RunResult, evaluate_only
@@ -35,141 +34,9 @@ from engine.usage import UsageError, refuse
 __all__ = ["NonFiniteLoss", "UsageError", "get_parser", "main", "train"]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default."""
-
-
-class Parser(argparse.ArgumentParser):
-    """Refuses bad flags through :class:`UsageError` (one line, no usage dump), and records in
-    ``args.given`` which flags the command line set (``--evaluate`` takes the others from the
-    checkpoint)."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-    def parse_args(self, args=None, namespace=None):
-        parsed = super().parse_args(args, namespace)
-        quiet = copy.deepcopy(self)
-        for action in quiet._actions:
-            action.default = argparse.SUPPRESS
-        parsed.given = set(vars(argparse.ArgumentParser.parse_args(quiet, args)))
-        return parsed
-
-
-def at_least(low: int):
-    """argparse type: an integer >= low, refused with the flag's name otherwise."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return parse
-
-
-def real_in(low: float, high: float = float("inf"), low_open: bool = False):
-    """argparse type: a float in [low, high] ((low, high] when ``low_open``)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (value > low if low_open else value >= low) or value > high:
-            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {text}")
-        return value
-    return parse
-
-
-def get_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
-    add_data_flags(p.add_argument_group("data"))
-    add_model_flags(p.add_argument_group("model"))
-    add_training_flags(p.add_argument_group("optimisation"), p.add_argument_group("speed"))
-    add_report_flags(p.add_argument_group("evaluation and logging"))
-    return p
-
-
-def add_data_flags(d) -> None:
-    d.add_argument("--dataset_src1", default="market1501", help="first source dataset")
-    d.add_argument("--dataset_src2", default="dukemtmc", help="second source dataset")
-    d.add_argument("--dataset_src3", default="cuhk03", help="third source dataset")
-    d.add_argument("-d", "--dataset", default="msmt17v1", help="unseen target dataset (evaluation only)")
-    d.add_argument("--shards", type=Path, default=Path("shards"),
-                   help="folder of shards written by tools/make_shards.py")
-    d.add_argument("--data-dir", type=Path, default=None,
-                   help="raw datasets (DATA/<name>/...); when given, shards missing from --shards are "
-                        "built from it first (once)")
-    d.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
-                   help="DALI GPU pipeline, or the PIL/torchvision DataLoader; auto takes DALI when "
-                        "installed")
-    d.add_argument("-j", "--workers", type=at_least(0), default=4, help="data worker processes per rank")
-    d.add_argument("--height", type=at_least(1), default=256, help="input height")
-    d.add_argument("--width", type=at_least(1), default=128, help="input width")
-    d.add_argument("-b", "--batch-size", type=at_least(1), default=64,
-                   help="global batch per source (identities x --num-instances), split over ranks")
-    d.add_argument("--num-instances", type=at_least(1), default=4, help="images per identity in a batch")
-    d.add_argument("--test-batch-size", type=at_least(1), default=256,
-                   help="batch of feature extraction, per rank")
-
-
-def add_model_flags(m) -> None:
-    m.add_argument("-a", "--arch", choices=("resnet50", "resnet18"), default="resnet50", help="backbone")
-    m.add_argument("--pretrained", default="imagenet",
-                   help="'imagenet' (torchvision's weights from its cache), a local .pth file, or 'none'")
-    m.add_argument("--stem-relu", action="store_true",
-                   help="standard ResNet stem with ReLU after the stem BN (the published code has none)")
-    m.add_argument("--update-style", action="store_true",
-                   help="Style Interleaved Learning: restyle features (UBS) in the memory-update forward")
-    m.add_argument("--baseline", choices=("fbf", "fb"), default="fbf",
-                   help="without --update-style: fbf = second forward without style, fb = no second "
-                        "forward (memories take the first forward's features)")
-    m.add_argument("--bn-groups", type=at_least(1), default=4,
-                   help="BatchNorm (and style) statistics over this many contiguous groups of each source's "
-                        "batch and of the shuffled second forward, as the published 4-GPU DataParallel runs "
-                        "computed them; the same groups on any number of GPUs (synchronised where a group "
-                        "spans several); 1 = whole-batch statistics")
-    m.add_argument("--rho", type=real_in(0), default=3.0, help="UBS style range (mean +- rho * std)")
-    m.add_argument("--temp", type=real_in(0, low_open=True), default=0.05,
-                   help="memory classifier temperature")
-    m.add_argument("--momentum", type=real_in(0, 1), default=0.2, help="memory update momentum")
-
-
-def add_training_flags(o, s) -> None:
-    o.add_argument("--lr", type=real_in(0), default=3.5e-4, help="Adam learning rate")
-    o.add_argument("--weight-decay", type=real_in(0), default=5e-4, help="Adam weight decay")
-    o.add_argument("--epochs", type=at_least(1), default=70, help="epochs")
-    o.add_argument("--iters", type=at_least(1), default=200, help="iterations per epoch")
-    o.add_argument("--milestones", type=at_least(0), nargs="+", default=[30, 50],
-                   help="epochs where lr drops by 10")
-    o.add_argument("--warmup-epochs", type=at_least(0), default=10, help="linear warm-up length (epochs)")
-    o.add_argument("--seed", type=at_least(0), default=1, help="seed of sampling, shuffles and style draws")
-    s.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="autocast: auto = bf16 where the GPU has it, else fp16 with a grad scaler; "
-                        "fp32 on CPU")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--apex", action="store_true", help="apex FusedAdam instead of torch's fused Adam")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train")
-
-
-def add_report_flags(r) -> None:
-    r.add_argument("--eval-every", type=at_least(0), default=1,
-                   help="evaluate the target every N epochs (0: at the end only)")
-    r.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking at evaluation")
-    r.add_argument("--evaluate", action="store_true",
-                   help="only evaluate the --resume checkpoint on -d and exit; the network, input size "
-                        "and sources come from the checkpoint (warns when -d was one of its sources)")
-    r.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from (or to evaluate)")
-    r.add_argument("--logs-dir", type=Path, default=Path("logs/il"),
-                   help="checkpoints (latest.pth, best.pth), metrics.jsonl, metrics.png, TensorBoard "
-                        "events; a folder that holds another run is refused without --resume or --overwrite")
-    r.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a --logs-dir that holds another one, replacing its files")
-    r.add_argument("--log-every", type=at_least(1), default=20,
-                   help="iterations between loss checks / bar updates")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars (plain log lines)")
+def get_parser():
+    """train.py's parser (engine/flags.py), with this file's docstring as its description."""
+    return train_parser(__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

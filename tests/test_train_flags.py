@@ -152,6 +152,20 @@ def test_good_configurations_pass(world):
         check_flags(args, RunConfig.from_args(args), world)
 
 
+def test_published_command_line_parses_as_ours():
+    """The published code's command line runs unchanged: ``--epoch`` and ``--updateStyle`` are
+    our ``--epochs`` and ``--update-style``, and nothing else differs."""
+    published = ("-a resnet50 -b 64 --test-batch-size 256 --iters 200 --lr 3.5e-4 --epoch 70 "
+                 "--dataset_src1 msmt17v1 --dataset_src2 cuhk03 --dataset_src3 market1501 -d dukemtmc "
+                 "--logs-dir logs/IL --updateStyle --data-dir DATA_PATH").split()
+    ours = [{"--epoch": "--epochs", "--updateStyle": "--update-style"}.get(f, f) for f in published]
+    assert ours != published
+    parser = train.get_parser()
+    got, expected = vars(parser.parse_args(published)), vars(parser.parse_args(ours))
+    assert got == expected
+    assert got["update_style"] and got["epochs"] == 70 and "epochs" in got["given"]
+
+
 def test_refusal_is_one_line_and_exit_code_2(capsys):
     assert train.main([*GOOD, "-d", "viper"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
