@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from engine.config import RunConfig
+from engine.metrics import METRICS
 from pipeline.files import write_atomic
 
 # Settings that must agree between a run and the checkpoint it resumes from (the number of
@@ -102,6 +103,12 @@ def read_checkpoint(path: Path, parts: dict[str, type] = TRAIN_PARTS) -> dict:
     problem = _structure_problem(state, parts)
     if problem:
         raise CheckpointError(f"{path} is not a train.py checkpoint: {problem}")
+    config = state["config"]
+    if "target" in config:  # written before -d took several targets: as if written with one
+        target = config.pop("target")
+        config.update(targets=[target], best_by="first")
+        for row in state.get("history", []):
+            row.update({f"{target}/{m}": row[m] for m in METRICS if m in row})
     return state
 
 

@@ -24,7 +24,7 @@ class RunConfig:
 
     arch: str = setting()
     sources: list[str] = setting(SOURCE_FLAGS)
-    target: str = setting("dataset")
+    targets: list[str] = setting("dataset")
     batch_size: int = setting()
     num_instances: int = setting()
     height: int = setting()
@@ -41,6 +41,7 @@ class RunConfig:
     rho: float = setting()
     stem_relu: bool = setting()
     bn_groups: int = setting()
+    best_by: str = setting()
 
     @classmethod
     def from_args(cls, args) -> "RunConfig":

@@ -60,6 +60,16 @@ def real_in(low: float, high: float = float("inf"), low_open: bool = False):
     return parse
 
 
+def names(text: str) -> list[str]:
+    """argparse type: a comma-separated list of distinct dataset names."""
+    items = [n.strip() for n in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected dataset names separated by commas, got {text!r}")
+    if len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"a dataset is named twice in {text!r}")
+    return items
+
+
 def train_parser(description: str) -> Parser:
     """Every flag of train.py."""
     p = Parser(prog="train.py", description=description, formatter_class=HelpFormatter)
@@ -74,7 +84,9 @@ def add_data_flags(d) -> None:
     d.add_argument("--dataset_src1", default="market1501", help="first source dataset")
     d.add_argument("--dataset_src2", default="dukemtmc", help="second source dataset")
     d.add_argument("--dataset_src3", default="cuhk03", help="third source dataset")
-    d.add_argument("-d", "--dataset", default="msmt17v1", help="unseen target dataset (evaluation only)")
+    d.add_argument("-d", "--dataset", type=names, default=["msmt17v1"], metavar="TARGET[,TARGET...]",
+                   help="unseen target dataset(s), comma-separated: each is evaluated at every evaluation "
+                        "point (evaluation only; best.pth follows --best-by)")
     d.add_argument("--shards", type=Path, default=Path("shards"),
                    help="folder of shards written by tools/make_shards.py")
     d.add_argument("--data-dir", type=Path, default=None,
@@ -138,6 +150,15 @@ def add_report_flags(r) -> None:
     r.add_argument("--eval-every", type=at_least(0), default=1,
                    help="evaluate the target every N epochs (0: at the end only)")
     r.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking at evaluation")
+    r.add_argument("--flip-test", action="store_true",
+                   help="test-time option: a feature is the normalised sum of the image's and its mirror "
+                        "image's features (off: the published protocol)")
+    r.add_argument("--aqe", type=at_least(0), default=0, metavar="K",
+                   help="test-time option: average query expansion, each query feature averaged with its "
+                        "K nearest gallery features and normalised again (0: off, the published protocol)")
+    r.add_argument("--best-by", choices=("first", "mean"), default="first",
+                   help="with several targets (-d a,b): best.pth and the run's mAP/rank-1 columns follow the "
+                        "first target's mAP, or the mean over the targets")
     r.add_argument("--evaluate", action="store_true",
                    help="only evaluate the --resume checkpoint on -d and exit; the network, input size "
                         "and sources come from the checkpoint (warns when -d was one of its sources)")
@@ -150,3 +171,13 @@ def add_report_flags(r) -> None:
     r.add_argument("--log-every", type=at_least(1), default=20,
                    help="iterations between loss checks / bar updates")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (plain log lines)")
+
+
+def add_train_flags(group, *dests: str) -> None:
+    """Adds to ``group`` (a parser or an argument group) train.py's flags whose destinations are
+    ``dests``, exactly as train.py defines them: spellings, type, choices, default and help. A
+    command that shares a setting with train.py (``tools/benchmark.py``) takes the flag from here
+    rather than a copy, so the two cannot drift apart; train.py's own groups are left as they are."""
+    actions = {a.dest: a for a in train_parser("")._actions}
+    for dest in dests:
+        group._add_action(copy.copy(actions[dest]))

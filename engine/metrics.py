@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+# What an evaluation reports (besides the whole CMC curve), as evaluate_features names them.
+METRICS = ("mAP", "rank1", "rank5", "rank10")
 # Elements of one [chunk, gallery] block (about 20 bytes each are live at once).
 CPU_BLOCK = 2**25
 CUDA_BLOCK = 2**27
@@ -172,12 +174,29 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str = "euclidean
     return _distance(x, y, metric, y.pow(2).sum(1))
 
 
+def expand_queries(qf: torch.Tensor, gf: torch.Tensor, k: int, metric: str = "euclidean",
+                   chunk: int | None = None) -> torch.Tensor:
+    """Average query expansion: each query feature summed with its ``k`` nearest gallery features
+    and L2-normalised (the mean's direction). Per query chunk, as the ranking, so it runs at
+    MSMT17 size; features as :func:`evaluate_features` prepared them."""
+    k = min(k, len(gf))
+    g_sq = gf.pow(2).sum(1)
+    chunk = chunk or _default_chunk(len(gf), qf.device)
+    out = torch.empty_like(qf)
+    for s in range(0, len(qf), chunk):
+        near = _distance(qf[s:s + chunk], gf, metric, g_sq).topk(k, dim=1, largest=False).indices
+        out[s:s + chunk] = qf[s:s + chunk] + gf[near].sum(1)
+    return torch.nn.functional.normalize(out, dim=1)
+
+
 def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, max_rank: int = 50,
-                      chunk: int | None = None, metric: str = "euclidean", rerank: bool = False) -> dict:
+                      chunk: int | None = None, metric: str = "euclidean", rerank: bool = False,
+                      aqe: int = 0) -> dict:
     """mAP / CMC of query vs gallery features; distances are made and ranked per query chunk.
 
     Runs on the features' device; the full distance matrix never exists (except with
-    `rerank`, which needs it and refuses sizes above `rerank.MAX_BYTES`).
+    `rerank`, which needs it and refuses sizes above `rerank.MAX_BYTES`). ``aqe`` > 0 expands
+    each query first (:func:`expand_queries`).
     Returns `{"mAP", "rank1", "rank5", "rank10", "cmc"}`.
     """
     qf = _prepare(_as_tensor(qf), metric)
@@ -188,6 +207,8 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, max_rank: i
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32: it would reorder near-tied distances
     try:
+        if aqe:
+            qf = expand_queries(qf, gf, aqe, metric, chunk)
         if rerank:
             from engine.rerank import check_size, re_ranking
 

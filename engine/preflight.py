@@ -20,8 +20,8 @@ from model.groups import make_layout
 from model.resnet import imagenet_weights_file
 from pipeline.build import build_shards
 from pipeline.loader import LoaderConfig, build_eval_loader, select_loader
-from pipeline.records import DATASETS, SOURCE_ONLY
-from pipeline.shards import ShardError, load_manifest
+from pipeline.records import SOURCE_ONLY
+from pipeline.shards import ShardError, load_manifest, unknown_dataset
 
 log = logging.getLogger("train")
 
@@ -33,7 +33,8 @@ def check_flags(args, cfg: RunConfig, world: int) -> None:
     if args.evaluate:
         if args.resume is None:
             raise UsageError("--evaluate needs --resume CHECKPOINT (the checkpoint to evaluate)")
-        check_target(cfg.target)
+        for name in cfg.targets:
+            check_target(name, args.shards)
         return
     if args.apex:
         try:
@@ -42,11 +43,12 @@ def check_flags(args, cfg: RunConfig, world: int) -> None:
             raise UsageError("--apex: NVIDIA apex is not installed (it is not on PyPI; build it from "
                              "NVIDIA's repository), or leave --apex out for torch's fused Adam") from None
     for flag, name in zip(("--dataset_src1", "--dataset_src2", "--dataset_src3"), cfg.sources):
-        if name not in DATASETS:
-            raise UsageError(f"{flag} {name!r}: unknown dataset; choose from {', '.join(DATASETS)}")
-    check_target(cfg.target)
-    if cfg.target in cfg.sources:
-        raise UsageError(f"-d {cfg.target}: the target is also a source; it must stay unseen")
+        if why := unknown_dataset(name, args.shards):
+            raise UsageError(f"{flag} {name!r}: {why}")
+    for name in cfg.targets:
+        check_target(name, args.shards)
+        if name in cfg.sources:
+            raise UsageError(f"-d {name}: the target is also a source; it must stay unseen")
     if len(set(cfg.sources)) != 3:
         raise UsageError(f"sources {cfg.sources}: the three sources must differ")
     if cfg.batch_size % cfg.num_instances:
@@ -61,9 +63,9 @@ def check_flags(args, cfg: RunConfig, world: int) -> None:
             from None
 
 
-def check_target(name: str) -> None:
-    if name not in DATASETS:
-        raise UsageError(f"-d {name!r}: unknown dataset; choose from {', '.join(DATASETS)}")
+def check_target(name: str, shards: Path) -> None:
+    if why := unknown_dataset(name, shards):
+        raise UsageError(f"-d {name!r}: {why}")
     if name in SOURCE_ONLY:
         raise UsageError(f"-d {name}: has no query/gallery split, it can only be a source")
 
@@ -130,22 +132,22 @@ def loader_config(args, cfg: RunConfig, dist_info: du.DistInfo) -> LoaderConfig:
                              test_batch_size=args.test_batch_size)
 
 
-def build_target_loader(args, cfg: RunConfig, lcfg: LoaderConfig):
-    """The target's query + gallery loader (no worker started yet); a target on which no query
-    can be ranked is refused now, not after the first epoch."""
+def build_target_loader(args, name: str, lcfg: LoaderConfig):
+    """Target ``name``'s query + gallery loader (no worker started yet); a target on which no
+    query can be ranked is refused now, not after the first epoch."""
     try:
-        loader = build_eval_loader(args.shards, cfg.target, "test", lcfg)
+        loader = build_eval_loader(args.shards, name, "test", lcfg)
     except ShardError as e:
-        raise UsageError(f"shards of {cfg.target}: {e}") from None
+        raise UsageError(f"shards of {name}: {e}") from None
     query = loader.is_query
     cameras: dict[int, set[int]] = {}  # the gallery's cameras of each identity
     for pid, cam in set(zip(loader.pids[~query].tolist(), loader.camids[~query].tolist())):
         cameras.setdefault(pid, set()).add(cam)
     queries = set(zip(loader.pids[query].tolist(), loader.camids[query].tolist()))
     if not any(cameras.get(pid, set()) - {cam} for pid, cam in queries):
-        raise UsageError(f"-d {cfg.target}: no query image has a gallery image of its identity from another "
+        raise UsageError(f"-d {name}: no query image has a gallery image of its identity from another "
                          f"camera, so the target cannot be evaluated (check its shards: "
-                         f"{args.shards / cfg.target})")
+                         f"{args.shards / name})")
     return loader
 
 

@@ -17,12 +17,12 @@ from engine import distributed as du
 from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_checkpoint, read_checkpoint, \
     save_checkpoint
 from engine.config import RunConfig
-from engine.evaluate import evaluate_target, init_memories_in_one_pass
+from engine.evaluate import EvalOptions, evaluate_target, init_memories_in_one_pass
 from engine.logsdir import LogsDir, claim_logs_dir
 from engine.loop import EpochResult, Trainer
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
 from engine.preflight import build_target_loader, check_pretrained, loader_config, prepare_shards, read_resume
-from engine.runlog import RunLog
+from engine.runlog import RunLog, print_targets, target_columns
 from engine.usage import UsageError, checked
 from model.memory import MemoryClassifier
 from model.resnet import build_model
@@ -69,9 +69,9 @@ class Run:
             pretrained = check_pretrained(args)
             self.lcfg = loader_config(args, cfg, self.dist)
             self.state = self.build_state(pretrained)
-        prepare_shards(args, cfg.sources + [cfg.target], self.dist)
+        prepare_shards(args, cfg.sources + cfg.targets, self.dist)
         with checked(world):
-            self.target_loader = build_target_loader(args, cfg, self.lcfg)
+            self.target_loaders = {name: build_target_loader(args, name, self.lcfg) for name in cfg.targets}
             try:
                 self.train_loader = build_train_loader(args.shards, cfg.sources, self.lcfg)
             except ValueError as e:  # ShardError, or a source too small for the batch
@@ -147,8 +147,8 @@ class Run:
         if self.args.compile:
             net = torch.compile(net)
         self.trainer = Trainer(net, st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
-        self.runlog = RunLog(self.logs.path if self.dist.is_main else None, cfg.target, cfg.epochs,
-                             f"{cfg.mode.upper()}: {'+'.join(cfg.sources)} -> {cfg.target}",
+        self.runlog = RunLog(self.logs.path if self.dist.is_main else None, cfg.targets, cfg.epochs,
+                             f"{cfg.mode.upper()}: {'+'.join(cfg.sources)} -> {', '.join(cfg.targets)}",
                              progress=not self.args.no_progress)
         if self.dist.is_main:
             self.logs.used = True
@@ -194,17 +194,22 @@ class Run:
         self.runlog.epoch(row, st.history)
 
     def evaluate(self, epoch: int, row: dict) -> None:
+        """Every target in turn; a failed one is reported and recorded (``eval_error``), the others
+        go on, and the run's own columns (what best.pth follows) wait for an evaluation of all."""
         t1 = time.perf_counter()
-        try:
-            res = evaluate_target(self.state.model, self.target_loader, self.device, self.dtype,
-                                  rerank=self.args.rerank)
-        except ValueError as e:  # e.g. non-finite features: the run goes on, its checkpoint is saved
-            row["eval_error"] = str(e)
-            log.error("epoch %d: evaluation on %s failed: %s; training goes on (latest.pth is saved)",
-                      epoch + 1, self.cfg.target, e)
-            return
-        row.update(mAP=res["mAP"], rank1=res["rank1"], rank5=res["rank5"], rank10=res["rank10"],
-                   eval_s=time.perf_counter() - t1)
+        results, errors = {}, []
+        for name, loader in self.target_loaders.items():
+            try:
+                results[name] = evaluate_target(self.state.model, loader, self.device, self.dtype,
+                                                EvalOptions.from_args(self.args))
+            except ValueError as e:  # e.g. non-finite features: the run goes on, its checkpoint is saved
+                errors.append(f"{name}: {e}")
+                log.error("epoch %d: evaluation on %s failed: %s; training goes on (latest.pth is saved)",
+                          epoch + 1, name, e)
+        row.update(target_columns(results, self.cfg.best_by if not errors else None))
+        if errors:
+            row["eval_error"] = "; ".join(errors)
+        row["eval_s"] = time.perf_counter() - t1
 
     def checkpoint(self, epoch: int, iteration: int, losses: torch.Tensor) -> None:
         """latest.pth (rank 0) at (epoch, iteration), with the epoch's losses before it."""
@@ -250,13 +255,14 @@ def evaluate_only(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
                 raise UsageError(f"--resume {args.resume} was written by another network: {key}: checkpoint "
                                  f"{saved[key]!r}, now {getattr(args, key)!r} (leave the flag out)")
         cfg = replace(cfg, **{k: saved[k] for k in NETWORK_KEYS}, sources=list(saved.get("sources", [])))
-    if cfg.target in cfg.sources:
-        log.warning("-d %s was a source of this checkpoint (trained on %s): this is not an unseen-domain "
-                    "result", cfg.target, ", ".join(cfg.sources))
-    prepare_shards(args, [cfg.target], dist_info)
+    for name in cfg.targets:
+        if name in cfg.sources:
+            log.warning("-d %s was a source of this checkpoint (trained on %s): this is not an unseen-domain "
+                        "result", name, ", ".join(cfg.sources))
+    prepare_shards(args, cfg.targets, dist_info)
     with checked(dist_info.world):
         lcfg = loader_config(args, cfg, dist_info)
-        loader = build_target_loader(args, cfg, lcfg)
+        loaders = {name: build_target_loader(args, name, lcfg) for name in cfg.targets}
         model = build_model(cfg.arch, "none", stem_relu=cfg.stem_relu, style=UBS(rho=cfg.rho),
                             bn_groups=cfg.bn_groups)
         try:
@@ -265,9 +271,10 @@ def evaluate_only(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
             raise UsageError(f"--resume {args.resume}: its weights do not fit its network "
                              f"({str(e).splitlines()[0]})") from None
     model = model.to(dist_info.device, memory_format=torch.channels_last)
-    res = evaluate_target(model, loader, dist_info.device, amp_dtype(args.amp, dist_info.device),
-                          rerank=args.rerank)
+    dtype, options = amp_dtype(args.amp, dist_info.device), EvalOptions.from_args(args)
+    results = {name: evaluate_target(model, loader, dist_info.device, dtype, options)
+               for name, loader in loaders.items()}
     if dist_info.is_main:
-        print(f"{cfg.target}: mAP {100 * res['mAP']:.1f}  rank-1 {100 * res['rank1']:.1f}  "
-              f"rank-5 {100 * res['rank5']:.1f}  rank-10 {100 * res['rank10']:.1f}")
-    return RunResult(0, [res], model)
+        print_targets(results)
+    return RunResult(0, [dict(res, target=name) for name, res in results.items()], model)
+

@@ -8,14 +8,16 @@ import logging
 import time
 from pathlib import Path
 
+from engine.metrics import METRICS
+
 log = logging.getLogger("train")
 
 
 class RunLog:
     """The reports of one run into ``path`` (its --logs-dir; None on ranks other than 0)."""
 
-    def __init__(self, path: Path | None, target: str, epochs: int, title: str, progress: bool = True):
-        self.path, self.target, self.epochs, self.title = path, target, epochs, title
+    def __init__(self, path: Path | None, targets: list[str], epochs: int, title: str, progress: bool = True):
+        self.path, self.targets, self.epochs, self.title = path, targets, epochs, title
         self.progress = progress and path is not None
         self.writer = None
         self.bar = None
@@ -62,8 +64,9 @@ class RunLog:
             return
         msg = (f"epoch {row['epoch']}/{self.epochs}  loss {row['loss']:.3f}  lr {row['lr']:.2e}  "
                f"{row['images_per_s']:.0f} img/s")
-        if "mAP" in row:
-            msg += f"  {self.target} mAP {100 * row['mAP']:.1f} rank-1 {100 * row['rank1']:.1f}"
+        for t in self.targets:
+            if f"{t}/mAP" in row:
+                msg += f"  {t} mAP {100 * row[f'{t}/mAP']:.1f} rank-1 {100 * row[f'{t}/rank1']:.1f}"
         log.info(msg)
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -71,30 +74,32 @@ class RunLog:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, row["epoch"])
-        save_plot(history, self.path / "metrics.png", self.title)
+        save_plot(history, self.targets, self.path / "metrics.png", self.title)
 
     def finish(self, history: list[dict]) -> None:
         if self.path is None:
             return
-        print_table(history, self.target)
+        print_table(history, self.targets)
         if self.writer is not None:
             self.writer.close()
 
 
-def save_plot(history: list[dict], path: Path, title: str) -> None:
-    """mAP and rank-1 on the target over epochs, as a PNG beside metrics.jsonl."""
+def save_plot(history: list[dict], targets: list[str], path: Path, title: str) -> None:
+    """mAP (solid) and rank-1 (dashed) on each target over epochs, as a PNG beside metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [h for h in history if "mAP" in h]
-    if not rows:
+    if not any(f"{t}/mAP" in h for h in history for t in targets):
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    epochs = [h["epoch"] for h in rows]
-    ax.plot(epochs, [100 * h["mAP"] for h in rows], marker="o", label="mAP")
-    ax.plot(epochs, [100 * h["rank1"] for h in rows], marker="s", label="rank-1")
+    for i, t in enumerate(targets):
+        rows = [h for h in history if f"{t}/mAP" in h]
+        epochs = [h["epoch"] for h in rows]
+        ax.plot(epochs, [100 * h[f"{t}/mAP"] for h in rows], marker="o", color=f"C{i}", label=f"{t} mAP")
+        ax.plot(epochs, [100 * h[f"{t}/rank1"] for h in rows], marker="s", ls="--", color=f"C{i}",
+                label=f"{t} rank-1")
     ax.set_xlabel("epoch")
     ax.set_ylabel("%")
     ax.set_title(title)
@@ -115,14 +120,51 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     tmp.replace(path)
 
 
-def print_table(history: list[dict], target: str) -> None:
-    rows = [h for h in history if "mAP" in h]
+HEADER = "   mAP rank-1 rank-5 rank-10"
+
+
+def _cells(values: dict, prefix: str = "") -> str:
+    return "".join(f" {100 * values[prefix + m]:{w}.1f}" for m, w in zip(METRICS, (5, 6, 6, 7)))
+
+
+def print_table(history: list[dict], targets: list[str]) -> None:
+    """Every evaluation of the run: one row per epoch, the four metrics of each target."""
+    rows = [h for h in history if any(f"{t}/mAP" in h for t in targets)]
     if not rows:
         return
-    print(f"\nTarget {target}: epoch | mAP | rank-1 | rank-5 | rank-10")
+    width = len(HEADER)
+    print("\n      " + " |".join(f" {t[:width - 1]:<{width - 1}}" for t in targets))
+    print("epoch " + " |".join(HEADER for _ in targets))
     for h in rows:
-        print(f"  {h['epoch']:5d} | {100 * h['mAP']:5.1f} | {100 * h['rank1']:6.1f} | "
-              f"{100 * h['rank5']:6.1f} | {100 * h['rank10']:7.1f}")
-    best = max(rows, key=lambda h: h["mAP"])
-    print(f"  best: epoch {best['epoch']}, mAP {100 * best['mAP']:.1f}, rank-1 {100 * best['rank1']:.1f}")
+        print(f"{h['epoch']:5d} " + " |".join(_cells(h, f"{t}/") if f"{t}/mAP" in h else " " * width
+                                              for t in targets))
+    scored = [h for h in rows if "mAP" in h]
+    if scored:
+        best = max(scored, key=lambda h: h["mAP"])
+        what = "mAP" if len(targets) == 1 else "the run's mAP (--best-by)"
+        print(f"best by {what}: epoch {best['epoch']}, mAP {100 * best['mAP']:.1f}, "
+              f"rank-1 {100 * best['rank1']:.1f}")
+
+
+def target_columns(results: dict[str, dict], best_by: str | None) -> dict:
+    """One evaluation's metrics.jsonl columns: ``<target>/<metric>`` for every target evaluated,
+    and the run's own ``mAP``, ``rank1``, ``rank5``, ``rank10`` (best.pth follows its mAP): the
+    first target's (``best_by`` "first") or the mean over the targets ("mean"); none when
+    ``best_by`` is None (an evaluation failed)."""
+    row = {f"{name}/{m}": res[m] for name, res in results.items() for m in METRICS}
+    if best_by == "first":
+        row.update({m: next(iter(results.values()))[m] for m in METRICS})
+    elif best_by == "mean":
+        row.update({m: sum(res[m] for res in results.values()) / len(results) for m in METRICS})
+    return row
+
+
+def print_targets(results: dict[str, dict]) -> None:
+    """One evaluation of several targets (--evaluate): a row per target, and their mean."""
+    width = max(len("mean"), *map(len, results))
+    print(f"{'target':<{width}}{HEADER}")
+    for name, res in results.items():
+        print(f"{name:<{width}}{_cells(res)}")
+    if len(results) > 1:
+        print(f"{'mean':<{width}}{_cells(target_columns(results, 'mean'))}")
 

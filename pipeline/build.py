@@ -12,12 +12,13 @@ import hashlib
 import logging
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.runlock import LOCK_NAME, FolderBusy, hold_folder
 from pipeline import shards
-from pipeline.records import DATASETS, MARKER, SPLITS
+from pipeline.records import CUSTOM_NAME, DATASETS, MARKER, SPLITS, DatasetSplits
 
 # What OUT itself may hold besides dataset folders (the repository's shards/ keeps a README;
 # a build holds OUT/.lock).
@@ -33,27 +34,66 @@ PUBLISHED_COUNTS = {
     "cuhk03_labeled": {"train": (7368, 767), "query": (1400, 700), "gallery": (5328, 700)},
     "msmt17v1": {"train": (32621, 1041), "query": (11659, 3060), "gallery": (82161, 3060)},
 }
+# The manifest's "custom" entry of a custom set (tools/make_shards.py --custom): the layout it was read in.
+CUSTOM_LAYOUT = "market1501"
 log = logging.getLogger("make_shards")  # the messages of a build, whoever started it
 
 
-def build_shards(data_dir: Path, out: Path, datasets: list[str] | None = None, *, workers: int = 1,
-                 skip_bad: bool = False, shard_size: int = 5000, cuhk03_labeled: bool = False,
+class CustomSetError(ValueError):
+    """A custom set that cannot be built: a name that is not allowed, or a folder that is not in
+    Market-1501's layout."""
+
+
+def build_shards(data_dir: Path | None, out: Path, datasets: list[str] | None = None, *,
+                 custom: dict[str, Path] | None = None, workers: int = 1, skip_bad: bool = False,
+                 shard_size: int = 5000, cuhk03_labeled: bool = False,
                  progress: Callable[[str], None] = print) -> list[tuple[str, dict, float | None]]:
-    """Shards of ``datasets`` (default: every one found in ``data_dir``) into ``out/<name>/``;
-    ``progress`` takes one line per dataset and the summary table. Returns (name, manifest,
-    build seconds or None when skipped) per dataset. Raises ``shards.ShardError``, ValueError or
-    OSError naming what is wrong."""
-    data_dir, out = Path(data_dir), Path(out)
-    names = datasets or [n for n in DATASETS if (data_dir / n).is_dir()]
-    if not names:
+    """Shards of ``datasets`` (default: every one found in ``data_dir``; none without it) and of
+    the ``custom`` sets (name -> a folder in Market-1501's layout, whose layout is checked before
+    anything is written) into ``out/<name>/``; ``progress`` takes one line per dataset and the
+    summary table. Returns (name, manifest, build seconds or None when skipped) per dataset.
+    Raises :class:`CustomSetError` for a custom set's bad name or layout, ``shards.ShardError``,
+    ValueError or OSError naming what is wrong."""
+    from pipeline.datasets import parse  # the parsers need h5py/scipy; verifying does not
+
+    out, custom = Path(out), {name: Path(folder) for name, folder in (custom or {}).items()}
+    data_dir = None if data_dir is None else Path(data_dir)
+    names = datasets or ([n for n in DATASETS if (data_dir / n).is_dir()] if data_dir else [])
+    if not names and (data_dir is not None or not custom):
         raise shards.ShardError(f"{data_dir}: no dataset folders found (expected some of "
                                 f"{', '.join(DATASETS)}, each as DATA/<name>/<folder>)")
-    _check_out(out)
+    parsed = _parse_custom(custom)
+    _check_out(out, list(custom))
+    how = {"workers": workers, "skip_bad": skip_bad, "shard_size": shard_size, "progress": progress}
     with _holding(out):
-        rows = [_build_one(name, data_dir, out, workers=workers, skip_bad=skip_bad, shard_size=shard_size,
-                           cuhk03_labeled=cuhk03_labeled, progress=progress) for name in names]
+        rows = []
+        for name in names:
+            options = {"cuhk03_labeled": cuhk03_labeled} if name == "cuhk03" else {}
+            rows.append(_build_one(name, data_dir / name, out, options,
+                                   partial(parse, name, data_dir, cuhk03_labeled=cuhk03_labeled),
+                                   compare_counts=not (data_dir / MARKER).is_file(), **how))
+        for name, folder in custom.items():
+            rows.append(_build_one(name, folder, out, {"custom": CUSTOM_LAYOUT}, partial(parsed.get, name),
+                                   compare_counts=False, **how))
     progress(summary(rows))
     return rows
+
+
+def _parse_custom(custom: dict[str, Path]) -> dict[str, DatasetSplits]:
+    """Each custom set's records, its name and layout checked before anything is written."""
+    from pipeline.datasets import DatasetError, parse_custom
+
+    parsed = {}
+    for name, folder in custom.items():
+        if name in DATASETS or not CUSTOM_NAME.fullmatch(name):
+            raise CustomSetError(f"--custom {name}={folder}: expected a NAME of lowercase letters, digits "
+                                 f"and underscores, other than the built-in {', '.join(DATASETS)}; "
+                                 f"got {name!r}")
+        try:
+            parsed[name] = parse_custom(name, folder)
+        except DatasetError as e:
+            raise CustomSetError(f"--custom {name}={folder}: {e}") from None
+    return parsed
 
 
 @contextmanager
@@ -69,24 +109,24 @@ def _holding(out: Path) -> Iterator[None]:
 
 
 
-def _build_one(name: str, data_dir: Path, out: Path, *, workers: int, skip_bad: bool, shard_size: int,
-               cuhk03_labeled: bool, progress: Callable[[str], None]) -> tuple[str, dict, float | None]:
-    from pipeline.datasets import parse  # the parsers need h5py/scipy; verifying does not
-
-    extra = {"cuhk03_labeled": cuhk03_labeled} if name == "cuhk03" else {}
-    raw = raw_fingerprint(data_dir / name)
-    reason = _needs_build(out / name, extra) or _raw_changed(out / name, raw)
+def _build_one(name: str, raw_dir: Path, out: Path, options: dict, read: Callable[[], DatasetSplits], *,
+               compare_counts: bool, workers: int, skip_bad: bool, shard_size: int,
+               progress: Callable[[str], None]) -> tuple[str, dict, float | None]:
+    """``name`` from ``raw_dir`` (parsed by ``read``), unless its shards are complete, built with
+    ``options`` (stored in the manifest) and from the same raw files."""
+    raw = raw_fingerprint(raw_dir)
+    reason = _needs_build(out / name, options) or _raw_changed(out / name, raw)
     if reason is None:
         progress(f"{name}: complete in {out / name}, skipped (delete that folder to rebuild)")
         return name, shards.load_manifest(out / name), None
     progress(f"{name}: {reason}, building")
     start = time.perf_counter()
-    splits = parse(name, data_dir, cuhk03_labeled=cuhk03_labeled)
-    if not (data_dir / MARKER).is_file():  # synthetic look-alikes have other counts than the real data
-        for msg in count_differences(splits, cuhk03_labeled):
-            log.warning("%s (is %s complete?)", msg, data_dir / name)
+    splits = read()
+    if compare_counts:  # synthetic look-alikes and custom sets have no published counts to match
+        for msg in count_differences(splits, options.get("cuhk03_labeled", False)):
+            log.warning("%s (is %s complete?)", msg, raw_dir)
     manifest = shards.write_dataset(splits, out, shard_size=shard_size, workers=workers,
-                                    skip_bad=skip_bad, extra={**extra, "raw": raw})
+                                    skip_bad=skip_bad, extra={**options, "raw": raw})
     if "skipped" in manifest:
         progress(f"{name}: skipped {manifest['skipped']['count']} bad image(s), listed in "
                  f"{out / name / shards.MANIFEST}")
@@ -107,12 +147,13 @@ def count_differences(splits, cuhk03_labeled: bool = False) -> list[str]:
     return out
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an OUT that holds anything but our dataset folders (and a README)."""
+def _check_out(out: Path, custom: list[str]) -> None:
+    """Refuse an OUT that holds anything but our dataset folders (built-in names, the ``custom``
+    sets being built, complete custom sets) and a README."""
     if out.exists() and not out.is_dir():
         raise shards.ShardError(f"--out {out} is a file, expected a folder")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASETS and p.name not in _OUT_EXTRAS) \
-        if out.is_dir() else []
+    ours = {*DATASETS, *custom, *shards.custom_sets(out), *_OUT_EXTRAS}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
     if foreign:
         raise shards.ShardError(f"--out {out} holds things that are not shards of this program "
                                 f"({', '.join(foreign[:5])}): refusing to write there")

@@ -1,4 +1,5 @@
-"""Parsers for the five raw dataset layouts (docs/design.md) and the stored bytes of each image.
+"""Parsers for the five raw dataset layouts and for users' own Market-style folders
+(``parse_custom``; docs/design.md), and the stored bytes of each image.
 
 Each ``parse_<name>(root)`` takes ``root = DATA/<name>`` and returns a
 :class:`~pipeline.records.DatasetSplits` whose records are sorted by file, with keys
@@ -43,23 +44,33 @@ def _need_file(path: Path, what: str) -> Path:
     return path
 
 
-def _market_style(name: str, base: Path, rel_to: Path, cams: int, exts: tuple[str, ...]) -> DatasetSplits:
-    """Market-style folders (Market-1501, DukeMTMC-reID, CUHK03-NP): pid and camera from the name."""
+def _market_style(name: str, base: Path, rel_to: Path, cams: int | None, exts: tuple[str, ...],
+                  need_images: bool = False) -> DatasetSplits:
+    """Market-style folders (Market-1501, DukeMTMC-reID, CUHK03-NP, custom sets): pid and camera
+    from the name; ``cams`` None allows any camera number from 1; ``need_images``: a split folder
+    without images is refused."""
     _need_dir(base, f"the {name} folder holding {_MARKET_LAYOUT}")
     out = DatasetSplits(name)
     for split, sub in _MARKET_FOLDERS.items():
         folder = _need_dir(base / sub, f"{name} split folder ({_MARKET_LAYOUT})")
-        records = []
-        for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in exts:  # e.g. Thumbs.db
-                continue
+        images = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in exts]  # not e.g. Thumbs.db
+        if need_images and not images:
+            others = sorted(p.name for p in folder.iterdir())
+            found = f"{len(others)} other file(s): {', '.join(others[:3])}" if others else "an empty folder"
+            raise DatasetError(f"{folder}: expected images ({', '.join(exts)}) named PPPP_cC..., "
+                               f"found {found}")
+        records, bad = [], []
+        for path in images:
             m = _MARKET_NAME.match(path.name)
-            if m is None or not 1 <= int(m[2]) <= cams:
-                raise DatasetError(f"{path}: expected a name PPPP_cC... with camera C in 1..{cams}")
-            pid = int(m[1])
-            if pid >= 0:
-                records.append(Record(f"{split}_{path.stem}", pid, int(m[2]) - 1, name, split,
+            if m is None or not 1 <= int(m[2]) <= (cams or int(m[2])):
+                bad.append(path.name)
+            elif int(m[1]) >= 0:
+                records.append(Record(f"{split}_{path.stem}", int(m[1]), int(m[2]) - 1, name, split,
                                       path.relative_to(rel_to).as_posix(), str(path)))
+        if bad:
+            camera = f"camera C in 1..{cams}" if cams else "camera C from 1"
+            raise DatasetError(f"{folder}: expected image names PPPP_cC... with {camera} (PPPP the person, "
+                               f"-1 for junk), found {len(bad)} other name(s): {', '.join(bad[:5])}")
         setattr(out, split, records)
     return out
 
@@ -82,6 +93,20 @@ def parse_dukemtmc(root: str | Path) -> DatasetSplits:
     """
     base = Path(root).absolute() / "DukeMTMC-reID"
     return _market_style("dukemtmc", base, base, 8, (".jpg", ".jpeg"))
+
+
+def parse_custom(name: str, folder: str | Path) -> DatasetSplits:
+    """A user's own dataset in Market-1501's layout (``tools/make_shards.py --custom NAME=DIR``):
+    ``folder`` holds bounding_box_train/, query/ and bounding_box_test/, each with images
+    (.jpg, .jpeg or .png) named ``PPPP_cC...``, any camera number from 1; as in Market-1501, pid
+    ``-1`` is junk (dropped) and ``0000`` a distractor (kept in the gallery only)."""
+    base = _need_dir(Path(folder).absolute(), f"a folder holding {_MARKET_LAYOUT}")
+    missing = [f"{sub}/" for sub in _MARKET_FOLDERS.values() if not (base / sub).is_dir()]
+    if missing:
+        found = sorted(p.name + "/" * p.is_dir() for p in base.iterdir())
+        raise DatasetError(f"{base}: expected {_MARKET_LAYOUT}; {', '.join(missing)} missing, found "
+                           f"{', '.join(found[:8]) if found else 'an empty folder'}")
+    return _market_style(name, base, base, None, (".jpg", ".jpeg", ".png"), need_images=True)
 
 
 def parse_msmt17v1(root: str | Path) -> DatasetSplits:

@@ -17,7 +17,7 @@ from pipeline.reading import (EvalRows, Rows, SourceSet, TrainPlan, check_header
                               round_sizes, split_rows)
 
 __all__ = ["LOADERS", "LoaderConfig", "TrainBatch", "EvalLoader", "select_loader", "build_train_loader",
-           "build_eval_loader", "to_device", "EvalRows", "Rows", "SourceSet", "TrainPlan", "check_header",
+           "build_eval_loader", "build_file_loader", "to_device", "EvalRows", "Rows", "SourceSet", "TrainPlan", "check_header",
            "decode_rgb", "round_sizes", "split_rows"]
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,18 @@ def build_train_loader(shards_dir: Path, sources: list[str], cfg: LoaderConfig):
 
 
 def build_eval_loader(shards_dir: Path, dataset: str | list[str], what: str, cfg: LoaderConfig) -> EvalLoader:
-    """Evaluation loader: "test" (query then gallery) or "mix" (centre initialisation; of one
-    source, or of several one after another), test transform."""
-    rows = EvalRows(shards_dir, dataset, what, cfg)
+    """Evaluation loader: "test" (query then gallery), one split ("query", "gallery", "train")
+    or "mix" (centre initialisation; of one source, or of several one after another), test
+    transform."""
+    return eval_loader(EvalRows(shards_dir, dataset, what, cfg), cfg)
+
+
+def build_file_loader(paths: list[str], cfg: LoaderConfig) -> EvalLoader:
+    """Evaluation loader (test transform) over image files, in order."""
+    return eval_loader(EvalRows.of_files(paths, cfg), cfg)
+
+
+def eval_loader(rows: EvalRows, cfg: LoaderConfig) -> EvalLoader:
     if select_loader(cfg.loader) == "dali":
         from pipeline.dali import DaliEvalLoader
         return DaliEvalLoader(rows, cfg)

@@ -206,15 +206,33 @@ class TrainPlan:
         return found
 
 
+class FileRows:
+    """Image files as rows (``tools/extract.py --images``): the loaders read them as they read
+    shard members, and a problem names the file."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, j: int) -> bytes:
+        return Path(self.paths[j]).read_bytes()
+
+    def location(self, j: int) -> str:
+        return f"image {self.paths[j]}"
+
+
 class EvalRows:
     """Rows of an evaluation pass in order, and this rank's contiguous part of them: a target's
-    query + gallery ("test"), or the mix sets of one or several sources one after another
-    ("mix"; ``source`` gives each row's source), so that one pass, with one pool of workers,
-    gives the features every memory starts from."""
+    query + gallery ("test"), one split ("query", "gallery" or "train"), or the mix sets of one
+    or several sources one after another ("mix"; ``source`` gives each row's source), so that
+    one pass, with one pool of workers, gives the features every memory starts from."""
 
     def __init__(self, shards_dir: Path, dataset: str | list[str], what: str, cfg: LoaderConfig):
-        if what == "test":
-            rows, pids, camids, which = split_rows(Path(shards_dir) / dataset, ("query", "gallery"))
+        if what == "test" or what in SPLITS:
+            splits = ("query", "gallery") if what == "test" else (what,)
+            rows, pids, camids, which = split_rows(Path(shards_dir) / dataset, splits)
             self.rows, self.pids, self.camids = rows, pids, camids
             self.is_query = which == SPLITS.index("query")
             self.labels = self.source = None
@@ -227,7 +245,22 @@ class EvalRows:
             self.source = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
             self.is_query = np.zeros(len(self.rows), dtype=bool)
         else:
-            raise ValueError(f"what={what!r}: expected 'test' (query + gallery) or 'mix'")
+            raise ValueError(f"what={what!r}: expected 'test' (query + gallery), a split or 'mix'")
+        self._place(cfg)
+
+    @classmethod
+    def of_files(cls, paths: list[str], cfg: LoaderConfig) -> "EvalRows":
+        """Image files in order, without identities (pids and camids -1)."""
+        self = cls.__new__(cls)
+        self.rows = FileRows(paths)
+        self.pids = self.camids = np.full(len(paths), -1, dtype=np.int64)
+        self.is_query = np.zeros(len(paths), dtype=bool)
+        self.labels = self.source = None
+        self._place(cfg)
+        return self
+
+    def _place(self, cfg: LoaderConfig) -> None:
+        """This rank's contiguous part and the batch size."""
         n = len(self.rows)
         self.start, self.stop = n * cfg.rank // cfg.world, n * (cfg.rank + 1) // cfg.world
         self.batch = cfg.test_batch_size

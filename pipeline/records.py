@@ -7,11 +7,14 @@ shards with :func:`mix_labels`, so the relabelling rule lives in one place.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 DATASETS = ("market1501", "dukemtmc", "cuhk03", "msmt17v1", "cuhk_sysu")
 SPLITS = ("train", "query", "gallery")
 SOURCE_ONLY = ("cuhk_sysu",)  # has a train split only; never an evaluation target
+# A custom set's name (tools/make_shards.py --custom NAME=DIR): also its folder in the shards folder.
+CUSTOM_NAME = re.compile(r"[a-z0-9_]+")
 # The file that marks a folder of synthetic raw data (tools/make_synthetic.py writes it): its small
 # look-alikes have other counts than the real datasets, so a shard build does not compare them.
 MARKER = "SYNTHETIC.json"
@@ -56,8 +59,8 @@ def mix_labels(entries: list[tuple[str, str, int]]) -> list[int]:
     """Relabel the "mix" training set of one source: train + query + gallery together.
 
     ``entries`` are ``(dataset, split, pid)`` per image. Returns, per image, a label in
-    ``0..num_ids-1`` or ``-1`` for an image that is left out (Market-1501 distractors, pid 0,
-    and junk, pid -1). Train ids and test (query/gallery) ids are kept apart, so MSMT17's
+    ``0..num_ids-1`` or ``-1`` for an image that is left out (distractors, pid 0, of Market-1501
+    and of custom sets, and junk, pid -1). Train ids and test (query/gallery) ids are kept apart, so MSMT17's
     test ids, which restart at 0, land past its train ids. Labels follow first appearance
     in the order train, query, gallery, so they do not depend on the order of ``entries``.
     """
@@ -76,4 +79,6 @@ def mix_labels(entries: list[tuple[str, str, int]]) -> list[int]:
 
 
 def _dropped_from_mix(dataset: str, pid: int) -> bool:
-    return pid < 0 or (dataset == "market1501" and pid == 0)
+    # pid 0: the distractors of Market-1501 and of custom sets (any name but the built-in ones:
+    # tools/make_shards.py --custom reads Market's layout only)
+    return pid < 0 or (pid == 0 and (dataset == "market1501" or dataset not in DATASETS))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.records import SPLITS, DatasetSplits, Record, mix_labels
+from pipeline.records import CUSTOM_NAME, DATASETS, SPLITS, DatasetSplits, Record, mix_labels
 from pipeline.workers import become_worker, starting_workers
 
 FORMAT_VERSION = 2  # 1: every image a .jpg member (CUHK03 arrays lossy); 2: arrays as lossless .png
@@ -318,6 +318,32 @@ def load_manifest(dataset_dir: Path) -> dict:
         raise ShardError(f"{d}: {len(missing)} shard file(s) named in {MANIFEST} are missing "
                          "(rebuild with tools/make_shards.py):\n  " + "\n  ".join(missing))
     return manifest
+
+
+def custom_sets(shards_dir: Path) -> list[str]:
+    """The custom sets (``tools/make_shards.py --custom``) in ``shards_dir``: folders of a custom
+    name holding a manifest (complete or not: :func:`unknown_dataset` and ``--verify`` tell)."""
+    d = Path(shards_dir)
+    return sorted(p.name for p in d.iterdir() if p.name not in DATASETS and CUSTOM_NAME.fullmatch(p.name)
+                  and (p / MANIFEST).is_file()) if d.is_dir() else []
+
+
+def unknown_dataset(name: str, shards_dir: Path) -> str | None:
+    """Why ``name`` is no dataset to train or evaluate on, or None when it is one: a built-in name
+    (whose shards are checked later), or a custom set with complete shards in ``shards_dir``.
+    The reason reads after the flag and name, e.g. ``-d 'x': <reason>``."""
+    if name in DATASETS:
+        return None
+    d = Path(shards_dir) / name
+    if CUSTOM_NAME.fullmatch(name) and d.is_dir():
+        try:
+            load_manifest(d)
+            return None
+        except ShardError as e:
+            return f"not a built-in dataset ({', '.join(DATASETS)}), and {str(e).splitlines()[0]}"
+    found = (", ".join(custom_sets(shards_dir))
+             or "none there; tools/make_shards.py --custom NAME=DIR makes one")
+    return f"unknown dataset; choose from {', '.join(DATASETS)} or a custom set in {shards_dir} ({found})"
 
 
 def verify_dataset(dataset_dir: Path) -> list[str]:

@@ -115,5 +115,18 @@ class TorchEvalLoader(EvalLoader):
         self._loader = _data_loader(_EvalBatches(rows, cfg), range(rows.num_batches()), cfg)
 
     def __iter__(self):
-        for images, index in _batches(self._loader):
-            yield to_device(images, index, self.cfg)
+        try:
+            for images, index in _batches(self._loader):
+                yield to_device(images, index, self.cfg)
+        except ShardError as e:  # from a worker, torch wraps it with the worker's traceback
+            raise ShardError(_worker_message(e)) from e
+
+
+def _worker_message(e: Exception) -> str:
+    """A worker's error as it was raised: the last line of the traceback torch appends, without
+    the exception's type (one line, naming the image)."""
+    text = str(e).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{ShardError.__module__}.ShardError: ") else last

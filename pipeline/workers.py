@@ -39,7 +39,7 @@ def become_worker(parent: int) -> None:
     # Normally blocked since birth (starting_workers): every thread of the worker inherits it.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     threading.Thread(target=_obey_parent_only, args=(parent,), name="stop signals", daemon=True).start()
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(0)
 
@@ -51,11 +51,13 @@ def _obey_parent_only(parent: int) -> None:
             os._exit(128 + info.si_signo)
 
 
-def _die_with_parent() -> None:
+def die_with_parent(signum: int) -> None:
+    """This process gets ``signum`` when its parent dies (Linux; SIGKILL included). The caller
+    checks ``os.getppid()`` afterwards: a parent that died before the call is not signalled."""
     if not sys.platform.startswith("linux"):
         return  # no parent-death signal elsewhere; the loaders' own checks remain
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
 

@@ -1,5 +1,5 @@
 """Run by tests/test_evaluation.py under torchrun: feature extraction, the target evaluation
-(plain and re-ranked) and memory initialisation, each rank reading its own part of the rows;
+(plain, re-ranked, and with flipped images and query expansion) and memory initialisation, each rank reading its own part of the rows;
 rank 0 saves the results and every rank's memory.
 
     torchrun --nproc_per_node N tests/dist_eval_check.py SHARDS RESULT.pt
@@ -14,12 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine import distributed as du  # noqa: E402
-from engine.evaluate import evaluate_target, extract_features, init_memories  # noqa: E402
+from engine.evaluate import EvalOptions, evaluate_target, extract_features, init_memories  # noqa: E402
 from model.memory import MemoryClassifier  # noqa: E402
 from model.resnet import ReIDNet, build_model  # noqa: E402
 from pipeline.loader import LoaderConfig, build_eval_loader  # noqa: E402
 
 TARGET, SOURCE = "market1501", "dukemtmc"
+# The evaluations compared: the published protocol, and each test-time option.
+CASES = {"plain": EvalOptions(), "rerank": EvalOptions(rerank=True), "flip_aqe": EvalOptions(flip=True, aqe=4)}
 
 
 def case_model() -> ReIDNet:
@@ -42,7 +44,7 @@ def case_config(rank: int, world: int) -> LoaderConfig:
 
 
 def run_case(shards: Path, rank: int, world: int) -> dict:
-    """What a rank ends with: the target's features, mAP and CMC (plain and re-ranked), and the
+    """What a rank ends with: the target's features, mAP and CMC of each of CASES, and the
     source's memory; tensors and floats only, so the file loads with weights_only."""
     device = torch.device("cpu")
     model, cfg = case_model(), case_config(rank, world)
@@ -51,8 +53,8 @@ def run_case(shards: Path, rank: int, world: int) -> dict:
     memory = MemoryClassifier(model.num_features, int(mix.labels.max()) + 1)
     init_memories(model, [mix], [memory], device, None)
     out = {"features": extract_features(model, target, device, None), "centers": memory.centers}
-    for name, rerank in (("plain", False), ("rerank", True)):
-        res = evaluate_target(model, target, device, None, rerank=rerank)
+    for name, options in CASES.items():
+        res = evaluate_target(model, target, device, None, options)
         out[f"{name}_mAP"], out[f"{name}_cmc"] = res["mAP"], torch.from_numpy(res["cmc"])
     return out
 

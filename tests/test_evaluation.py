@@ -20,7 +20,7 @@ from engine.metrics import pairwise_distance
 from pipeline.loader import SourceSet, build_eval_loader, decode_rgb
 from pipeline.shards import SplitReader
 from pipeline import transforms
-from tests.dist_eval_check import SOURCE, TARGET, case_config, case_model, run_case
+from tests.dist_eval_check import CASES, SOURCE, TARGET, case_config, case_model, run_case
 from tests.test_metrics import literal_market
 from tests.test_rerank import standard_re_ranking
 
@@ -71,6 +71,38 @@ def test_reranked_target_matches_the_standard_function(one_rank, split_ids):
     assert abs(one_rank["rerank_mAP"] - one_rank["plain_mAP"]) > 1e-3  # re-ranking did change the result
 
 
+class Mirrored(torch.nn.Module):
+    """The network on mirror images: extract_features of it gives each image's flipped feature."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.num_features = net, net.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flip(3))
+
+
+def test_flip_test_and_query_expansion_follow_their_definitions(synthetic_shards, one_rank, split_ids):
+    """--flip-test --aqe 4, written out: each feature the normalised sum of the image's and its
+    mirror image's features; each query the normalised sum of itself and its 4 nearest gallery
+    features (float64, a full argsort); then the literal protocol. (K = 4: the 4th and 5th
+    neighbours of every query are far enough apart that fp32 distances order them alike; at
+    K = 3 one query has a near tie, 2.5e-6.)"""
+    loader = build_eval_loader(synthetic_shards, TARGET, "test", case_config(0, 1))
+    mirrored = extract_features(Mirrored(case_model()), loader, torch.device("cpu"), None)
+    feats = F.normalize(one_rank["features"].double() + mirrored.double(), dim=1)
+    nq = len(split_ids[0])
+    qf, gf = feats[:nq], feats[nq:]
+    dist, order = torch.cdist(qf, gf).sort(dim=1)
+    assert float((dist[:, 4] - dist[:, 3]).min()) > 1e-5
+    nearest = order[:, :4]
+    qf = F.normalize(qf + gf[nearest].sum(1), dim=1)
+    cmc, mAP = literal_market(_squared_euclidean(qf, gf), *split_ids)
+    assert one_rank["flip_aqe_mAP"] == pytest.approx(mAP, abs=1e-6)
+    np.testing.assert_allclose(one_rank["flip_aqe_cmc"].numpy(), cmc, atol=1e-6)
+    assert abs(one_rank["flip_aqe_mAP"] - one_rank["plain_mAP"]) > 1e-3  # the options did change the result
+
+
 def test_memories_start_as_each_identitys_mean_feature(synthetic_shards, one_rank):
     """init_memories against the definition, computed another way: every mix image decoded with
     PIL, test transform, forwarded alone through the model in eval mode, then per label the mean,
@@ -101,7 +133,7 @@ def test_two_ranks_evaluate_as_one(synthetic_shards, one_rank, tmp_path):
     assert len(two["features"]) == len(one_rank["features"]) == 205
     # Other batch compositions may change the last bits of a convolution, nothing more.
     torch.testing.assert_close(two["features"], one_rank["features"], rtol=1e-5, atol=1e-6)
-    for name in ("plain", "rerank"):
+    for name in CASES:
         assert two[f"{name}_mAP"] == pytest.approx(one_rank[f"{name}_mAP"], abs=1e-6)
         torch.testing.assert_close(two[f"{name}_cmc"], one_rank[f"{name}_cmc"], rtol=0, atol=1e-9)
     for centers in two["all_centers"]:

@@ -137,6 +137,27 @@ def test_tool_reads_a_shard_split(checkpoint, synthetic_shards, query, eval_quer
     np.testing.assert_allclose(feats, eval_query_features.numpy(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_tool_loaders_give_their_evaluation_features(loader, checkpoint, synthetic_shards, image_folder, tmp_path,
+                                                     capsys):
+    """--loader dali|torch, worker processes, --flip-test: image files and a shard split give the
+    features evaluation computes with that loader (and --flip-test) on the target's query rows."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    model, cfg = network_from_checkpoint(checkpoint)
+    lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader=loader, test_batch_size=64)
+    target = build_eval_loader(synthetic_shards, TARGET, "test", lcfg)
+    expected = extract_features(model.to(memory_format=torch.channels_last), target, torch.device("cpu"), None,
+                                flip=True)[torch.as_tensor(target.is_query)].numpy()
+    common = ["--checkpoint", str(checkpoint), "--loader", loader, "--workers", "2", "--flip-test",
+              "--batch-size", "16"]
+    for spec in (["--images", str(image_folder)], ["--shards", str(synthetic_shards), "-d", TARGET]):
+        out = tmp_path / spec[0].strip("-")
+        code, err = run_tool([*common, *spec, "--out", str(out)], capsys)
+        assert code == 0 and f"({loader} loader, cpu)" in err, err
+        np.testing.assert_allclose(read_out(out)[0], expected, atol=1e-5, rtol=1e-4)
+
+
 def test_tool_refuses_in_one_line(checkpoint, image_folder, tmp_path, capsys):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00" * 100)
@@ -153,6 +174,8 @@ def test_tool_refuses_in_one_line(checkpoint, image_folder, tmp_path, capsys):
              (["--checkpoint", str(checkpoint), "--images", str(empty)], "no .jpg/.jpeg/.png"),
              (["--checkpoint", str(checkpoint), "--images", str(tmp_path / "x" / "*.jpg")], "matches no files"),
              (["--checkpoint", str(checkpoint), "--images", str(broken)], bad.name),
+             (["--checkpoint", str(checkpoint), "--images", str(broken), "--loader", "torch", "--workers", "1"],
+              bad.name),
              (["--checkpoint", str(checkpoint), "--images", str(listing)], "nowhere.jpg")]
     for args, needle in cases:
         out = tmp_path / "out"
@@ -168,5 +191,5 @@ def test_tool_help_explains_every_flag(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--checkpoint", "--images", "--shards", "--dataset", "--split", "--out", "--batch-size",
-                 "--device", "--workers", "--no-progress"):
+                 "--device", "--workers", "--loader", "--flip-test", "--no-progress"):
         assert flag in text

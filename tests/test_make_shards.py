@@ -24,8 +24,8 @@ def test_help_explains_every_flag(capsys):
         make_shards.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--data-dir", "--out", "--datasets", "--workers", "--shard-size", "--skip-bad", "--verify",
-                 "--cuhk03-labeled"):
+    for flag in ("--data-dir", "--out", "--datasets", "--custom", "--workers", "--shard-size", "--skip-bad",
+                 "--verify", "--cuhk03-labeled"):
         assert flag in text
 
 

@@ -102,6 +102,23 @@ def test_evaluate_features_matches_full_matrix(dtype):
     assert abs(cos["mAP"] - mAP) < 1e-6
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_query_expansion_is_chunk_independent_and_literal(chunk):
+    """aqe=K: each query replaced by the normalised sum of itself and its K nearest gallery
+    features (a full float64 argsort here), then ranked as usual; any chunk gives the same."""
+    rng = np.random.default_rng(5)
+    ids = make_ids(rng, 60, 400, 20, 6)
+    qf, gf = features(rng, 60, 32), features(rng, 400, 32)
+    q64, g64 = qf.double(), gf.double()
+    nearest = torch.cdist(q64, g64).argsort(dim=1)[:, :4]
+    expanded = torch.nn.functional.normalize(q64 + g64[nearest].sum(1), dim=1)
+    cmc, mAP = literal_market((torch.cdist(expanded, g64) ** 2).numpy(), *ids)
+    res = evaluate_features(qf, gf, *ids, chunk=chunk, aqe=4)
+    np.testing.assert_allclose(res["cmc"], cmc, atol=1e-6)
+    assert abs(res["mAP"] - mAP) < 1e-6
+    assert abs(res["mAP"] - evaluate_features(qf, gf, *ids)["mAP"]) > 1e-4  # expansion changed the ranking
+
+
 def test_evaluate_features_rerank_and_errors():
     rng = np.random.default_rng(4)
     ids = make_ids(rng, 30, 120, 10, 3)

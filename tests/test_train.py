@@ -13,6 +13,7 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint
+from engine.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["--dataset_src1", "dukemtmc", "--dataset_src2", "cuhk03", "--dataset_src3", "msmt17v1",
@@ -62,16 +63,26 @@ def test_dali_loader_trains(synthetic_shards, tmp_path):
     assert history(tmp_path)[0]["loss"] > 0
 
 
-def test_evaluate_a_checkpoint(synthetic_shards, tmp_path, capsys):
-    assert train.main(small_run(synthetic_shards, tmp_path)) == 0
+def test_several_targets_and_evaluate_a_checkpoint(synthetic_shards, tmp_path, capsys):
+    """-d a,b evaluates both targets at every evaluation (a column per target), the run's own
+    mAP is their mean with --best-by mean and best.pth is the epoch where it peaked; --evaluate
+    of that checkpoint on both targets prints the same figures."""
+    targets = ["--dataset_src3", "cuhk_sysu", "-d", "market1501,msmt17v1", "--best-by", "mean"]
+    assert train.main(small_run(synthetic_shards, tmp_path, *targets, "--epochs", "2")) == 0
+    rows = history(tmp_path)
+    for row in rows:
+        mean = (row["market1501/mAP"] + row["msmt17v1/mAP"]) / 2
+        assert row["mAP"] == pytest.approx(mean, abs=1e-12)
+    best = max(rows, key=lambda r: r["mAP"])
+    assert load_checkpoint(tmp_path / "best.pth")["history"][-1] == best
     capsys.readouterr()
-    assert train.main(small_run(synthetic_shards, tmp_path, "--evaluate",
+    assert train.main(small_run(synthetic_shards, tmp_path, "--evaluate", "-d", "msmt17v1,market1501",
                                 "--resume", str(tmp_path / "best.pth"))) == 0
-    out = capsys.readouterr().out
-    assert "market1501: mAP" in out and "rank-1" in out
-    assert train.main(small_run(synthetic_shards, tmp_path, "--evaluate", "-a", "resnet50",
-                                "--resume", str(tmp_path / "best.pth"))) == 2
-    assert "arch: checkpoint 'resnet18', now 'resnet50'" in capsys.readouterr().err
+    table = {line.split()[0]: [float(v) for v in line.split()[1:]]
+             for line in capsys.readouterr().out.splitlines()[1:]}
+    assert list(table) == ["msmt17v1", "market1501", "mean"]
+    for name in ("msmt17v1", "market1501"):
+        assert table[name] == pytest.approx([round(100 * best[f"{name}/{m}"], 1) for m in METRICS], abs=0.051)
 
 
 @pytest.mark.parametrize("poison, message", [

@@ -20,11 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+import torch
+
 from engine.checkpoint import CheckpointError
-from engine.features import FeatureExtractor, ImageError
-from pipeline.reading import decode_rgb
+from engine.evaluate import extract_features
+from engine.features import network_from_checkpoint, resolve_device
+from engine.optim import amp_dtype
 from pipeline.files import write_atomic
-from pipeline.shards import ShardError, SplitReader
+from pipeline.loader import LoaderConfig, build_eval_loader, build_file_loader, select_loader
+from pipeline.shards import ShardError, SplitReader, unknown_dataset
 
 PROG = "extract.py"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -57,11 +61,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128, help="images per forward (default: 128)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when there is a GPU (with autocast), else the CPU")
-    p.add_argument("--workers", type=int, default=4, help="image decoding threads (default: 4)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="data worker processes that read and decode the images (default: 4; 0: in this "
+                        "process)")
+    p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
+                   help="decoding as in train.py: DALI (GPU decode on CUDA), or PIL + torchvision; auto "
+                        "takes DALI when installed. Each gives the features evaluation gives with the same "
+                        "loader (default: auto)")
+    p.add_argument("--flip-test", action="store_true",
+                   help="each feature is the normalised sum of the image's and its mirror image's features, "
+                        "as train.py --flip-test evaluates")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.shards is not None and not args.dataset:
         p.error("--shards needs -d/--dataset")
+    if args.workers < 0:
+        p.error(f"--workers must be at least 0, got {args.workers}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
@@ -84,6 +99,10 @@ def collect_images(specs: list[str]) -> list[str]:
             found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
             if not found:
                 raise ExtractError(f"--images {spec}: the list is empty")
+            missing = [p for p in found if not Path(p).is_file()]
+            if missing:
+                raise ExtractError(f"--images {spec}: {len(missing)} listed image(s) do not exist, first "
+                                   f"{missing[0]}")
         elif path.is_file():
             found = [spec]
         elif glob.has_magic(spec):
@@ -112,45 +131,53 @@ def write_outputs(out: Path, features: np.ndarray, names: list[str], **arrays: n
     write_atomic(out / "images.txt", lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
 
 
-def _progress(total_images: int, batch_size: int, enabled: bool):
+def _progress(loader, enabled: bool):
+    """The loader's batches, with a progress bar when ``enabled``."""
     if not enabled:
-        return None
+        return loader
     from tqdm import tqdm
-    return lambda batches: tqdm(batches, total=-(-total_images // batch_size), unit="batch",
-                                desc="extract", file=sys.stderr)
+    return tqdm(loader, total=loader.rows.num_batches(), unit="batch", desc="extract", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.shards is not None:
-        try:
-            reader = SplitReader(args.shards / args.dataset, args.split)
-        except (ShardError, OSError) as e:
-            raise ExtractError(f"--shards {args.shards} -d {args.dataset}: {e}") from None
-        items, names = list(range(len(reader))), list(reader.keys)
-
-        def load(i):
-            try:
-                return decode_rgb(reader.read(i))
-            except Exception as e:  # noqa: BLE001 - say which sample
-                raise ImageError(f"{reader.location(i)}: cannot decode the image ({e})") from None
-        extra = {"pids": reader.pids.astype(np.int64), "camids": reader.camids.astype(np.int64)}
-        if not items:
-            raise ExtractError(f"--shards: split {args.split} of {args.dataset} is empty")
-    else:
-        items = names = collect_images(args.images)
-        load, extra = None, {}
     try:
-        extractor = FeatureExtractor.from_checkpoint(args.checkpoint, device=args.device,
-                                                     batch_size=args.batch_size, workers=args.workers)
+        model, config = network_from_checkpoint(args.checkpoint)
     except CheckpointError as e:
         raise ExtractError(f"--checkpoint {e}") from None
+    try:
+        device = resolve_device(args.device)
     except ValueError as e:  # a device that is not there
         raise ExtractError(f"--device {args.device}: {e}") from None
-    progress = _progress(len(items), args.batch_size, not args.no_progress and len(items) > args.batch_size)
-    feats = (extractor.extract(items, load=load, progress=progress) if load is not None
-             else extractor.extract(items, progress=progress))
+    try:
+        kind = select_loader(args.loader)
+    except ImportError as e:
+        raise ExtractError(f"--loader {args.loader}: {e}") from None
+    dtype = amp_dtype("auto", device)
+    lcfg = LoaderConfig(height=config["height"], width=config["width"], workers=args.workers,
+                        dtype=dtype or torch.float32, device=device, loader=kind, test_batch_size=args.batch_size)
+    if args.shards is not None:
+        if why := unknown_dataset(args.dataset, args.shards):
+            raise ExtractError(f"-d {args.dataset!r}: {why}")
+        try:
+            reader = SplitReader(args.shards / args.dataset, args.split)
+            if len(reader) == 0:
+                raise ExtractError(f"--shards: split {args.split} of {args.dataset} is empty")
+            loader = build_eval_loader(args.shards, args.dataset, args.split, lcfg)
+        except (ShardError, OSError) as e:
+            raise ExtractError(f"--shards {args.shards} -d {args.dataset}: {e}") from None
+        names = list(reader.keys)
+        extra = {"pids": reader.pids.astype(np.int64), "camids": reader.camids.astype(np.int64)}
+    else:
+        names, extra = collect_images(args.images), {}
+        loader = build_file_loader(names, lcfg)
+    model = model.to(device, memory_format=torch.channels_last)
+    batches = _progress(loader, len(names) > args.batch_size and not args.no_progress)
+    try:
+        feats = extract_features(model, batches, device, dtype, flip=args.flip_test).cpu()
+    except ShardError as e:  # an image that does not decode, named
+        raise ExtractError(str(e)) from None
     write_outputs(args.out, feats.numpy(), names, **extra)
-    print(f"{len(names)} images -> {args.out / 'features.npy'} "
+    print(f"{len(names)} images ({loader.name} loader, {device}) -> {args.out / 'features.npy'} "
           f"[{feats.shape[0]}, {feats.shape[1]}] and {args.out / 'images.txt'}", file=sys.stderr)
 
 
@@ -158,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ExtractError, ImageError) as e:
+    except ExtractError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,7 +1,14 @@
 """Turn the raw re-ID datasets into WebDataset shards (docs/design.md), once.
 
     python tools/make_shards.py --data-dir DATA --out shards --workers 8
+    python tools/make_shards.py --custom mycams=/path/to/mycams --out shards   # your own dataset
     python tools/make_shards.py --out shards --verify
+
+A custom set (--custom NAME=DIR) is a folder in Market-1501's layout: DIR/bounding_box_train/,
+DIR/query/ and DIR/bounding_box_test/ with images named PPPP_cC... (PPPP the person, C the
+camera from 1; -1 is junk, 0000 a distractor, as in Market-1501). Its shards go to OUT/NAME/, and
+NAME then works as a source or target wherever --shards OUT is read (train.py, tools/extract.py,
+tools/visualize_ranks.py).
 
 Datasets whose shards are already complete are skipped, so an interrupted run can simply be
 started again; a dataset whose raw files changed since its shards were built (the manifest
@@ -14,7 +21,7 @@ import sys
 from pathlib import Path
 
 from pipeline import shards
-from pipeline.build import PUBLISHED_COUNTS, build_shards, count_differences
+from pipeline.build import PUBLISHED_COUNTS, CustomSetError, build_shards, count_differences
 from pipeline.records import DATASETS
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "manifest.json); default: the repository's shards/")
     p.add_argument("--datasets", default=None,
                    help=f"comma-separated subset of {','.join(DATASETS)} "
-                        "(default: every one found in --data-dir; with --verify: every one in --out)")
+                        "(default: every one found in --data-dir; with --verify: every one in --out, "
+                        "custom sets included)")
+    p.add_argument("--custom", action="append", default=[], metavar="NAME=DIR",
+                   help="also build your own dataset: DIR in Market-1501's layout (bounding_box_train/, "
+                        "query/, bounding_box_test/, images named PPPP_cC...) into OUT/NAME/; NAME of "
+                        "lowercase letters, digits and underscores; may be given several times")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that read, check and pack images in parallel, one shard each (default 1)")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per tar (default 5000)")
@@ -47,12 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.datasets is not None:
         args.datasets = [n.strip() for n in args.datasets.split(",") if n.strip()]
-        unknown = [n for n in args.datasets if n not in DATASETS]
+        valid = [*DATASETS, *(shards.custom_sets(args.out) if args.verify else [])]
+        unknown = [n for n in args.datasets if n not in valid]
         if unknown or not args.datasets:
             p.error(f"--datasets: unknown name(s) {', '.join(unknown) or '(none given)'}; "
-                    f"valid names: {', '.join(DATASETS)}")
-    if not args.verify and args.data_dir is None:
-        p.error("--data-dir is required to build shards")
+                    f"valid names: {', '.join(valid)}")
+    if not args.verify and args.data_dir is None and (args.datasets or not args.custom):
+        p.error("--data-dir is required to build shards of the built-in datasets (--custom NAME=DIR alone "
+                "builds your own)")
     if args.workers < 1 or args.shard_size < 1:
         p.error("--workers and --shard-size must be at least 1")
     return args
@@ -61,14 +75,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        args.custom = custom_folders(args.custom)
         return verify(args) if args.verify else build(args)
+    except CustomSetError as e:  # a --custom that cannot work: refused before anything is written
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
     except (shards.ShardError, ValueError, OSError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 1
 
 
+def custom_folders(flags: list[str]) -> dict[str, Path]:
+    """NAME -> DIR of each --custom NAME=DIR (the names and folders are checked when building)."""
+    custom: dict[str, Path] = {}
+    for flag in flags:
+        name, eq, folder = flag.partition("=")
+        if not eq or not name or not folder:
+            raise CustomSetError(f"--custom {flag!r}: expected NAME=DIR (e.g. mycams=/data/mycams)")
+        if name in custom:
+            raise CustomSetError(f"--custom {flag!r}: the NAME {name} is given twice "
+                                 f"(first as {name}={custom[name]})")
+        custom[name] = Path(folder)
+    return custom
+
+
 def verify(args: argparse.Namespace) -> int:
-    names = args.datasets or [n for n in DATASETS if (args.out / n).is_dir()]
+    names = args.datasets or [n for n in DATASETS if (args.out / n).is_dir()] + shards.custom_sets(args.out)
     if not names:
         print(f"make_shards: error: no dataset folders in {args.out}", file=sys.stderr)
         return 1
@@ -84,8 +116,8 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace) -> int:
-    build_shards(args.data_dir, args.out, args.datasets, workers=args.workers, skip_bad=args.skip_bad,
-                 shard_size=args.shard_size, cuhk03_labeled=args.cuhk03_labeled)
+    build_shards(args.data_dir, args.out, args.datasets, custom=args.custom, workers=args.workers,
+                 skip_bad=args.skip_bad, shard_size=args.shard_size, cuhk03_labeled=args.cuhk03_labeled)
     return 0
 
 

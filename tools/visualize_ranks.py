@@ -41,7 +41,7 @@ from engine.features import FeatureExtractor, ImageError
 from engine.metrics import pairwise_distance
 from pipeline.reading import decode_rgb
 from pipeline.files import write_atomic
-from pipeline.shards import ShardError, SplitReader
+from pipeline.shards import ShardError, SplitReader, unknown_dataset
 
 PROG = "visualize_ranks.py"
 SPLITS = ("query", "gallery")
@@ -133,6 +133,8 @@ def _progress(enabled: bool, desc: str, total: int):
 
 
 def open_splits(shards: Path, dataset: str) -> dict[str, SplitReader]:
+    if why := unknown_dataset(dataset, shards):
+        raise VisualizeError(f"-d {dataset!r}: {why}")
     readers = {}
     for split in SPLITS:
         try:

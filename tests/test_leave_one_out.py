@@ -1,0 +1,156 @@
+"""tools/leave_one_out.py on the synthetic shards, two targets at tiny settings: the tool stopped by
+SIGTERM while its second run trains leaves no process behind; the same command then skips the
+finished run (its files untouched), resumes the interrupted one from its latest.pth, and writes
+the table with the published figures. Bad flags are refused in one line, exit code 2."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoint import load_checkpoint
+from tests.live import ROOT, Live, cmdline
+from tests.test_stopping import gone_within
+from tools import leave_one_out
+from tools.leave_one_out import read_jsonl
+from tools.rank_memory import descendants
+
+TINY = ["-a", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "-b", "16",
+        "--iters", "2", "--epochs", "1", "--workers", "0", "--test-batch-size", "64", "--loader", "torch",
+        "--device", "cpu", "--no-progress"]
+FIRST, SECOND = "il_to_market1501", "il_to_cuhk03"
+
+
+def tool_args(shards: Path, out: Path) -> list[str]:
+    return ["--shards", str(shards), "--out", str(out), "--update-style", "--targets", "market1501,cuhk03",
+            *TINY]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes | int]]:
+    """Every file's mtime and contents (checkpoints by mtime and size only)."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes() if p.suffix != ".pth" else p.stat().st_size)
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def wait_after(run: Live, first: str, then: str, timeout: float = 240) -> None:
+    """Until a line holding ``then`` follows one holding ``first``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = list(run.lines)
+        starts = [i for i, line in enumerate(lines) if first in line]
+        if starts and any(then in line for line in lines[starts[0]:]):
+            return
+        assert run.proc.poll() is None, f"ended ({run.proc.returncode}) before {then!r}:\n{run.output}"
+        assert time.monotonic() < deadline, f"no {then!r} after {first!r} within {timeout} s:\n{run.output}"
+        time.sleep(0.1)
+
+
+def test_stopped_then_rerun_skips_the_finished_run_and_resumes_the_other(synthetic_shards, tmp_path, capsys):
+    out = tmp_path / "loo"
+    cmd = [sys.executable, str(ROOT / "tools" / "leave_one_out.py"), *tool_args(synthetic_shards, out)]
+    run = Live(cmd)
+    tree: list[int] = []
+    try:
+        # Logged during set-up, before the first iteration: the run stops after iteration 1.
+        wait_after(run, "[2/2]", "initialising memories")
+        tree = [run.proc.pid, *descendants(run.proc.pid)]
+        assert any("torch.distributed.run" in cmdline(p) for p in tree), [cmdline(p) for p in tree]
+        os.kill(run.proc.pid, signal.SIGTERM)
+        code = run.finish(240)
+    finally:
+        run.close()
+    stopped = run.output
+    assert code == 128 + signal.SIGTERM, stopped
+    assert "[1/2] il_to_market1501 finished: mAP" in stopped, stopped
+    assert "train.py: stopped by SIGTERM at epoch 1, iteration 1" in stopped, stopped
+    assert "leave_one_out.py: stopped by SIGTERM during run 2/2 (il_to_cuhk03" in stopped, stopped
+    left = gone_within(tree, 5)
+    assert not left, [cmdline(p) for p in left]
+    first, second = out / FIRST, out / SECOND
+    assert (first / "done.json").is_file() and not (second / "done.json").exists()
+    ckpt = load_checkpoint(second / "latest.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 1)
+    assert "| CUHK03-NP | IL |" in (out / "table.md").read_text()  # the table so far: not finished
+    kept = snapshot(first)
+
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, text
+    assert "[1/2] il_to_market1501: finished earlier, skipped" in text, text
+    assert f"[2/2] IL: market1501 + dukemtmc + msmt17v1 -> cuhk03: resuming from {second / 'latest.pth'}" \
+        in text, text
+    assert "resumed from" in text and "(epoch 0, iteration 1)" in text, text
+    assert snapshot(first) == kept  # the finished run was not touched
+    assert [r["epoch"] for r in read_jsonl(second / "metrics.jsonl")] == [1]
+    attempts = read_jsonl(second / "sessions.jsonl")
+    assert [s["exit_code"] == 0 for s in attempts] == [False, True]
+    assert attempts[0]["stopped_by"] == "SIGTERM" and "--resume" not in attempts[0]["command"]
+    assert attempts[1]["command"][-2:] == ["--resume", str(second / "latest.pth")]
+
+    table = json.loads((out / "table.json").read_text())
+    rows = {r["run"]: r for r in table["runs"]}
+    assert list(rows) == [FIRST, SECOND]
+    for name, target, sources, published in [
+            (FIRST, "market1501", ["dukemtmc", "cuhk03", "msmt17v1"], {"mAP": 65.4, "rank1": 86.5}),
+            (SECOND, "cuhk03", ["market1501", "dukemtmc", "msmt17v1"], {"mAP": 38.2, "rank1": 40.7})]:
+        r = rows[name]
+        assert (r["target"], r["sources"], r["mode"], r["finished"]) == (target, sources, "il", True)
+        assert r["published"] == published and r["epochs_run"] == 1
+        history = read_jsonl(out / name / "metrics.jsonl")
+        assert r["mAP"] == pytest.approx(100 * history[-1]["mAP"], abs=1e-3)
+        assert r["rank1"] == pytest.approx(100 * history[-1]["rank1"], abs=1e-3)
+        assert r["diff"]["mAP"] == pytest.approx(r["mAP"] - published["mAP"], abs=1e-3)
+        assert r["command"][r["command"].index("-d") + 1] == target and r["train_flags"] == TINY
+        walls = [s["wall_s"] for s in read_jsonl(out / name / "sessions.jsonl")]
+        assert r["wall_s"] == pytest.approx(sum(walls), abs=1e-2)
+    assert rows[SECOND]["sessions"] == 2 and rows[FIRST]["sessions"] == 1
+    md = (out / "table.md").read_text()
+    assert "final epoch's evaluation" in md
+    for title, published in [("Market-1501", "| 65.4 |"), ("CUHK03-NP", "| 38.2 |")]:
+        line = next(line for line in md.splitlines() if line.startswith(f"| {title} | IL |"))
+        assert published in line and f"{rows[FIRST if title == 'Market-1501' else SECOND]['mAP']:.1f}" in line
+
+    # Everything finished: a third call trains nothing and writes the same table.
+    capsys.readouterr()
+    assert leave_one_out.main(tool_args(synthetic_shards, out)) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    assert json.loads((out / "table.json").read_text()) == table
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-d", "market1501"], "-d is set by this tool for each run"),
+    (["--dataset_src2", "dukemtmc"], "--dataset_src2 is set by this tool"),
+    (["--logs", "x"], "--logs-dir is set by this tool"),  # train.py's parser would take the abbreviation
+    (["--resume", "x.pth"], "--resume is set by this tool"),
+    (["--overwrite"], "--overwrite is set by this tool"),
+    (["--update-s"], "write this tool's --update-style in full"),
+    (["--base", "fb"], "write this tool's --baseline in full"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["-b", "0"], "expected an integer >= 1, got 0"),
+    (["--targets", "cuhk_sysu"], "--targets: expected distinct names of market1501, dukemtmc, cuhk03"),
+    (["--nproc-per-node", "0"], "--nproc_per_node: expected an integer >= 1, got 0"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_bad_flags_are_refused_in_one_line(tmp_path, capsys, flags, message):
+    code = leave_one_out.main(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("leave_one_out.py: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_shards_are_named(synthetic_shards, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("market1501", "dukemtmc"):
+        (shards / name).symlink_to(synthetic_shards / name)
+    code = leave_one_out.main(["--shards", str(shards), "--out", str(tmp_path / "out"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--shards {shards} lacks complete shards of cuhk03, msmt17v1" in err, err
