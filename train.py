@@ -29,9 +29,10 @@ from engine.loop import NonFiniteLoss, train_one_epoch
 from engine.preflight import check_flags
 from engine.run import Run, RunResult, evaluate_only
 from engine.stopping import StopRequest
-from engine.usage import UsageError, refuse
+from engine.usage import DataError, RunError, UsageError, refuse
+from pipeline.shards import ShardError
 
-__all__ = ["NonFiniteLoss", "UsageError", "get_parser", "main", "train"]
+__all__ = ["NonFiniteLoss", "RunError", "UsageError", "get_parser", "main", "train"]
 
 
 def get_parser():
@@ -40,7 +41,8 @@ def get_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run train.py; returns the exit code (2 for a refusal, printed as one line)."""
+    """Run train.py; returns the exit code: 0, or the :class:`engine.usage.RunError` kind's (2 a
+    refusal, 3 non-finite values, 4 data that failed during the run), printed as one line."""
     is_main = os.environ.get("RANK", "0") == "0"
     try:
         args = get_parser().parse_args(argv)
@@ -48,17 +50,20 @@ def main(argv: list[str] | None = None) -> int:
         check_flags(args, cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except UsageError as e:
         refuse(f"train.py: error: {e}", is_main)
-        return 2
+        return e.exit_code
     dist_info = du.init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     try:
         return train(args, cfg, dist_info).exit_code
-    except UsageError as e:
-        refuse(f"train.py: error: {e}", dist_info.is_main)
-        return 2
+    except ShardError as e:  # a shard or image that failed while training
+        error: RunError = DataError(str(e))
+    except RunError as e:
+        error = e
     finally:
         du.cleanup()
+    refuse(f"train.py: error: {error}", dist_info.is_main)
+    return error.exit_code
 
 
 def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
@@ -88,14 +93,10 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
 
 
 if __name__ == "__main__":
-    is_main = os.environ.get("RANK", "0") == "0"
     try:
         sys.exit(main())
-    except NonFiniteLoss as e:
-        refuse(f"train.py: error: {e}", is_main)
-        sys.exit(3)
     except KeyboardInterrupt:
-        if is_main:
+        if os.environ.get("RANK", "0") == "0":
             print("train.py: interrupted twice: stopped at once; latest.pth holds the last saved checkpoint",
                   file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

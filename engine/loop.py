@@ -18,12 +18,13 @@ from engine import distributed as du
 from engine.runlog import RunLog
 from engine.step import shuffle_plan, train_step
 from engine.stopping import StopRequest
+from engine.usage import Divergence
 from pipeline.seeds import torch_seed
 
 log = logging.getLogger("train")
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(Divergence):
     """A non-finite loss or a refused memory update on some rank: the run stops (exit code 3)."""
 
 

@@ -13,9 +13,30 @@ from typing import Iterator
 import torch.distributed as dist
 
 
-class UsageError(Exception):
-    """A refusal: a flag, file or folder that cannot work. ``main`` prints it as one line and
-    exits 2."""
+class RunError(Exception):
+    """Why a run cannot go on. ``train.main`` prints it as one line, ``train.py: error: ...``,
+    and returns its kind's ``exit_code``: the one place where errors become exit codes, so
+    ``train.main()`` called from Python and ``python train.py`` behave alike."""
+
+    exit_code = 1
+
+
+class UsageError(RunError):
+    """A refusal, before any work: a flag, file or folder that cannot work."""
+
+    exit_code = 2
+
+
+class Divergence(RunError):
+    """Training produced non-finite values (loss, features, a memory update)."""
+
+    exit_code = 3
+
+
+class DataError(RunError):
+    """The data failed during the run: an image that does not decode, a shard that went away."""
+
+    exit_code = 4
 
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_several_targets_and_evaluate_a_checkpoint(synthetic_shards, tmp_path, c
     ("memory", "non-finite loss at epoch 2, iteration 1"),  # a NaN centre: NaN loss, finite features
     ("model", r"iteration 1; epoch 2, iterations 1-3: memory updates refused \(.*3 with NaN"),
 ])
-def test_nonfinite_values_stop_and_keep_the_checkpoint(synthetic_shards, tmp_path, poison, message):
+def test_nonfinite_values_stop_and_keep_the_checkpoint(synthetic_shards, tmp_path, capsys, poison, message):
     assert train.main(small_run(synthetic_shards, tmp_path)) == 0
     ckpt_path = tmp_path / "latest.pth"
     ckpt = load_checkpoint(ckpt_path)
@@ -99,8 +100,10 @@ def test_nonfinite_values_stop_and_keep_the_checkpoint(synthetic_shards, tmp_pat
         ckpt["model"]["neck.weight"][0] = float("nan")
     torch.save(ckpt, ckpt_path)
     before = ckpt_path.read_bytes()
-    with pytest.raises(train.NonFiniteLoss, match=message):
-        train.main(small_run(synthetic_shards, tmp_path, "--epochs", "2", "--resume", str(ckpt_path)))
+    capsys.readouterr()
+    assert train.main(small_run(synthetic_shards, tmp_path, "--epochs", "2", "--resume", str(ckpt_path))) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's log lines
+    assert last.startswith("train.py: error: ") and re.search(message, last), last
     assert ckpt_path.read_bytes() == before
 
 

@@ -5,19 +5,27 @@ Learning on three sources (DukeMTMC, CUHK03, MSMT17 look-alikes) and evaluates o
 fourth (Market-1501 look-alike) every epoch, then prints the table and writes a plot of mAP
 over epochs. On a CPU it runs a small configuration that finishes in minutes; with a GPU it
 runs ResNet-50 at 256x128.
+
+The data steps call the libraries (``tools.synthetic``, ``pipeline.build``); training runs
+``train.py`` as a command, exactly as a user would type it (the command is printed).
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import train
-from tools import make_shards, make_synthetic
+from pipeline.build import build_shards
+from pipeline.shards import ShardError
+from tools.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SOURCES = ["--dataset_src1", "dukemtmc", "--dataset_src2", "cuhk03", "--dataset_src3", "msmt17v1",
            "-d", "market1501"]
@@ -40,24 +48,37 @@ def main(argv: list[str] | None = None) -> int:
     config = GPU_RUN if gpu else CPU_RUN
     start = time.perf_counter()
     print(f"== 1/3 synthetic datasets -> {args.out / 'data'}", flush=True)
-    if make_synthetic.main(["--out", str(args.out / "data"), "--scale", "small"]) != 0:
-        return 1
-    print(f"== 2/3 shards -> {args.out / 'shards'}", flush=True)
-    if make_shards.main(["--data-dir", str(args.out / "data"), "--out", str(args.out / "shards"),
-                         "--workers", "2"]) != 0:
-        return 1
+    try:
+        generate(args.out / "data", "small", 0)
+        print(f"== 2/3 shards -> {args.out / 'shards'}", flush=True)
+        build_shards(args.out / "data", args.out / "shards", workers=2)
+    except (ValueError, OSError, ShardError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
     run = args.out / "run"
     shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--shards", str(args.out / "shards"), "--logs-dir", str(run),
+           *SOURCES, *config, "--pretrained", "none", "--update-style", "--device", "cuda" if gpu else "cpu"]
     print("== 3/3 Style Interleaved Learning: dukemtmc + cuhk03 + msmt17v1 -> market1501 (unseen)\n"
-          f"   configuration ({'GPU' if gpu else 'CPU: a small one, so it ends in minutes'}): "
-          f"{' '.join(config)}, random init", flush=True)
-    code = train.main(["--shards", str(args.out / "shards"), "--logs-dir", str(run), *SOURCES, *config,
-                       "--pretrained", "none", "--update-style", "--device", "cuda" if gpu else "cpu"])
+          f"   configuration ({'GPU' if gpu else 'CPU: a small one, so it ends in minutes'}), random init:\n"
+          f"   {shlex.join(cmd[1:])}", flush=True)
+    code = run_to_the_end(cmd)
     if code == 0:
         print(f"\nplot: {run / 'metrics.png'}   log: {run / 'metrics.jsonl'}   "
               f"checkpoints: {run / 'best.pth'}")
         print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
     return code
+
+
+def run_to_the_end(cmd: list[str]) -> int:
+    """Run ``cmd`` and wait for it, also through Ctrl-C: the trainer gets the signal too (one
+    process group), saves latest.pth and stops by itself; a second Ctrl-C stops it at once."""
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 if __name__ == "__main__":
