@@ -23,8 +23,8 @@ test: install
 demo: install
 	$(BIN)/python tools/demo.py --out logs/demo
 
-# `make bench`: every benchmark mode on the synthetic medium set, this project against the
-# published way of running. On a CPU-only machine a small configuration (stated in the JSON).
+# `make bench`: `tools/benchmark.py all` (loaders, step, train, eval) on the synthetic medium set, this
+# project against the published way of running. On a CPU-only machine a small configuration (stated in the JSON).
 BENCH      ?= logs/bench
 CPU_BENCH  := -a resnet18 --height 128 --width 64 -b 32 --warmup 2 --window 3 --repeats 3 --gpus 1,2 --workers 2
 HAS_CUDA    = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))")
@@ -34,7 +34,7 @@ $(BENCH)/data/SYNTHETIC.json: | install
 
 bench: install $(BENCH)/data/SYNTHETIC.json
 	$(BIN)/python tools/make_shards.py --data-dir $(BENCH)/data --out $(BENCH)/shards --workers 4
-	$(BIN)/python tools/benchmark.py --mode all --impl both --shards $(BENCH)/shards \
+	$(BIN)/python tools/benchmark.py all --impl both --shards $(BENCH)/shards \
 		--data-dir $(BENCH)/data --out $(BENCH) $(if $(filter 1,$(HAS_CUDA)),--workers 8,$(CPU_BENCH))
 
 # `make gpu-check`: every GPU path in one go (tools/gpu_check.py: synthetic data, shards, GPU tests,

@@ -11,7 +11,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from engine import distributed as du
 from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_checkpoint, read_checkpoint, \
@@ -19,14 +18,13 @@ from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_chec
 from engine.config import RunConfig
 from engine.evaluate import EvalOptions, evaluate_target, init_memories_in_one_pass
 from engine.logsdir import LogsDir, claim_logs_dir
+from engine.network import build_network, wrap_network
 from engine.loop import EpochResult, Trainer
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
 from engine.preflight import build_target_loader, check_pretrained, loader_config, prepare_shards, read_resume
 from engine.runlog import RunLog, print_targets, target_columns
 from engine.usage import UsageError, checked
 from model.memory import MemoryClassifier
-from model.resnet import build_model
-from model.style import UBS
 from pipeline.loader import build_eval_loader, build_train_loader
 
 log = logging.getLogger("train")
@@ -84,12 +82,9 @@ class Run:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         try:
-            model = build_model(cfg.arch, pretrained, stem_relu=cfg.stem_relu, style=UBS(rho=cfg.rho),
-                                bn_groups=cfg.bn_groups)
+            model = build_network(cfg, self.dist, pretrained)
         except ValueError as e:  # weights of another network, or not a state dict
             raise UsageError(f"--pretrained {e}") from None
-        model.rank, model.world = self.dist.rank, self.dist.world
-        model = model.to(self.device, memory_format=torch.channels_last)
         optimizer = build_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, self.device, self.args.apex)
         scheduler = build_scheduler(optimizer, self.args.milestones, warmup_epochs=self.args.warmup_epochs)
         state = TrainState(asdict(cfg), model, optimizer, scheduler, build_scaler(self.device, self.dtype))
@@ -140,13 +135,7 @@ class Run:
                 mem.centers.copy_(centers)
             log.info("resumed from %s (epoch %d, iteration %d)", self.args.resume, st.epoch, st.iteration)
         self.ckpt = None  # its tensors are copied; free them
-        net = st.model
-        if self.dist.world > 1:
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda"
-                                          else None, gradient_as_bucket_view=True)
-        if self.args.compile:
-            net = torch.compile(net)
-        self.trainer = Trainer(net, st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
+        self.trainer = Trainer(wrap_network(st.model, self.dist, self.args.compile), st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
         self.runlog = RunLog(self.logs.path if self.dist.is_main else None, cfg.targets, cfg.epochs,
                              f"{cfg.mode.upper()}: {'+'.join(cfg.sources)} -> {', '.join(cfg.targets)}",
                              progress=not self.args.no_progress)
@@ -263,14 +252,12 @@ def evaluate_only(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
     with checked(dist_info.world):
         lcfg = loader_config(args, cfg, dist_info)
         loaders = {name: build_target_loader(args, name, lcfg) for name in cfg.targets}
-        model = build_model(cfg.arch, "none", stem_relu=cfg.stem_relu, style=UBS(rho=cfg.rho),
-                            bn_groups=cfg.bn_groups)
+        model = build_network(cfg, dist_info)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise UsageError(f"--resume {args.resume}: its weights do not fit its network "
                              f"({str(e).splitlines()[0]})") from None
-    model = model.to(dist_info.device, memory_format=torch.channels_last)
     dtype, options = amp_dtype(args.amp, dist_info.device), EvalOptions.from_args(args)
     results = {name: evaluate_target(model, loader, dist_info.device, dtype, options)
                for name, loader in loaders.items()}

@@ -1,7 +1,7 @@
 """The published way of loading training data: a per-image dataset that opens each JPEG of the raw
 folders with PIL and applies the torchvision transforms, and a DataLoader collating the sources'
 batches (here one batch of all sources per iteration, drawn by the same identity sampler as the
-shard loaders). ``tools/bench_loaders.py`` measures it beside the shard loaders."""
+shard loaders). ``tools/benchmark.py loaders`` measures it beside the shard loaders."""
 from __future__ import annotations
 
 from pathlib import Path

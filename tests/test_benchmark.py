@@ -1,43 +1,108 @@
-"""tools/benchmark.py on CPU: every mode runs (gloo processes for the multi-process counts),
-the table, JSON and plot are written, and the fast and reference implementations are compared."""
+"""tools/benchmark.py on CPU: every subcommand runs (gloo processes for the multi-process counts),
+the table, JSON and plot are written, the fast and reference implementations are compared, and
+the flags shared with train.py are train.py's own."""
 from __future__ import annotations
 
 import json
 
+import pytest
+
+from engine import network
+from engine.flags import train_parser
 from tools import benchmark
 
 TINY = ["-a", "resnet18", "--height", "64", "--width", "32", "-b", "8", "--warmup", "1", "--window", "2",
-        "--repeats", "2", "--workers", "1", "--test-batch-size", "16"]
+        "--repeats", "2"]
 
 
-def test_step_mode_across_process_counts(tmp_path, capsys):
-    argv = ["--mode", "step", "--impl", "both", "--gpus", "1,2", *TINY, "--out", str(tmp_path)]
-    assert benchmark.main(argv) == 0
-    res = json.loads((tmp_path / "benchmark.json").read_text())["results"]
-    got = {(r["impl"], r["world"]) for r in res}
-    assert got == {("fast", 1), ("reference", 1), ("fast", 2)}
+def results(folder) -> list[dict]:
+    return json.loads((folder / "benchmark.json").read_text())["results"]
+
+
+def test_step_across_process_counts(tmp_path, capsys, monkeypatch):
+    wrapped, wrap = [], network.wrap_network  # the one-process runs wrap their network as train.py does
+    monkeypatch.setattr(network, "wrap_network", lambda *a, **k: wrapped.append(a[0]) or wrap(*a, **k))
+    assert benchmark.main(["step", "--impl", "both", "--gpus", "1,2", *TINY, "--out", str(tmp_path)]) == 0
+    res = results(tmp_path)
+    assert {(r["impl"], r["world"]) for r in res} == {("fast", 1), ("reference", 1), ("fast", 2)}
     assert all(r["images_per_s"] > 0 and len(r["windows_s_per_iter"]) == 2 for r in res)
     assert (tmp_path / "benchmark.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "vs ref" in out and "step" in out
+    assert [type(m.style).__name__ for m in wrapped] == ["UBS", "LiteralUBS"]  # fast, then reference
 
 
-def test_train_data_and_eval_modes(synthetic_data, synthetic_shards, tmp_path, capsys):
-    argv = ["--impl", "both", "--gpus", "1", *TINY, "--shards", str(synthetic_shards),
-            "--data-dir", str(synthetic_data), "--eval-size", "300,2000,64", "--out", str(tmp_path)]
-    for mode in ("train", "data", "eval"):
-        assert benchmark.main(["--mode", mode, *argv]) == 0
-        res = json.loads((tmp_path / "benchmark.json").read_text())["results"]
-        if mode == "train":
-            assert {r["impl"] for r in res} == {"fast", "reference"}
-            assert {r["loader"] for r in res} >= {"folder"}
-            assert "projected 14,000 iterations" in capsys.readouterr().out
-        elif mode == "data":
-            assert {r["loader"] for r in res} >= {"torch", "folder"}
-        else:
-            assert res[0]["num_query"] == 300 and res[0]["seconds"] > 0
-            assert res[0]["extract_images_per_s"] > 0
-        assert all(r.get("images_per_s", 1) > 0 for r in res)
+def test_train_loaders_and_eval(synthetic_data, synthetic_shards, tmp_path, capsys):
+    data = ["--shards", str(synthetic_shards), "--data-dir", str(synthetic_data), "--workers", "1"]
+    assert benchmark.main(["train", "--impl", "both", *TINY, *data, "--out", str(tmp_path / "t")]) == 0
+    res = results(tmp_path / "t")
+    assert {r["impl"] for r in res} == {"fast", "reference"} and {r["loader"] for r in res} >= {"folder"}
+    assert all(r["images_per_s"] > 0 for r in res)
+    assert "projected 14,000 iterations" in capsys.readouterr().out
+
+    assert benchmark.main(["loaders", *TINY[2:], *data, "--cuhk03", "--out", str(tmp_path / "l")]) == 0
+    res = results(tmp_path / "l")
+    assert [(r["loader"], "cuhk03" in r["sources"]) for r in res] == [
+        (kind, cuhk03) for cuhk03 in (False, True) for kind in ("dali", "torch", "folder")]
+    # the synthetic CUHK03 is a .mat, which the folder loader cannot read; DALI may be missing
+    assert "CUHK03" in res[5]["skipped"]
+    assert all("skipped" not in r for r in res[:5] if r["loader"] != "dali")
+    assert all(r["images_per_s"] > 0 and len(r["windows_s_per_iter"]) == 2 for r in res if "skipped" not in r)
+    assert set(res[3]["formats"]["cuhk03"]) == {"png"} and set(res[3]["formats"]["dukemtmc"]) == {"jpg"}
+    assert "vs folder" in capsys.readouterr().out and not (tmp_path / "l" / "benchmark.png").exists()
+
+    assert benchmark.main(["eval", *TINY[:6], "--test-batch-size", "16", *TINY[8:],
+                           "--eval-size", "300,2000,64", "--out", str(tmp_path / "e")]) == 0
+    (r,) = results(tmp_path / "e")
+    assert r["num_query"] == 300 and r["seconds"] > 0 and r["extract_images_per_s"] > 0
+
+
+def test_ops_times_the_model_parts_and_counts_aten_operations(tmp_path, capsys):
+    assert benchmark.main(["ops", "--device", "cpu", "--warmup", "1", "--repeats", "2",
+                           "--style-shape", "4", "8", "8", "4", "--batch", "16", "--features", "32",
+                           "--classes", "50", "--out", str(tmp_path / "p")]) == 0
+    rows = results(tmp_path / "p")
+    assert [(r["op"], r["impl"]) for r in rows] == [
+        ("ubs", "literal"), ("ubs", "fused"),
+        ("memory_update", "loop"), ("memory_update", "read-back"), ("memory_update", "rounds")]
+    assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+
+    assert benchmark.main(["ops", "--count", "-a", "resnet18", "--bn-groups", "4",
+                           "--out", str(tmp_path / "c")]) == 0
+    (row,) = results(tmp_path / "c")
+    counts = row["counts"]
+    assert counts["optimizer"] == 2  # fused Adam: one kernel for every parameter (and its step counter)
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total") > 0
+    assert "ATen operations of one IL iteration (resnet18" in capsys.readouterr().out
+
+
+def test_flags_shared_with_train_are_train_flags():
+    """Every flag the benchmark shares with train.py has train.py's spellings, type, default and
+    help, and a worker launched from any subcommand parses the launcher's values back."""
+    train = {a.dest: a for a in train_parser("")._actions}
+    shared = 0
+    for name in benchmark.COMMANDS:
+        for action in benchmark.command_parser(name)._actions:
+            mine = train.get(action.dest)
+            # ops --bn-groups counts several settings; --data-dir: the folder loader's raw folders
+            if mine is None or action.dest == "data_dir" or (name == "ops" and action.dest == "bn_groups"):
+                continue
+            shared += 1
+            assert (action.option_strings, action.default, action.help, action.choices) == (
+                mine.option_strings, mine.default, mine.help, mine.choices), (name, action.dest)
+            assert getattr(action.type, "__qualname__", None) == getattr(mine.type, "__qualname__", None)
+        assert all(a.help for a in benchmark.command_parser(name)._actions), name
+    assert shared > 30
+
+    parser = benchmark.get_parser()
+    args = parser.parse_args(["all", "--gpus", "1,2", "-a", "resnet18", "-b", "16", "--loader", "torch",
+                              "--compile", "--device", "cpu", "--eval-size", "1,2,3", "--cuhk03"])
+    for mode in ("step", "train"):
+        worker = vars(parser.parse_args(benchmark.argv_for(mode, args)))
+        launcher = ("command", *benchmark.LAUNCHER_FLAGS)
+        assert all(worker[k] == getattr(args, k) for k in worker if k not in launcher), mode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["step", "--cuhk03"])  # a flag of another subcommand is refused
 
 
 def test_full_run_projection_adds_an_evaluation_per_epoch(capsys):

@@ -1,28 +1,51 @@
-"""Throughput of the IL training system, across GPU counts, against the published way of running.
+"""Throughput of the IL training system against the published way of running, one subcommand
+per part:
 
-Modes (``--mode``):
-  data   the loaders alone (DALI, torch fallback, and the published folder-of-JPEGs PIL loader)
-  step   one training iteration on tensors already on the device: the model-only bound
-  train  the full pipeline as train.py runs it (shards -> loader -> step)
-  eval   evaluation: the feature extraction forward (eval mode, on device tensors) and the
-         ranking and metrics at MSMT17 size (11,659 queries x 82,161 gallery, 2048-d)
-  all    every mode above
+  loaders  the training loaders alone, side by side: DALI, the torch fallback, and the published
+           folder-of-JPEGs PIL loader (``reference.folder_loader``), with the same workers
+  step     training iterations on tensors already on the device: the model-only bound
+  train    training iterations as train.py runs them: shards -> loader -> iteration
+  eval     evaluation: the extraction forward (eval mode, on device tensors) and the ranking and
+           metrics at MSMT17 size (11,659 queries x 82,161 gallery, 2048-d)
+  ops      the model parts that replace slow published code, against their literal versions (the
+           fused UBS style module; the vectorised memory update against the per-sample loop, its
+           round sizes read back from the device or given by the sampler); ``--count`` counts
+           instead the ATen operations one training iteration dispatches, per phase and per
+           ``--bn-groups`` value (on a GPU the step is bound by the host's dispatching)
+  all      loaders, step, train and eval in one invocation, one table
 
-``--impl fast`` is this project (channels_last, autocast, fused Adam, chunked BN, fused style,
-vectorised memory update, DALI); ``--impl reference`` runs the published procedure's way
+    python tools/benchmark.py step --impl both --gpus 1,2
+    python tools/benchmark.py all --impl both --gpus 1,2,4,8 --shards shards --data-dir DATA
+    python tools/benchmark.py SUBCOMMAND --help
+
+Every figure is the median over ``--repeats`` timed windows of ``--window`` iterations (an
+iteration: a training step, a loader batch, an extraction forward, one call of a model part),
+after ``--warmup`` untimed ones, with host and device synchronised at the end of each window.
+Every subcommand prints its table and writes OUT/benchmark.json (machine, configuration, rows);
+step and train also OUT/benchmark.png (images/s and scaling efficiency against the ideal line).
+
+The flags that mean what train.py's mean (-a, -b, --height, --width, --num-instances, --bn-groups,
+--amp, --compile, --apex, --device, -j, --loader, --shards, --test-batch-size) are train.py's own
+(engine/flags.py). The fast implementation is train.py's: its network built, placed and wrapped
+(DDP, torch.compile) by engine/network.py, its iteration ``engine.loop.one_iteration``, its loader
+configuration ``engine.preflight.loader_config``.
+
+``--impl fast`` is this project (channels_last, autocast, fused Adam, statistics groups, fused
+style, vectorised memory update, DALI); ``--impl reference`` runs the published procedure's way
 (fp32, NCHW, a forward per source, unfused style, per-sample memory loop, PIL folder loader);
 ``--impl both`` measures the two side by side in one run, so every speed claim is a ratio.
 
-``--gpus 1,2,4,8`` launches ``torchrun --nproc_per_node N`` for each count on this machine (gloo
-processes on a CPU-only machine). For several machines, run the worker under your own torchrun
-on every node: ``torchrun --nnodes 2 --nproc_per_node 8 ... tools/benchmark.py --worker
---mode train --impl fast --result out.json``. Each figure is the median over ``--repeats`` timed windows of
-``--window`` iterations after ``--warmup`` iterations; the table, a JSON file and a PNG plot
-(images/s and scaling efficiency against the ideal line) go to ``--out``.
+``--gpus 1,2,4,8`` measures each process count: one process in this one, more under ``torchrun
+--nproc_per_node N`` on this machine (gloo processes on a CPU-only machine). For several machines,
+run the worker under your own torchrun on every node: ``torchrun --nnodes 2 --nproc_per_node 8 ...
+tools/benchmark.py train --worker --impl fast --result out.json``.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -32,53 +55,565 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-MODES = ("data", "step", "train", "eval")
+from engine.flags import HelpFormatter, add_train_flags, at_least, train_parser
+from engine.usage import UsageError
+
+COMMANDS = {
+    "loaders": "the training loaders alone, side by side (DALI, torch, the published folder loader)",
+    "step": "training iterations on tensors already on the device: the model-only bound",
+    "train": "training iterations as train.py runs them: shards -> loader -> iteration",
+    "eval": "evaluation: the extraction forward and the metrics at MSMT17 size",
+    "ops": "model parts against their literal versions; --count: ATen operations of one iteration",
+    "all": "loaders, step, train and eval in one invocation",
+}
+ALL = ("loaders", "step", "train", "eval")
+CUHK03_SOURCES = ["dukemtmc", "cuhk03", "msmt17v1"]  # the Market-1501 target's sources
+STEP_CLASSES = [1041, 702, 767]  # ids of MSMT17, Duke, CUHK03 train sets: realistic memory sizes
+LAUNCHER_FLAGS = ("impl", "gpus", "out", "worker", "result")  # decided per launch, not forwarded
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=MODES + ("all",), default="step", help="what to measure")
-    p.add_argument("--impl", choices=("fast", "reference", "both"), default="both",
-                   help="this project, the published way of running, or both side by side")
-    p.add_argument("--gpus", default="1", help="comma-separated process counts, one torchrun each")
-    p.add_argument("-a", "--arch", choices=("resnet50", "resnet18"), default="resnet50", help="backbone")
-    p.add_argument("-b", "--batch-size", type=int, default=64,
-                   help="global batch per source (identities x 4 images, split over the processes)")
-    p.add_argument("--height", type=int, default=256, help="input height")
-    p.add_argument("--width", type=int, default=128, help="input width")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="autocast of the fast implementation (the reference is always fp32)")
-    p.add_argument("--shards", type=Path, default=Path("shards"), help="shards for data/train modes")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="raw datasets for the reference folder loader (data/train modes)")
-    p.add_argument("--sources", default="market1501,dukemtmc,msmt17v1",
-                   help="three source datasets (JPEG-folder datasets, so the reference loader can read them)")
-    p.add_argument("-j", "--workers", type=int, default=4, help="loader worker processes per rank")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
-    p.add_argument("--window", type=int, default=10, help="iterations per timed window")
-    p.add_argument("--repeats", type=int, default=5, help="timed windows; the median is reported")
-    p.add_argument("--eval-size", default="11659,82161,2048",
-                   help="queries,gallery,dim of the eval mode (default: MSMT17)")
-    p.add_argument("--test-batch-size", type=int, default=256,
-                   help="images per forward in the eval mode's feature extraction")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast model")
-    p.add_argument("--bn-groups", type=int, default=4,
-                   help="statistics groups of the fast model (train.py --bn-groups); the reference "
-                        "normalises each source's batch as one")
-    p.add_argument("--out", type=Path, default=Path("logs/benchmark"), help="folder for JSON and PNG")
-    p.add_argument("--worker", action="store_true",
-                   help="measure in this process group (under torchrun, e.g. across nodes) instead of "
-                        "launching one; rank 0 writes --result")
-    p.add_argument("--result", type=Path, default=None, help="JSON file a --worker run writes")
+# ---------------------------------------------------------------- flags
+
+def process_counts(text: str) -> list[int]:
+    """argparse type of --gpus: comma-separated process counts, each at least 1."""
+    return [at_least(1)(n) for n in text.split(",")]
+
+
+def three_sources(text: str) -> str:
+    """argparse type of --sources: three distinct comma-separated datasets, as train.py trains on."""
+    names = text.split(",")
+    if len(names) != 3 or len(set(names)) != 3 or not all(names):
+        raise argparse.ArgumentTypeError(f"expected three different datasets separated by commas, "
+                                         f"got {text!r}")
+    return text
+
+
+def loader_kinds(text: str) -> str:
+    """argparse type of --loaders: comma-separated kinds of dali, torch, folder."""
+    unknown = set(text.split(",")) - {"dali", "torch", "folder"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown loader(s) {', '.join(sorted(unknown))}: "
+                                         "expected dali, torch, folder")
+    return text
+
+
+def eval_size(text: str) -> tuple[int, int, int]:
+    """argparse type of --eval-size: queries,gallery,dim."""
+    values = [at_least(1)(n) for n in text.split(",")]
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected queries,gallery,dim, got {text!r}")
+    return values[0], values[1], values[2]
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The flags of one subcommand (``all``: those of loaders, step, train and eval), without
+    --help: :func:`get_parser` adds it, and :func:`argv_for` reads the flags from here."""
+    every = name == "all"
+    p = argparse.ArgumentParser(add_help=False)
+    warmup, window, repeats = {"loaders": (5, 10, 3), "ops": (2, 1, 5)}.get(name, (5, 10, 5))
+    t = p.add_argument_group("timing (every figure is the median window)")
+    t.add_argument("--warmup", type=at_least(0), default=warmup,
+                   help="untimed iterations first (worker start-up, prefetch queues, autotuning, caches)")
+    t.add_argument("--window", type=at_least(1), default=window, help="iterations per timed window")
+    t.add_argument("--repeats", type=at_least(1), default=repeats,
+                   help="timed windows; the median is reported")
+    o = p.add_argument_group("device and output")
+    add_train_flags(o, "device")
+    o.add_argument("--out", type=Path, default=Path("logs/benchmark"),
+                   help="folder for benchmark.json (and benchmark.png for step and train)")
+    if name in ("step", "train") or every:
+        r = p.add_argument_group("implementations and processes")
+        r.add_argument("--impl", choices=("fast", "reference", "both"), default="both",
+                       help="this project, the published way of running, or both side by side")
+        r.add_argument("--gpus", type=process_counts, default="1",
+                       help="comma-separated process counts: 1 runs in this process, N under torchrun "
+                            "--nproc_per_node N (the reference runs one process only, as published)")
+        r.add_argument("--worker", action="store_true",
+                       help="measure in this process group (under torchrun, e.g. across nodes) instead of "
+                            "launching one; needs one --impl and --result")
+        r.add_argument("--result", type=Path, default=None, help="JSON file a --worker run's rank 0 writes")
+        add_train_flags(p.add_argument_group("network (train.py's flags)"), "arch", "bn_groups", "amp",
+                        "compile", "apex")
+    if name == "eval":
+        add_train_flags(p.add_argument_group("network (train.py's flags)"), "arch", "amp")
+    if name != "ops":
+        size = p.add_argument_group("images (train.py's flags)")
+        add_train_flags(size, "height", "width")
+        if name != "eval":
+            add_train_flags(size, "batch_size", "num_instances")
+    if name in ("loaders", "train") or every:
+        d = p.add_argument_group("data")
+        add_train_flags(d, "shards")
+        d.add_argument("--data-dir", type=Path, default=None,
+                       help="raw datasets (DATA/<name>/...), which the published folder loader reads")
+        d.add_argument("--sources", type=three_sources, default="market1501,dukemtmc,msmt17v1",
+                       help="three source datasets (JPEG-folder datasets, so the folder loader can read "
+                            "them)")
+        add_train_flags(d, "workers")
+        if name == "train" or every:
+            add_train_flags(d, "loader")
+        if name == "loaders" or every:
+            d.add_argument("--loaders", type=loader_kinds, default="dali,torch,folder",
+                           help="loaders to measure, of dali,torch,folder; one that cannot run here (no "
+                                "DALI, no --data-dir) is a row saying why")
+            d.add_argument("--cuhk03", action="store_true",
+                           help=f"measure again on {','.join(CUHK03_SOURCES)}, whose CUHK03 images are PNG "
+                                "(decoded on DALI's CPU threads even on a GPU)")
+        if name == "loaders":
+            add_train_flags(d, "amp")
+    if name == "eval" or every:
+        e = p.add_argument_group("evaluation")
+        add_train_flags(e, "test_batch_size")
+        e.add_argument("--eval-size", type=eval_size, default=(11659, 82161, 2048),
+                       help="queries,gallery,dim of the metrics (default: MSMT17's test set)")
+    if name == "ops":
+        m = p.add_argument_group("model parts")
+        add_train_flags(m, "arch")
+        m.add_argument("--count", action="store_true",
+                       help="count the ATen operations of one IL iteration per phase (CPU, fp32) instead of "
+                            "timing the model parts")
+        m.add_argument("--bn-groups", type=at_least(1), nargs="+", default=[1, 4],
+                       help="--count: the train.py --bn-groups settings to count, side by side")
+        m.add_argument("--style-shape", type=at_least(1), nargs=4, default=[192, 256, 64, 32],
+                       metavar=("B", "C", "H", "W"),
+                       help="UBS input shape (layer1 output of a 3 x 64 batch at 256x128)")
+        m.add_argument("--batch", type=at_least(4), default=192, help="memory update rows (4 per identity)")
+        m.add_argument("--features", type=at_least(1), default=2048, help="feature width")
+        m.add_argument("--classes", type=at_least(1), default=4101, help="memory classes (MSMT17 mix: 4101)")
+        m.add_argument("--threads", type=at_least(0), default=0,
+                       help="torch CPU threads (0: torch's default)")
     return p
 
 
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, parents=[command_parser(name)], help=text, description=text,
+                       formatter_class=HelpFormatter)
+    return p
+
+
+def argv_for(command: str, args) -> list[str]:
+    """The command line of ``command`` that gives it the values ``args`` holds for its flags (the
+    launcher's own excepted): a torchrun worker parses its settings from it, whichever subcommand
+    launched it."""
+    out = [command]
+    for action in command_parser(command)._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest in LAUNCHER_FLAGS or value == action.default:
+            continue
+        out += [action.option_strings[-1]] if action.nargs == 0 else [action.option_strings[-1], str(value)]
+    return out
+
+
+def train_args(args, **fixed) -> argparse.Namespace:
+    """train.py's parsed flags for this benchmark: train.py's defaults, then the values of the flags
+    the benchmark shares with it, then ``fixed``; the sources come from --sources. From these the
+    run's configuration and loaders are built by train.py's own functions."""
+    targs = train_parser("").parse_args([])
+    for key, value in vars(args).items():
+        if hasattr(targs, key):
+            setattr(targs, key, value)
+    if getattr(args, "sources", None):
+        targs.dataset_src1, targs.dataset_src2, targs.dataset_src3 = args.sources.split(",")
+    vars(targs).update(fixed)
+    return targs
+
+
+def run_config(args, **fixed):
+    """The :class:`engine.config.RunConfig` train.py would run with these flags (IL)."""
+    from engine.config import RunConfig
+
+    return RunConfig.from_args(train_args(args, update_style=True, **fixed))
+
+
+# ---------------------------------------------------------------- timing
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work and for every rank."""
+    from engine.distributed import barrier
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        barrier()
+    return sync
+
+
+def measure(run_iteration: Callable[[], object], sync: Callable[[], None], args) -> dict:
+    """Seconds per iteration: ``--warmup`` untimed iterations, then ``--repeats`` windows of
+    ``--window`` iterations, each ending with ``sync()``. ``s_per_iter`` is the median window,
+    which one disturbed window (a busy machine, a collection) does not move; every window is
+    kept in ``windows_s_per_iter``."""
+    for _ in range(args.warmup):
+        run_iteration()
+    sync()
+    windows = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.window):
+            run_iteration()
+        sync()
+        windows.append((time.perf_counter() - t0) / args.window)
+    return {"s_per_iter": statistics.median(windows), "windows_s_per_iter": windows}
+
+
+# ---------------------------------------------------------------- loaders
+
+def source_formats(shards: Path, sources: list[str]) -> dict[str, dict[str, int]]:
+    """Per source, how many of its images each format holds (from the shards' indexes)."""
+    from pipeline.shards import IMAGE_EXTS, read_index
+
+    out = {}
+    for name in sources:
+        exts = [ext for idx in sorted((Path(shards) / name).glob("*.idx")) for _, comps in read_index(idx)
+                for ext in comps if ext in IMAGE_EXTS.values()]
+        out[name] = {ext: exts.count(ext) for ext in sorted(set(exts))}
+    return out
+
+
+def measure_loaders(args) -> list[dict]:
+    """Images/s of each --loaders kind with train.py's loader configuration and the same workers,
+    on the --sources (and, with --cuhk03, on the Market-1501 target's sources, with CUHK03's PNG)."""
+    from engine import distributed as du
+
+    info = du.init_distributed(args.device)
+    rows = []
+    for sources in [args.sources.split(",")] + [CUHK03_SOURCES] * args.cuhk03:
+        formats = source_formats(args.shards, sources)
+        for kind in args.loaders.split(","):
+            row = {"mode": "loaders", "loader": kind, "sources": sources, "formats": formats}
+            rows.append({**row, **measure_loader(args, kind, sources, info)})
+    return rows
+
+
+def measure_loader(args, kind: str, sources: list[str], info) -> dict:
+    """One loader's figures, or ``skipped`` with the reason it cannot run here."""
+    from engine.preflight import loader_config
+    from pipeline.loader import build_train_loader
+    from reference import FolderUnavailable, folder_loader
+
+    iters = args.warmup + args.window * args.repeats
+    lcfg = loader_config(train_args(args), run_config(args, iters=iters), info)
+    lcfg = dataclasses.replace(lcfg, loader="torch" if kind == "folder" else kind)
+    try:
+        if kind == "folder":
+            if args.data_dir is None:
+                return {"skipped": "needs --data-dir (the raw JPEG folders)"}
+            batches = iter(folder_loader(args.data_dir, sources, lcfg)[0])
+        else:
+            batches = build_train_loader(args.shards, sources, lcfg).epoch(0)
+    except (FolderUnavailable, ImportError, ValueError) as err:
+        return {"skipped": str(err)}
+    timing = measure(lambda: next(batches), device_sync(info.device), args)
+    images = lcfg.batch_size * len(sources)
+    return {**timing, "images_per_s": images / timing["s_per_iter"], "workers": lcfg.workers, "batch": images}
+
+
+# ---------------------------------------------------------------- step and train
+
+def measure_iterations(args, impl: str, mode: str) -> dict:
+    """Training iterations of one implementation in this process group (a world of one outside
+    torchrun); every rank returns rank 0's row shape, rank 0's figures count."""
+    from engine import distributed as du
+
+    info = du.init_distributed(args.device)
+    iters = args.warmup + args.window * args.repeats
+    cfg = run_config(args, iters=iters)
+    batches, num_classes, loader = None, STEP_CLASSES, None
+    if mode == "train":
+        batches, num_classes, loader = train_batches(args, cfg, impl, info)
+    make = fast_iteration if impl == "fast" else reference_iteration
+    timing = measure(make(args, cfg, info, num_classes, batches), device_sync(info.device), args)
+    du.cleanup()
+    return {"mode": mode, "impl": impl, "world": info.world, **timing, "loader": loader,
+            "images_per_s": 3 * cfg.batch_size / timing["s_per_iter"]}
+
+
+def fast_iteration(args, cfg, info, num_classes: list[int], batches) -> Callable[[], object]:
+    """train.py's iteration (``engine.loop.one_iteration``) on train.py's network, memories (random
+    unit centres) and optimizer; ``batches`` None: one random batch on the device, again and again."""
+    from engine.loop import Trainer, one_iteration
+    from engine.network import build_network, wrap_network
+    from engine.optim import amp_dtype, build_optimizer, build_scaler
+    from model.memory import MemoryClassifier
+    from pipeline.loader import TrainBatch
+
+    dtype = amp_dtype(args.amp, info.device)
+    model = build_network(cfg, info)
+    memories = [MemoryClassifier(model.num_features, n, temp=cfg.temp, momentum=cfg.momentum).to(info.device)
+                for n in num_classes]
+    for m in memories:
+        m.centers.copy_(torch.nn.functional.normalize(torch.randn_like(m.centers), dim=1))
+    optimizer = build_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, info.device, args.apex)
+    trainer = Trainer(wrap_network(model, info, args.compile), memories, optimizer,
+                      build_scaler(info.device, dtype), dtype, cfg, info)
+    if batches is None:
+        x, y, batch_labels = random_batch(cfg, info, num_classes, True, dtype)
+        batches = itertools.repeat(TrainBatch(torch.cat(x), torch.cat(y), [len(t) for t in y],
+                                              batch_labels=batch_labels))
+    count = itertools.count()
+    return lambda: one_iteration(trainer, next(batches), 0, next(count))
+
+
+def reference_iteration(args, cfg, info, num_classes: list[int], batches) -> Callable[[], object]:
+    """The published iteration (``reference.reference_step``): one forward per source, each
+    normalised as one batch (the published replicas ran on separate GPUs at once; one GPU running
+    them one after another would only be slower), fp32, NCHW, torch's Adam."""
+    from engine.network import wrap_network
+    from model.resnet import build_model
+    from reference import LiteralUBS, reference_step
+
+    model = build_model(cfg.arch, "none", style=LiteralUBS(), bn_groups=1).to(info.device)
+    net = wrap_network(model, info)
+    centers = [torch.nn.functional.normalize(torch.randn(n, model.num_features, device=info.device), dim=1)
+               for n in num_classes]
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if batches is None:
+        batches = itertools.repeat(random_batch(cfg, info, num_classes, False, None)[:2])
+    return lambda: reference_step(net, centers, *next(batches), optimizer)
+
+
+def random_batch(cfg, info, num_classes: list[int], channels_last: bool, dtype):
+    """Random images and sampler-like labels (identities x --num-instances each, the same global
+    batch on every rank, each rank taking its slice), per source, and each source's global batch
+    labels (what the sampler hands the training step)."""
+    per_rank, k = cfg.batch_size // info.world, cfg.num_instances
+    g = torch.Generator().manual_seed(0)
+    images, labels, batch_labels = [], [], []
+    for n in num_classes:
+        x = torch.randn(per_rank, 3, cfg.height, cfg.width, device=info.device, dtype=dtype or torch.float32)
+        images.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        ids = torch.randperm(n, generator=g)[:cfg.batch_size // k].repeat_interleave(k)
+        labels.append(ids[info.rank * per_rank:(info.rank + 1) * per_rank].to(info.device))
+        batch_labels.append(ids.numpy())
+    return images, labels, batch_labels
+
+
+def train_batches(args, cfg, impl: str, info):
+    """The fast path reads shards through train.py's loader (DALI when installed, or --loader);
+    the reference reads JPEG files from the raw folders with PIL, as the published code does, and
+    yields per-source lists of images and labels on the device. Returns (batches, classes per
+    source, loader name)."""
+    from engine.preflight import loader_config
+    from pipeline.loader import build_train_loader
+    from reference import FolderUnavailable, folder_loader
+
+    lcfg = loader_config(train_args(args, iters=cfg.iters), cfg, info)
+    if impl == "fast":
+        loader = build_train_loader(args.shards, cfg.sources, lcfg)
+        return loader.epoch(0), loader.num_classes, getattr(loader, "name", None)
+    if args.data_dir is None:
+        raise UsageError("--impl reference in train needs --data-dir (the raw JPEG folders)")
+    try:
+        loader, num_classes = folder_loader(args.data_dir, cfg.sources,
+                                            dataclasses.replace(lcfg, loader="torch"))
+    except FolderUnavailable as err:
+        raise UsageError(f"--impl reference in train: {err}") from err
+
+    def per_source():
+        for images, labels in loader:
+            images = images.to(info.device, non_blocking=True)
+            labels = labels.to(info.device, non_blocking=True)
+            yield list(images.chunk(len(cfg.sources))), list(labels.chunk(len(cfg.sources)))
+    return per_source(), num_classes, "folder"
+
+
+def launch(args, mode: str, impl: str, n: int) -> dict:
+    """One measurement: in this process for one process, else under `torchrun --nproc_per_node n`,
+    whose rank 0 writes its row to a JSON file read here. Each process computes with the CPU
+    threads OMP_NUM_THREADS gives, by default its share of the cores, whoever called (a caller's
+    own torch.set_num_threads would otherwise time one process differently from N)."""
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    if n == 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return measure_iterations(args, impl, mode)
+        finally:
+            torch.set_num_threads(previous)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               str(Path(__file__).resolve()), *argv_for(mode, args), "--worker", "--impl", impl,
+               "--result", str(result)]
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark worker failed ({mode}, impl {impl}, {n} processes): "
+                             f"exit {proc.returncode}")
+        return json.loads(result.read_text())
+
+
+def check_process_counts(counts: list[int], gpus: int) -> None:
+    """Refuse a --gpus count above the ``gpus`` visible GPUs: torchrun would start ranks with no
+    GPU of their own, which fail far from the cause. On a CPU-only machine (``gpus`` 0) any count
+    runs, as gloo processes sharing the cores."""
+    if gpus and max(counts) > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise SystemExit(f"--gpus {','.join(map(str, counts))}: asks for {max(counts)} processes on one "
+                         f"machine, which shows {gpus} GPU(s)"
+                         + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                         + f"; give counts up to {gpus}, or run --worker under torchrun on several machines")
+
+
+# ---------------------------------------------------------------- eval
+
+def measure_eval(args) -> list[dict]:
+    """The metrics at --eval-size (one run of ``engine.metrics.benchmark_eval``: at MSMT17 size it
+    takes half a minute on a CPU) and the extraction forward as train.py evaluates (train.py's
+    network in eval mode, autocast, --test-batch-size) on tensors already on the device."""
+    from engine import distributed as du
+    from engine.metrics import benchmark_eval
+    from engine.network import build_network
+    from engine.optim import amp_dtype, autocast
+
+    info = du.init_distributed(args.device)
+    res = benchmark_eval(*args.eval_size, info.device)
+    dtype = amp_dtype(args.amp, info.device)
+    model = build_network(run_config(args), info).eval()
+    x = torch.randn(args.test_batch_size, 3, args.height, args.width, device=info.device)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward() -> None:
+        with torch.no_grad(), autocast(info.device, dtype):
+            model(x)
+    timing = measure(forward, device_sync(info.device), args)
+    return [{"mode": "eval", "impl": "fast", "world": 1, **res, **timing,
+             "extract_images_per_s": args.test_batch_size / timing["s_per_iter"]}]
+
+
+# ---------------------------------------------------------------- ops
+
+def measure_ops(args) -> list[dict]:
+    """--count: the ATen operations per --bn-groups value; else the model parts' timings."""
+    if args.count:
+        return [{"mode": "ops", "op": "aten-count", "arch": args.arch, "step": "il", "bn_groups": g,
+                 "counts": count_step_ops(run_config(args, bn_groups=g))} for g in args.bn_groups]
+    from engine import distributed as du
+
+    return time_parts(du.init_distributed(args.device).device, args)
+
+
+def time_parts(device: torch.device, args) -> list[dict]:
+    """Milliseconds per call of the fused UBS against ``reference.LiteralUBS`` (fp32, and bf16 on
+    a GPU) and of the memory update against the per-sample loop; with the default --window 1
+    each call is synchronised, so a figure is the cost of a call, not the stall a read-back causes
+    inside a queued iteration. ``speedup``: against the literal version of the same row."""
+    import torch.nn.functional as F
+
+    from model.memory import MemoryClassifier
+    from model.style import UBS
+    from pipeline.reading import round_sizes
+    from reference import LiteralUBS, loop_update
+
+    sync, rows = device_sync(device), []
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def row(op, shape, dtype, impl, fn) -> dict:
+        ms = 1e3 * measure(fn, sync, args)["s_per_iter"]
+        return {"mode": "ops", "op": op, "shape": shape, "dtype": dtype, "device": device.type, "impl": impl,
+                "ms": ms}
+    for dtype in [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else []):
+        x = torch.randn(args.style_shape, device=device, generator=g).to(dtype)
+        x = x.to(memory_format=torch.channels_last)
+        for impl, mod in (("literal", LiteralUBS()), ("fused", UBS())):
+            with torch.no_grad():
+                rows.append(row("ubs", list(args.style_shape), str(dtype).split(".")[-1], impl,
+                                lambda: mod.train()(x)))
+
+    feats = F.normalize(torch.randn(args.batch, args.features, device=device, generator=g), dim=1)
+    ids = torch.randperm(args.classes, device=device, generator=g)[:args.batch // 4]
+    labels = ids.repeat_interleave(4)[torch.randperm(len(ids) * 4, device=device, generator=g)]
+    mem = MemoryClassifier(args.features, args.classes).to(device)
+    centers = torch.randn(args.classes, args.features, device=device, generator=g)
+    mem.centers.copy_(F.normalize(centers, dim=1))
+    rounds = round_sizes(labels.cpu().numpy())  # what the sampler hands over in training
+    shape = [args.batch, args.features, args.classes]
+    for impl, fn in (("loop", lambda: loop_update(mem.centers, feats, labels, mem.momentum)),
+                     ("read-back", lambda: mem.update(feats, labels)),
+                     ("rounds", lambda: mem.update(feats, labels, round_sizes=rounds))):
+        rows.append(row("memory_update", shape, "float32", impl, fn))
+    base = {(r["op"], r["dtype"]): r["ms"] for r in rows if r["impl"] in ("literal", "loop")}
+    for r in rows:
+        r["speedup"] = base[(r["op"], r["dtype"])] / r["ms"]
+    return rows
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched ATen operations (views excluded) under the current ``phase``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "set-up"
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_ops(cfg, batch: int = 64, size: tuple[int, int] = (32, 16)) -> dict[str, int]:
+    """ATen operations (views excluded) of one IL iteration of ``engine.step.train_step`` on
+    train.py's network for ``cfg`` (CPU, fp32, fused Adam, the sampler's labels known), after one
+    warm-up iteration, split into phases by hooks on the model and the optimizer. Counts do not
+    depend on the image size, so a small one is used."""
+    from engine.distributed import DistInfo
+    from engine.network import build_network
+    from engine.optim import build_scaler
+    from engine.step import shuffle_plan, train_step
+    from model.memory import MemoryClassifier
+
+    torch.manual_seed(0)
+    model = build_network(cfg, DistInfo(0, 1, 0, torch.device("cpu"))).train()
+    memories = [MemoryClassifier(model.num_features, n) for n in STEP_CLASSES]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    scaler = build_scaler(torch.device("cpu"), None)
+    sizes = [batch] * 3
+    labels = [torch.randperm(n)[:batch // 4].repeat_interleave(4) for n in STEP_CLASSES]
+    images = torch.randn(3 * batch, 3, *size).contiguous(memory_format=torch.channels_last)
+    counter, forwards = OpCounter(), []
+
+    def forward_pre(*_):
+        counter.phase = "forward 1" if not forwards else "forward 2 (with shuffle)"
+
+    def forward_post(*_):
+        forwards.append(1)
+        counter.phase = "loss + backward" if len(forwards) == 1 else "memory update"
+
+    def optimizer_pre(*_):
+        counter.phase = "optimizer"
+
+    def optimizer_post(*_):
+        counter.phase = "forward 2 (with shuffle)"
+
+    hooks = [model.register_forward_pre_hook(forward_pre), model.register_forward_hook(forward_post),
+             opt.register_step_pre_hook(optimizer_pre), opt.register_step_post_hook(optimizer_post)]
+    for it in range(2):
+        plan = shuffle_plan(sizes, 1, 0, seed=0, epoch=0, it=it, labels=[y.numpy() for y in labels])
+        forwards.clear()
+        counter.counts.clear()
+        with counter:
+            train_step(model, memories, images, torch.cat(labels), sizes, opt, scaler, None, "il", plan)
+    for h in hooks:
+        h.remove()
+    counts = {k: v for k, v in counter.counts.items() if k != "set-up"}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# ---------------------------------------------------------------- reporting
+
 def machine() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -90,289 +625,94 @@ def machine() -> dict:
     return info
 
 
-def timed_windows(run_iteration, sync, warmup: int, window: int, repeats: int) -> list[float]:
-    """Seconds per iteration of each timed window (host and device synchronised at its ends)."""
-    for _ in range(warmup):
-        run_iteration()
-    sync()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(window):
-            run_iteration()
-        sync()
-        out.append((time.perf_counter() - t0) / window)
-    return out
-
-
-def device_sync(device: torch.device):
-    from engine.distributed import barrier
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        barrier()
-    return sync
-
-
-# ---------------------------------------------------------------- step and train (under torchrun)
-
-def build_fast(args, device, world: int, num_classes: list[int]):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from engine.optim import amp_dtype, build_optimizer, build_scaler
-    from model.memory import MemoryClassifier
-    from model.resnet import build_model
-    from model.style import UBS
-
-    dtype = amp_dtype(args.amp, device)
-    model = build_model(args.arch, "none", style=UBS(), bn_groups=args.bn_groups)
-    model = model.to(device, memory_format=torch.channels_last)
-    model.rank, model.world = dist.get_rank() if world > 1 else 0, world
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  gradient_as_bucket_view=True) if world > 1 else model
-    if args.compile:
-        net = torch.compile(net)
-    memories = [MemoryClassifier(model.num_features, n).to(device) for n in num_classes]
-    for m in memories:
-        m.centers.copy_(torch.nn.functional.normalize(torch.randn_like(m.centers), dim=1))
-    opt = build_optimizer(model.parameters(), 3.5e-4, 5e-4, device)
-    return net, memories, opt, build_scaler(device, dtype), dtype
-
-
-def build_reference(args, device, world: int, num_classes: list[int]):
-    from torch.nn.parallel import DistributedDataParallel
-
-    from model.resnet import build_model
-    from reference import LiteralUBS
-
-    # one forward per source, each normalised as one batch (the published replicas ran on
-    # separate GPUs at once; one GPU running them one after another would only be slower)
-    model = build_model(args.arch, "none", style=LiteralUBS(), bn_groups=1).to(device)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    centers = [torch.nn.functional.normalize(torch.randn(n, model.num_features, device=device), dim=1)
-               for n in num_classes]
-    opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
-    return net, centers, opt
-
-
-INSTANCES = 4  # images per identity in a batch, as the identity sampler draws them
-
-
-def random_batch(args, device, world: int, rank: int, num_classes: list[int], channels_last: bool, dtype):
-    """Random images and sampler-like labels (batch/4 identities x 4 each, the same global
-    batch on every rank, each rank taking its slice), per source, and each source's global
-    batch labels (what the sampler hands the training step)."""
-    per_rank = args.batch_size // world
-    g = torch.Generator().manual_seed(0)
-    images, labels, batch_labels = [], [], []
-    for n in num_classes:
-        x = torch.randn(per_rank, 3, args.height, args.width, device=device, dtype=dtype or torch.float32)
-        images.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-        ids = torch.randperm(n, generator=g)[:args.batch_size // INSTANCES].repeat_interleave(INSTANCES)
-        labels.append(ids[rank * per_rank:(rank + 1) * per_rank].to(device))
-        batch_labels.append(ids.numpy())
-    return images, labels, batch_labels
-
-
-def worker_step_or_train(args, impl: str, mode: str) -> dict:
-    """One measurement inside a torchrun process group; rank 0's result is returned."""
-    from engine import distributed as du
-    from engine.step import shuffle_plan, train_step
-    from reference import reference_step
-
-    info = du.init_distributed()
-    device, world = info.device, info.world
-    sources = args.sources.split(",")
-    loader = None
-    if mode == "train":
-        loader, num_classes = make_train_loader(args, impl, info, sources)
-    else:
-        num_classes = [1041, 702, 767]  # ids of MSMT17, Duke, CUHK03 train sets: realistic memory sizes
-    state = {"it": 0, "batches": None}
-
-    if impl == "fast":
-        net, memories, opt, scaler, dtype = build_fast(args, device, world, num_classes)
-        fixed = random_batch(args, device, world, info.rank, num_classes, True, dtype)
-
-        def next_batch():
-            if loader is None:
-                x, y, batch_labels = fixed
-                return torch.cat(x), torch.cat(y), [len(t) for t in y], batch_labels
-            b = next(state["batches"])
-            return b.images, b.labels, b.sizes, b.batch_labels
-
-        def iteration():
-            images, labels, sizes, batch_labels = next_batch()
-            plan = shuffle_plan(sizes, world, info.rank, 0, 0, state["it"], labels=batch_labels)
-            train_step(net, memories, images, labels, sizes, opt, scaler, dtype, "il", plan)
-            state["it"] += 1
-    else:
-        net, centers, opt = build_reference(args, device, world, num_classes)
-        fixed = random_batch(args, device, world, info.rank, num_classes, False, None)
-
-        def iteration():
-            if loader is None:
-                images, labels, _ = fixed
-            else:
-                images, labels = next(state["batches"])
-            reference_step(net, centers, images, labels, opt)
-            state["it"] += 1
-
-    if loader is not None:
-        state["batches"] = iter(loader.epoch(0))
-    times = timed_windows(iteration, device_sync(device), args.warmup, args.window, args.repeats)
-    per_iter = statistics.median(times)
-    result = {"mode": mode, "impl": impl, "world": world, "s_per_iter": per_iter,
-              "images_per_s": 3 * args.batch_size / per_iter, "windows_s_per_iter": times,
-              "loader": getattr(loader, "name", None) if loader is not None else None}
-    du.cleanup()
-    return result
-
-
-def loader_config(args, device: torch.device, rank: int = 0, world: int = 1, iters: int = 1):
-    from pipeline.loader import LoaderConfig
-
-    return LoaderConfig(height=args.height, width=args.width, num_ids=args.batch_size // 4, num_instances=4,
-                        iters=iters, workers=args.workers, device=device, rank=rank, world=world)
-
-
-def make_train_loader(args, impl: str, info, sources: list[str]):
-    """The fast path reads shards through pipeline.loader (DALI when installed); the reference
-    reads JPEG files from the raw folders with PIL, as the published code does, and yields
-    per-source lists of images and labels."""
-    from engine.optim import amp_dtype
-    from pipeline.loader import build_train_loader
-
-    total = args.warmup + args.window * args.repeats
-    cfg = loader_config(args, info.device, info.rank, info.world, total)
-    if impl == "fast":
-        cfg.dtype = amp_dtype(args.amp, info.device) or torch.float32
-        loader = build_train_loader(args.shards, sources, cfg)
-        return loader, loader.num_classes
-    from reference import FolderUnavailable, folder_loader
-    if args.data_dir is None:
-        raise SystemExit("--impl reference in train mode needs --data-dir (the raw JPEG folders)")
-    try:
-        loader, num_classes = folder_loader(args.data_dir, sources, cfg)
-    except FolderUnavailable as err:
-        raise SystemExit(f"--impl reference in train mode: {err}") from err
-    return FolderBatches(loader, info.device, len(sources)), num_classes
-
-
-class FolderBatches:
-    """The published loader's batches moved to the device and split per source."""
-
-    name = "folder"
-
-    def __init__(self, loader, device: torch.device, num_sources: int) -> None:
-        self.loader, self.device, self.num_sources = loader, device, num_sources
-
-    def epoch(self, e: int):
-        """The loader's batches (it samples one epoch of the configured length)."""
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            yield list(images.chunk(self.num_sources)), list(labels.chunk(self.num_sources))
-
-
-def run_data(args) -> list[dict]:
-    """The loaders alone, side by side, with the same worker count, in this process."""
-    from pipeline.loader import select_loader
-    from tools.bench_loaders import measure_loaders
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kinds = (["dali"] if select_loader("auto") == "dali" else []) + ["torch"]
-    kinds += ["folder"] if args.data_dir is not None else []
-    # Worker start-up and the prefetch queues need a few iterations before the rate settles.
-    warmup, timed = max(args.warmup, 5), max(args.window * args.repeats, 20)
-    cfg = loader_config(args, device, iters=warmup + timed)
-    return measure_loaders(args.shards, args.data_dir, args.sources.split(","), kinds, cfg, warmup)
-
-
-# ---------------------------------------------------------------- launching and reporting
-
-def launch(args, argv: list[str], mode: str, impl: str, n: int) -> dict:
-    """Run one measurement under `torchrun --nproc_per_node n` and read rank 0's JSON."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               str(Path(__file__).resolve()), *argv, "--worker", "--mode", mode, "--impl", impl,
-               "--result", str(result)]
-        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
-            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))})
-        if proc.returncode != 0:
-            raise SystemExit(f"benchmark worker failed (mode {mode}, impl {impl}, {n} processes): "
-                             f"exit {proc.returncode}")
-        return json.loads(result.read_text())
-
-
-def run_eval(args) -> dict:
-    from engine.metrics import benchmark_eval
-
-    q, g, d = (int(v) for v in args.eval_size.split(","))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = benchmark_eval(q, g, d, device)
-    return {"mode": "eval", "impl": "fast", "world": 1, **res,
-            "extract_images_per_s": extraction_rate(args, device)}
-
-
-def extraction_rate(args, device: torch.device) -> float:
-    """Images/s of the evaluation forward as train.py runs it (eval mode, channels_last,
-    autocast, --test-batch-size) on tensors already on the device: the model-only bound."""
-    from engine.optim import amp_dtype, autocast
-    from model.resnet import build_model
-
-    dtype = amp_dtype(args.amp, device)
-    model = build_model(args.arch, "none").to(device, memory_format=torch.channels_last).eval()
-    x = torch.randn(args.test_batch_size, 3, args.height, args.width, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-
-    def forward() -> None:
-        with torch.no_grad(), autocast(device, dtype):
-            model(x)
-    times = timed_windows(forward, device_sync(device), args.warmup, args.window, args.repeats)
-    return args.test_batch_size / statistics.median(times)
-
-
-def report(results: list[dict], out: Path, info: dict, config: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps({"machine": info, "config": config, "results": results},
-                                                   indent=1))
-    print(f"\nmachine: {info}\nconfiguration: {config}")
-    print(f"{'mode':6} {'impl':16} {'procs':>5} {'images/s':>10} {'ms/iter':>9} {'vs ref':>7} {'eff.':>6}")
-    for r in results:
-        if r["mode"] == "eval":
-            print(f"{'eval':6} {'fast':16} {1:5d} {'':>10} {1000 * r['seconds']:9.0f}   "
-                  f"(metrics, {r['num_query']} x {r['num_gallery']} x {r['dim']}, {r['device']})")
-            print(f"{'eval':6} {'extract':16} {1:5d} {r['extract_images_per_s']:10.1f} {'':>9}   "
-                  f"(forward, test batch on the device)")
-        elif r["mode"] == "data" and "skipped" in r:
-            print(f"{'data':6} {r['loader']:16} skipped: {r['skipped']}")
-        elif r["mode"] == "data":
-            folder = next((x for x in results if x.get("loader") == "folder" and "images_per_s" in x), None)
-            ratio = f"{r['images_per_s'] / folder['images_per_s']:6.2f}x" if folder else ""
-            print(f"{'data':6} {r['loader']:16} {1:5d} {r['images_per_s']:10.1f} {'':>9} {ratio:>7}")
-        else:
-            ref = next((x for x in results if x["mode"] == r["mode"] and x["world"] == 1
-                        and x["impl"] == "reference"), None)
-            one = next((x for x in results if x["mode"] == r["mode"] and x["impl"] == r["impl"]
-                        and x["world"] == 1), None)
-            ratio = f"{r['images_per_s'] / ref['images_per_s']:6.2f}x" if ref and r is not ref else ""
-            eff = f"{r['images_per_s'] / (one['images_per_s'] * r['world']):5.0%}" if one else ""
-            name = r["impl"] + (f"/{r['loader']}" if r.get("loader") else "")
-            print(f"{r['mode']:6} {name:16} {r['world']:5d} {r['images_per_s']:10.1f} "
-                  f"{1000 * r['s_per_iter']:9.1f} {ratio:>7} {eff:>6}")
+def report(results: list[dict], args) -> None:
+    """The one output of every subcommand: the table, OUT/benchmark.json (machine, configuration,
+    rows), the full-run projection, and OUT/benchmark.png when there are iteration rows."""
+    info = machine()
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "result")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    document = {"machine": info, "config": config, "results": results}
+    (args.out / "benchmark.json").write_text(json.dumps(document, indent=1, default=str))
+    print(f"\nmachine: {info}\nconfiguration: {json.dumps(config, default=str)}")
+    print("\n".join(table(results)))
     projection(results)
-    plot(results, out / "benchmark.png", info)
-    print(f"\nwrote {out / 'benchmark.json'} and {out / 'benchmark.png'}")
+    png = args.out / "benchmark.png"
+    print(f"\nwrote {args.out / 'benchmark.json'}" + (f" and {png}" if plot(results, png, info) else ""))
+
+
+def table(results: list[dict]) -> list[str]:
+    """The rows as text, one block per kind of figure, in the order they ran."""
+    lines = []
+    blocks = ["ops --count" if r.get("op") == "aten-count" else r["mode"] for r in results]
+    for block in dict.fromkeys(blocks):
+        rows = [r for r, b in zip(results, blocks) if b == block]
+        lines.append("")
+        if block == "loaders":
+            lines += loader_lines(rows)
+        elif block in ("step", "train"):
+            lines += iteration_lines(rows)
+        elif block == "eval":
+            lines += eval_lines(rows)
+        elif block == "ops --count":
+            lines += count_lines(rows)
+        else:
+            lines += part_lines(rows)
+    return lines
+
+
+def loader_lines(rows: list[dict]) -> list[str]:
+    lines = [f"{'loader':<8} {'workers':>7} {'batch':>6} {'images/s':>10} {'vs folder':>9}  "
+             "sources (formats)"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['loader']:<8} skipped: {r['skipped']}")
+            continue
+        folder = next((x for x in rows if x["loader"] == "folder" and x["sources"] == r["sources"]
+                       and "images_per_s" in x), None)
+        ratio = f"{r['images_per_s'] / folder['images_per_s']:.2f}x" if folder else ""
+        formats = ", ".join(f"{s} {'+'.join(r['formats'][s])}" for s in r["sources"])
+        lines.append(f"{r['loader']:<8} {r['workers']:>7} {r['batch']:>6} {r['images_per_s']:>10.1f} "
+                     f"{ratio:>9}  {formats}")
+    return lines
+
+
+def iteration_lines(rows: list[dict]) -> list[str]:
+    lines = [f"{'mode':6} {'impl':16} {'procs':>5} {'images/s':>10} {'ms/iter':>9} {'vs ref':>7} {'eff.':>6}"]
+    for r in rows:
+        ref = next((x for x in rows if x["world"] == 1 and x["impl"] == "reference"), None)
+        one = next((x for x in rows if x["impl"] == r["impl"] and x["world"] == 1), None)
+        ratio = f"{r['images_per_s'] / ref['images_per_s']:6.2f}x" if ref and r is not ref else ""
+        eff = f"{r['images_per_s'] / (one['images_per_s'] * r['world']):5.0%}" if one else ""
+        name = r["impl"] + (f"/{r['loader']}" if r.get("loader") else "")
+        lines.append(f"{r['mode']:6} {name:16} {r['world']:5d} {r['images_per_s']:10.1f} "
+                     f"{1000 * r['s_per_iter']:9.1f} {ratio:>7} {eff:>6}")
+    return lines
+
+
+def eval_lines(rows: list[dict]) -> list[str]:
+    r = rows[0]
+    return [f"eval metrics: {r['seconds']:.2f} s ({r['num_query']} x {r['num_gallery']} x {r['dim']}, "
+            f"{r['device']}, one run)",
+            f"eval extraction forward: {r['extract_images_per_s']:.1f} images/s (test batch on the device)"]
+
+
+def part_lines(rows: list[dict]) -> list[str]:
+    lines = [f"{'op':<14}{'device':<8}{'dtype':<10}{'impl':<12}{'median ms':>11}{'speed-up':>10}"]
+    lines += [f"{r['op']:<14}{r['device']:<8}{r['dtype']:<10}{r['impl']:<12}{r['ms']:>11.2f}"
+              f"{r['speedup']:>9.1f}x" for r in rows]
+    return lines
+
+
+def count_lines(rows: list[dict]) -> list[str]:
+    lines = [f"ATen operations of one IL iteration ({rows[0]['arch']}, views excluded), by --bn-groups",
+             f"{'phase':<26}" + "".join(f"{'groups ' + str(r['bn_groups']):>12}" for r in rows)]
+    lines += [f"{k:<26}" + "".join(f"{r['counts'].get(k, 0):>12}" for r in rows) for k in rows[0]["counts"]]
+    return lines
 
 
 def projection(results: list[dict]) -> None:
     """Wall time of the published schedule (70 epochs x 200 iterations) at the measured speed,
-    and with an evaluation after every epoch when the eval mode ran: extraction of the eval
+    and with an evaluation after every epoch when eval ran too (all): extraction of the eval
     size's query + gallery images at the measured forward rate, plus the measured metrics."""
     ev = next((r for r in results if r["mode"] == "eval"), None)
     for r in results:
@@ -387,18 +727,20 @@ def projection(results: list[dict]) -> None:
                       f"extraction): {(train_s + 70 * eval_s) / 60:.1f} min for the full run")
 
 
-def plot(results: list[dict], path: Path, info: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: list[dict], path: Path, info: dict) -> bool:
+    """images/s against processes (dashed: the ideal line) and the scaling efficiency, of the
+    step and train rows; returns whether there were any."""
     series = {}
     for r in results:
         if r["mode"] in ("step", "train"):
             series.setdefault((r["mode"], r["impl"]), []).append((r["world"], r["images_per_s"]))
     if not series:
-        return
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for (mode, impl), pts in sorted(series.items()):
         pts.sort()
@@ -425,73 +767,50 @@ def plot(results: list[dict], path: Path, info: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- main
+
+def run(command: str, args) -> list[dict]:
+    """The rows of one subcommand (``all``: each of ALL in turn)."""
+    if command == "all":
+        return [row for c in ALL for row in run(c, args)]
+    if command == "loaders":
+        return measure_loaders(args)
+    if command == "eval":
+        return measure_eval(args)
+    if command == "ops":
+        return measure_ops(args)
+    impls = ("fast", "reference") if args.impl == "both" else (args.impl,)
+    # the published code runs one process (nn.DataParallel): no reference beyond one
+    return [launch(args, command, impl, n) for n in args.gpus for impl in impls if impl == "fast" or n == 1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = get_parser().parse_args(argv)
-    counts = [int(g) for g in args.gpus.split(",")]
-    if any(args.batch_size % (INSTANCES * n) for n in counts):
-        raise SystemExit(f"-b/--batch-size {args.batch_size}: must be a multiple of {INSTANCES} images "
-                         f"per identity times each process count in --gpus ({args.gpus})")
-    if args.worker:
-        if args.mode not in ("step", "train") or args.impl == "both" or args.result is None:
-            raise SystemExit("--worker measures one --mode step|train with one --impl fast|reference "
-                             "and needs --result FILE")
-        result = worker_step_or_train(args, args.impl, args.mode)
-        if int(os.environ.get("RANK", "0")) == 0:
-            args.result.write_text(json.dumps(result))
-        return 0
-    check_process_counts(counts, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    forwarded = [a for a in _strip(argv, ("--mode", "--impl", "--gpus", "--out"))]
-    impls = ("fast", "reference") if args.impl == "both" else (args.impl,)
-    modes = MODES if args.mode == "all" else (args.mode,)
-    results = []
-    for mode in modes:
-        if mode == "eval":
-            results.append(run_eval(args))
-            continue
-        if mode == "data":
-            results.extend(run_data(args))
-            continue
-        for n in counts:
-            for impl in impls:
-                if impl == "reference" and n > 1:
-                    continue  # the published code runs one process (nn.DataParallel)
-                results.append(launch(args, forwarded, mode, impl, n))
-    keys = ("arch", "batch_size", "height", "width", "amp", "workers", "warmup", "window", "repeats",
-            "sources", "compile", "test_batch_size")
-    config = {k: getattr(args, k) for k in keys}
-    report(results, args.out, machine(), config)
+    args = get_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    counts = getattr(args, "gpus", [1])
+    if hasattr(args, "batch_size") and any(args.batch_size % (args.num_instances * n) for n in counts):
+        raise SystemExit(f"-b/--batch-size {args.batch_size}: must be a multiple of --num-instances "
+                         f"{args.num_instances} times each process count in --gpus ({counts})")
+    try:
+        if getattr(args, "worker", False):
+            if args.command not in ("step", "train") or args.impl == "both" or args.result is None:
+                raise SystemExit("--worker measures step or train with one --impl fast|reference and needs "
+                                 "--result FILE")
+            row = measure_iterations(args, args.impl, args.command)
+            if int(os.environ.get("RANK", "0")) == 0:
+                args.result.write_text(json.dumps(row))
+            return 0
+        if hasattr(args, "gpus"):
+            check_process_counts(counts, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        report(run(args.command, args), args)
+    except UsageError as e:
+        print(f"benchmark.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
-
-
-def check_process_counts(counts: list[int], gpus: int) -> None:
-    """Refuse a --gpus count above the ``gpus`` visible GPUs: torchrun would start ranks with no
-    GPU of their own, which fail far from the cause. On a CPU-only machine (``gpus`` 0) any count
-    runs, as gloo processes sharing the cores."""
-    if gpus and max(counts) > gpus:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise SystemExit(f"--gpus {','.join(map(str, counts))}: asks for {max(counts)} processes on one "
-                         f"machine, which shows {gpus} GPU(s)"
-                         + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
-                         + f"; give counts up to {gpus}, or run --worker under torchrun on several machines")
-
-
-def _strip(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """argv without the given flags (and their values): the parent decides those per launch."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in flags:
-            skip = True
-            continue
-        if any(a.startswith(f + "=") for f in flags):
-            continue
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":

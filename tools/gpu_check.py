@@ -15,11 +15,12 @@ OUT/logs/<step>.log:
   sync-free      the checks that a training iteration never waits for the device: CUDA's sync
                  debug mode (tests/test_gpu.py) and FakeTensorMode (tests/test_step.py)
   loader-parity  tools/compare_loaders.py: DALI against PIL on the same images
-  bench-step, bench-train, bench-data, bench-eval
-                 tools/benchmark.py --mode MODE --impl both: this project against the published way
-  model-parts    tools/bench_model.py: fused UBS and vectorised memory update against the literal ones
-  loaders-png    tools/bench_loaders.py --cuhk03: the loaders on sources with CUHK03's PNG images
-  ops            tools/bench_model.py --ops: ATen operations one training iteration dispatches
+  bench-step, bench-train, bench-eval
+                 tools/benchmark.py step|train|eval --impl both: this project against the published way
+  bench-data     tools/benchmark.py loaders: DALI, the torch loader and the published folder loader
+  model-parts    tools/benchmark.py ops: fused UBS and vectorised memory update against the literal ones
+  loaders-png    tools/benchmark.py loaders --cuhk03: the loaders on sources with CUHK03's PNG images
+  ops            tools/benchmark.py ops --count: ATen operations one training iteration dispatches
 
 A failing step does not stop the others; a step whose input step failed is skipped, saying so.
 The data steps run beside gpu-tests and sync-free, which need no data and time nothing; every
@@ -58,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = ("synthetic", "shards", "gpu-tests", "sync-free", "loader-parity", "bench-step", "bench-train",
          "bench-data", "bench-eval", "model-parts", "loaders-png", "ops")
 DATA = ("synthetic", "shards")
+BENCHMARKS = ("bench-step", "bench-train", "bench-data", "bench-eval", "model-parts", "loaders-png", "ops")
 BESIDE_DATA = ("gpu-tests", "sync-free")  # need no data and time nothing: they run beside the data steps
 SYNC_TESTS = "nothing_back_from_the_device or not_synchronise_with_the_host"
 TAIL_LINES = 40
@@ -71,13 +73,16 @@ class Profile:
     """The sizes of a run: the full check for a GPU, or the tiny ``--quick`` one."""
 
     scale: str  # tools/make_synthetic.py --scale
-    bench: tuple[str, ...]  # tools/benchmark.py flags of every mode
-    eval_size: tuple[str, ...]  # tools/benchmark.py flags of the eval mode only
-    loaders: tuple[str, ...]  # tools/bench_loaders.py flags
+    network: tuple[str, ...]  # tools/benchmark.py step, train and eval: the backbone
+    images: tuple[str, ...]  # ... and loaders: the input size
+    batch: tuple[str, ...]  # step, train and loaders: the batch
+    timing: tuple[str, ...]  # step, train, eval and loaders: warm-up, window and repeats
+    eval_size: tuple[str, ...]  # eval only: its test batch and metrics size
+    loaders: tuple[str, ...]  # loaders-png (tools/benchmark.py loaders --cuhk03)
     loader_kinds: str  # its --loaders when DALI can be imported (else torch alone)
     parity: tuple[str, ...]  # tools/compare_loaders.py flags
-    model: tuple[str, ...]  # tools/bench_model.py flags of its timings
-    ops: tuple[str, ...]  # tools/bench_model.py --ops flags
+    model: tuple[str, ...]  # tools/benchmark.py ops (the model parts' timings)
+    ops: tuple[str, ...]  # tools/benchmark.py ops --count
     lanes: int  # steps after the data steps running at once (1: every timing alone)
     limit_s: int  # time limit of each step
     budget_s: int  # default --budget
@@ -90,11 +95,12 @@ def profile(quick: bool, workers: int) -> Profile:
     w = str(workers)
     if quick:
         return Profile(
-            scale="small",
-            bench=("-a", "resnet18", "--height", "64", "--width", "32", "-b", "8", "--workers", w,
-                   "--warmup", "1", "--window", "2", "--repeats", "2", "--test-batch-size", "16"),
-            eval_size=("--eval-size", "300,2000,64"),
-            loaders=("--workers", w, "--iters", "2", "--warmup", "1", "--num-ids", "2", "--cuhk03"),
+            scale="small", network=("-a", "resnet18"), images=("--height", "64", "--width", "32"),
+            batch=("-b", "8"),
+            timing=("--warmup", "1", "--window", "2", "--repeats", "2"),
+            eval_size=("--test-batch-size", "16", "--eval-size", "300,2000,64"),
+            loaders=("--workers", w, "--window", "2", "--repeats", "1", "--warmup", "1", "-b", "8",
+                     "--cuhk03"),
             loader_kinds="dali",
             parity=("-a", "resnet18", "--height", "64", "--width", "32", "--num-ids", "2", "--workers", w,
                     "--sources", "dukemtmc,cuhk03,msmt17v1", "--eval", ""),
@@ -103,11 +109,11 @@ def profile(quick: bool, workers: int) -> Profile:
             ops=("--arch", "resnet18", "--bn-groups", "4"),
             lanes=2, limit_s=150, budget_s=360)
     return Profile(
-        scale="medium",
-        bench=("-a", "resnet50", "--height", "256", "--width", "128", "-b", "64", "--workers", w,
-               "--warmup", "5", "--window", "10", "--repeats", "3", "--test-batch-size", "256"),
-        eval_size=(),
-        loaders=("--workers", w, "--iters", "20", "--warmup", "3", "--cuhk03"),
+        scale="medium", network=("-a", "resnet50"), images=("--height", "256", "--width", "128"),
+        batch=("-b", "64"),
+        timing=("--warmup", "5", "--window", "10", "--repeats", "3"),
+        eval_size=("--test-batch-size", "256"),
+        loaders=("--workers", w, "--window", "20", "--repeats", "1", "--warmup", "3", "--cuhk03"),
         loader_kinds="dali,torch",
         parity=("-a", "resnet50", "--height", "256", "--width", "128", "--num-ids", "16", "--images", "64",
                 "--workers", w),
@@ -153,8 +159,14 @@ def plan(out: Path, device: str, prof: Profile, workers: int, dali: bool) -> lis
     """The steps, in STEPS order, with their commands and the files they write."""
     py, data, shards, res = sys.executable, rel(out / "data"), rel(out / "shards"), out / "results"
     pytest = [py, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-q"]
-    bench = [py, "tools/benchmark.py", "--impl", "both", "--gpus", "1", *prof.bench]
-    on = ("--device", device)
+    bench, on = [py, "tools/benchmark.py"], ("--device", device)
+    data_flags = ("--shards", shards, "--data-dir", data, "--workers", str(workers))
+    both = ("--impl", "both", "--gpus", "1", *prof.network, *prof.images, *prof.batch, *prof.timing)
+    commands = {"eval": ["eval", *prof.network, *prof.images, *prof.timing, *prof.eval_size],
+                "step": ["step", *both],
+                "train": ["train", *both, *data_flags],
+                "data": ["loaders", *prof.images, *prof.batch, *prof.timing, *data_flags, "--loaders",
+                         "dali,torch,folder" if dali else "torch,folder"]}
     steps = [
         Step("synthetic", [py, "tools/make_synthetic.py", "--out", data, "--scale", prof.scale,
                            "--no-progress"]),
@@ -168,21 +180,20 @@ def plan(out: Path, device: str, prof: Profile, workers: int, dali: bool) -> lis
         Step("loader-parity", [py, "tools/compare_loaders.py", "--shards", shards, *on, *prof.parity,
                                "--json", rel(res / "loader-parity.json")],
              needs=("shards",), result=res / "loader-parity.json"),
-        Step("model-parts", [py, "tools/bench_model.py", *on, *prof.model, "--json",
-                             rel(res / "model-parts.json")], result=res / "model-parts.json"),
-        Step("ops", [py, "tools/bench_model.py", "--ops", *prof.ops, "--json", rel(res / "ops.json")],
-             result=res / "ops.json"),
+        Step("model-parts", [*bench, "ops", *on, *prof.model, "--out", rel(out / "bench" / "model-parts")],
+             result=out / "bench" / "model-parts" / "benchmark.json"),
+        Step("ops", [*bench, "ops", "--count", *prof.ops, "--out", rel(out / "bench" / "ops")],
+             result=out / "bench" / "ops" / "benchmark.json"),
     ]
-    for mode in ("eval", "step", "data", "train"):
-        extra = {"eval": prof.eval_size, "step": ()}.get(mode, ("--shards", shards, "--data-dir", data))
+    for mode, command in commands.items():
         folder = out / "bench" / mode
-        steps.append(Step(f"bench-{mode}", [*bench, "--mode", mode, *extra, "--out", rel(folder)],
+        steps.append(Step(f"bench-{mode}", [*bench, *command, *on, "--out", rel(folder)],
                           needs=() if mode in ("eval", "step") else ("shards",),
                           result=folder / "benchmark.json"))
-    steps.append(Step("loaders-png", [py, "tools/bench_loaders.py", "--shards", shards, "--data-dir", data,
-                                      *on, *prof.loaders, "--loaders", prof.loader_kinds if dali else "torch",
-                                      "--json", rel(res / "loaders-png.json")],
-                      needs=("shards",), result=res / "loaders-png.json"))
+    steps.append(Step("loaders-png", [*bench, "loaders", "--shards", shards, "--data-dir", data, *on,
+                                      *prof.loaders, "--loaders", prof.loader_kinds if dali else "torch",
+                                      "--out", rel(out / "bench" / "loaders-png")],
+                      needs=("shards",), result=out / "bench" / "loaders-png" / "benchmark.json"))
     if not dali:
         for step in steps:
             if step.name in ("bench-data", "bench-train", "loaders-png"):
@@ -374,7 +385,8 @@ def read_result(step: Step) -> None:
                                   for m in sorted(step.result.glob("*/manifest.json"))}
     elif step.result is not None:
         data = json.loads(step.result.read_text())
-        step.details["result"] = data
+        # tools/benchmark.py's JSON: the machine is results.json's own, the rows are the result
+        step.details["result"] = data["results"] if step.name in BENCHMARKS else data
         if isinstance(data, dict) and "skipped" in data and step.returncode == 0:
             step.status, step.reason = "skipped", data["skipped"]
         elif isinstance(data, dict) and data.get("failed"):
@@ -515,8 +527,7 @@ def _parity(step: dict) -> Section:
 
 
 def _loaders(step: dict) -> Section:
-    result = step["details"]["result"]
-    rows = result["results"] if isinstance(result, dict) else result
+    rows = step["details"]["result"]
     sec = Section(f"Loaders: images/s delivered ({step['name']})", step["command"],
                   ["loader", "sources (formats)", "images/s", "vs folder"])
     for r in rows:
@@ -533,7 +544,7 @@ def _loaders(step: dict) -> Section:
 
 
 def _iteration(step: dict) -> Section:
-    rows = step["details"]["result"]["results"]
+    rows = step["details"]["result"]
     sec = Section(f"Training iteration: {rows[0]['mode']}", step["command"],
                   ["mode", "implementation", "processes", "images/s", "ms / iteration", "vs reference"])
     ref = next((r for r in rows if r["impl"] == "reference"), None)
@@ -547,7 +558,7 @@ def _iteration(step: dict) -> Section:
 
 
 def _eval(step: dict) -> Section:
-    r = step["details"]["result"]["results"][0]
+    r = step["details"]["result"][0]
     size = f"{r['num_query']:,} x {r['num_gallery']:,} x {r['dim']}"
     sec = Section("Evaluation", step["command"], ["part", "value", "unit"],
                   [[f"metrics, {size} ({r['device']})", r["seconds"], "s"],
@@ -560,7 +571,7 @@ def _eval(step: dict) -> Section:
 def _model_parts(step: dict) -> Section:
     sec = Section("Model parts", step["command"],
                   ["op", "shape", "device", "dtype", "impl", "ms", "speed-up"])
-    for r in step["details"]["result"]["rows"]:
+    for r in step["details"]["result"]:
         sec.rows.append([r["op"], "x".join(map(str, r["shape"])), r["device"], r["dtype"], r["impl"], r["ms"],
                          f"{r['speedup']:.1f}x"])
         sec.figures.append((f"{r['op']} {r['impl']} {r['dtype']} {r['device']}", round(r["ms"], 3), "ms"))
@@ -568,12 +579,12 @@ def _model_parts(step: dict) -> Section:
 
 
 def _ops(step: dict) -> Section:
-    rows = step["details"]["result"]["ops"]
-    phases = [k for k in rows[0] if k not in ("bn_groups", "arch", "mode")]
-    sec = Section(f"ATen operations of one {rows[0]['mode'].upper()} iteration ({rows[0]['arch']})",
+    rows = step["details"]["result"]
+    phases = list(rows[0]["counts"])
+    sec = Section(f"ATen operations of one {rows[0]['step'].upper()} iteration ({rows[0]['arch']})",
                   step["command"], ["phase"] + [f"--bn-groups {r['bn_groups']}" for r in rows])
-    sec.rows = [[k] + [r.get(k, 0) for r in rows] for k in phases]
-    sec.figures = [(f"{r['arch']}, --bn-groups {r['bn_groups']}: {k}", r.get(k, 0), "ATen ops")
+    sec.rows = [[k] + [r["counts"].get(k, 0) for r in rows] for k in phases]
+    sec.figures = [(f"{r['arch']}, --bn-groups {r['bn_groups']}: {k}", r["counts"].get(k, 0), "ATen ops")
                    for r in rows for k in phases]
     return sec
 
@@ -587,7 +598,7 @@ def _single(steps: dict, name: str, impl: str) -> dict | None:
     s = steps[name]
     if s["status"] != "ok":
         return None
-    return next((r for r in s["details"]["result"]["results"] if r["impl"] == impl and r["world"] == 1), None)
+    return next((r for r in s["details"]["result"] if r["impl"] == impl and r["world"] == 1), None)
 
 
 def _derived(steps: dict) -> Section:
@@ -601,7 +612,7 @@ def _derived(steps: dict) -> Section:
         sec.figures.append(("train (fast) as a share of the step bound",
                             round(100 * train["images_per_s"] / bound["images_per_s"], 1), "%"))
     if train and ev["status"] == "ok":
-        r = ev["details"]["result"]["results"][0]
+        r = ev["details"]["result"][0]
         train_s = 70 * 200 * train["s_per_iter"]
         eval_s = (r["num_query"] + r["num_gallery"]) / r["extract_images_per_s"] + r["seconds"]
         full_s = train_s + 70 * eval_s
