@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
            *SOURCES, *config, "--pretrained", "none", "--update-style", "--device", "cuda" if gpu else "cpu"]
     print("== 3/3 Style Interleaved Learning: dukemtmc + cuhk03 + msmt17v1 -> market1501 (unseen)\n"
           f"   configuration ({'GPU' if gpu else 'CPU: a small one, so it ends in minutes'}), random init:\n"
-          f"   {shlex.join(cmd[1:])}", flush=True)
+          f"   python {shlex.join(['train.py', *cmd[2:]])}", flush=True)
     code = run_to_the_end(cmd)
     if code == 0:
         print(f"\nplot: {run / 'metrics.png'}   log: {run / 'metrics.jsonl'}   "
