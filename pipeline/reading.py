@@ -193,10 +193,9 @@ class TrainPlan:
     def find_bad(self, epoch: int, iterations: range) -> list[tuple[int, int]]:
         """Rows that fail a full decode in these iterations (maps a decoder error back to samples)."""
         found = []
-        for it in iterations:
-            if it >= self.iters:
-                epoch, it = epoch + it // self.iters, it % self.iters
-            for s, rows in enumerate(self.indices(epoch)):
+        for g in iterations:  # past the epoch's end: the next epoch's first iterations
+            e, it = epoch + g // self.iters, g % self.iters
+            for s, rows in enumerate(self.indices(e)):
                 for j in rows[it]:
                     try:
                         decode_rgb(self.sets[s].read(int(j)))

@@ -263,6 +263,20 @@ def test_corrupt_sample(synthetic_shards, tmp_path, loader, how):
     np.testing.assert_array_equal(batch.labels.numpy(), _expected_labels(synthetic_shards, cfg, 0, 0))
 
 
+def test_find_bad_looks_past_the_end_of_an_epoch(synthetic_shards, tmp_path):
+    """A DALI error near an epoch's end is mapped back to rows of the prefetched iterations, which
+    belong to the next epoch: iterations 1, 2, 3 of epoch 0 with 2 per epoch are (0, 1), (1, 0)
+    and (1, 1). A damaged row drawn at (1, 1) only must be found there."""
+    cfg = _cfg("torch", iters=2)
+    plan = TrainPlan([SourceSet(synthetic_shards / name) for name in SOURCES], cfg)
+    elsewhere = {int(j) for e, it in ((0, 0), (0, 1), (1, 0), (2, 0), (2, 1)) for j in plan.indices(e)[0][it]}
+    j = next(int(j) for j in plan.indices(1)[0][1] if int(j) not in elsewhere)
+    key = plan.sets[0].location(j).rsplit(":", 1)[1]
+    _corrupt(synthetic_shards / SOURCES[0], tmp_path / SOURCES[0], key, "header")
+    damaged = TrainPlan([SourceSet(tmp_path / SOURCES[0])] + plan.sets[1:], cfg)
+    assert damaged.find_bad(0, range(1, 4)) == [(0, j)]
+
+
 def test_missing_shard_and_bad_choice(synthetic_shards, tmp_path, caplog):
     shutil.copytree(synthetic_shards / "market1501", tmp_path / "market1501")
     missing = sorted((tmp_path / "market1501").glob("query-*.tar"))[0]
