@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from engine.metrics import METRICS
+from pipeline.files import write_atomic
 
 log = logging.getLogger("train")
 
@@ -90,6 +91,7 @@ def save_plot(history: list[dict], targets: list[str], path: Path, title: str) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not any(f"{t}/mAP" in h for h in history for t in targets):
         return
@@ -101,23 +103,22 @@ def save_plot(history: list[dict], targets: list[str], path: Path, title: str) -
         ax.plot(epochs, [100 * h[f"{t}/rank1"] for h in rows], marker="s", ls="--", color=f"C{i}",
                 label=f"{t} rank-1")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("%")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.jsonl from a checkpoint's history (atomically): a resumed run continues a log
     that matches its checkpoint, whichever checkpoint it resumed from."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in history)))
 
 
 HEADER = "   mAP rank-1 rank-5 rank-10"
