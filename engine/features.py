@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from engine.checkpoint import EVAL_PARTS, CheckpointError, read_checkpoint
+from engine.evaluate import extract_features
 from engine.optim import amp_dtype, autocast
 from engine.run import NETWORK_KEYS
 from model.resnet import build_model
+from pipeline.loader import EvalLoader, LoaderConfig, select_loader
 from pipeline.reading import decode_rgb
 from pipeline.transforms import normalize, test_pixels
 
@@ -69,6 +71,26 @@ def open_image(path: str | Path) -> Image.Image:
         return decode_rgb(data)
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds; the file is unusable either way
         raise ImageError(f"image {path} cannot be decoded: {str(e).strip() or type(e).__name__}") from None
+
+
+def features_by_loader(checkpoint: str | Path, make_loaders: Callable[[LoaderConfig], Iterable[EvalLoader]], *,
+                       device: str = "auto", loader: str = "auto", workers: int = 4, batch_size: int = 128,
+                       flip: bool = False,
+                       progress: Callable[[EvalLoader], Iterable] | None = None) -> Iterator[torch.Tensor]:
+    """Features (float32, CPU) of each loader ``make_loaders(cfg)`` builds (a shard split, image
+    files), read by train.py's evaluation loaders (``loader``: auto, dali, torch) and extracted as
+    evaluation extracts them: the tools' features equal evaluation's with that loader. Raises
+    :class:`CheckpointError`, ``ValueError`` for a device that is not there, ``ImportError`` for
+    a loader that is not installed; an image that does not decode raises ``ShardError`` naming it."""
+    model, config = network_from_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    kind = select_loader(loader)
+    dtype = amp_dtype("auto", dev)
+    cfg = LoaderConfig(height=config["height"], width=config["width"], workers=workers,
+                       dtype=dtype or torch.float32, device=dev, loader=kind, test_batch_size=batch_size)
+    model = model.to(dev, memory_format=torch.channels_last)
+    for rows in make_loaders(cfg):
+        yield extract_features(model, progress(rows) if progress else rows, dev, dtype, flip=flip).cpu()
 
 
 class FeatureExtractor:

@@ -20,14 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-import torch
-
 from engine.checkpoint import CheckpointError
-from engine.evaluate import extract_features
-from engine.features import network_from_checkpoint, resolve_device
-from engine.optim import amp_dtype
+from engine.features import features_by_loader
 from pipeline.files import write_atomic
-from pipeline.loader import LoaderConfig, build_eval_loader, build_file_loader, select_loader
+from pipeline.loader import build_eval_loader, build_file_loader, select_loader
 from pipeline.shards import ShardError, SplitReader, unknown_dataset
 
 PROG = "extract.py"
@@ -131,53 +127,47 @@ def write_outputs(out: Path, features: np.ndarray, names: list[str], **arrays: n
     write_atomic(out / "images.txt", lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
 
 
-def _progress(loader, enabled: bool):
-    """The loader's batches, with a progress bar when ``enabled``."""
-    if not enabled:
-        return loader
+def _progress(loader):
+    """The loader's batches with a progress bar."""
     from tqdm import tqdm
     return tqdm(loader, total=loader.rows.num_batches(), unit="batch", desc="extract", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        model, config = network_from_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        raise ExtractError(f"--checkpoint {e}") from None
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:  # a device that is not there
-        raise ExtractError(f"--device {args.device}: {e}") from None
-    try:
-        kind = select_loader(args.loader)
-    except ImportError as e:
-        raise ExtractError(f"--loader {args.loader}: {e}") from None
-    dtype = amp_dtype("auto", device)
-    lcfg = LoaderConfig(height=config["height"], width=config["width"], workers=args.workers,
-                        dtype=dtype or torch.float32, device=device, loader=kind, test_batch_size=args.batch_size)
     if args.shards is not None:
         if why := unknown_dataset(args.dataset, args.shards):
             raise ExtractError(f"-d {args.dataset!r}: {why}")
         try:
             reader = SplitReader(args.shards / args.dataset, args.split)
-            if len(reader) == 0:
-                raise ExtractError(f"--shards: split {args.split} of {args.dataset} is empty")
-            loader = build_eval_loader(args.shards, args.dataset, args.split, lcfg)
         except (ShardError, OSError) as e:
             raise ExtractError(f"--shards {args.shards} -d {args.dataset}: {e}") from None
+        if len(reader) == 0:
+            raise ExtractError(f"--shards: split {args.split} of {args.dataset} is empty")
         names = list(reader.keys)
         extra = {"pids": reader.pids.astype(np.int64), "camids": reader.camids.astype(np.int64)}
+
+        def loaders(cfg):
+            yield build_eval_loader(args.shards, args.dataset, args.split, cfg)
     else:
         names, extra = collect_images(args.images), {}
-        loader = build_file_loader(names, lcfg)
-    model = model.to(device, memory_format=torch.channels_last)
-    batches = _progress(loader, len(names) > args.batch_size and not args.no_progress)
+
+        def loaders(cfg):
+            yield build_file_loader(names, cfg)
+    shown = len(names) > args.batch_size and not args.no_progress
     try:
-        feats = extract_features(model, batches, device, dtype, flip=args.flip_test).cpu()
+        (feats,) = features_by_loader(args.checkpoint, loaders, device=args.device, loader=args.loader,
+                                      workers=args.workers, batch_size=args.batch_size, flip=args.flip_test,
+                                      progress=_progress if shown else None)
     except ShardError as e:  # an image that does not decode, named
         raise ExtractError(str(e)) from None
+    except CheckpointError as e:
+        raise ExtractError(f"--checkpoint {e}") from None
+    except ValueError as e:  # a device that is not there
+        raise ExtractError(f"--device {args.device}: {e}") from None
+    except ImportError as e:
+        raise ExtractError(f"--loader {args.loader}: {e}") from None
     write_outputs(args.out, feats.numpy(), names, **extra)
-    print(f"{len(names)} images ({loader.name} loader, {device}) -> {args.out / 'features.npy'} "
+    print(f"{len(names)} images ({select_loader(args.loader)} loader) -> {args.out / 'features.npy'} "
           f"[{feats.shape[0]}, {feats.shape[1]}] and {args.out / 'images.txt'}", file=sys.stderr)
 
 

@@ -37,8 +37,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.checkpoint import CheckpointError
-from engine.features import FeatureExtractor, ImageError
+from engine.features import features_by_loader
 from engine.metrics import pairwise_distance
+from pipeline.loader import build_eval_loader
 from pipeline.reading import decode_rgb
 from pipeline.files import write_atomic
 from pipeline.shards import ShardError, SplitReader, unknown_dataset
@@ -110,7 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128, help="images per forward (default: 128)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when there is a GPU (with autocast), else the CPU")
-    p.add_argument("--workers", type=int, default=4, help="image decoding threads (default: 4)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="data worker processes that read and decode the images (default: 4; 0: in this "
+                        "process)")
+    p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
+                   help="decoding as in train.py and tools/extract.py: DALI, or PIL + torchvision; auto "
+                        "takes DALI when installed (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.checkpoint is None and args.features is None:
@@ -151,26 +157,34 @@ def _decoder(reader: SplitReader):
         try:
             return decode_rgb(reader.read(i))
         except Exception as e:  # noqa: BLE001 - say which sample
-            raise ImageError(f"{reader.location(i)}: cannot decode the image ({e})") from None
+            raise VisualizeError(f"{reader.location(i)}: cannot decode the image ({e})") from None
     return load
 
 
 def extract_splits(args: argparse.Namespace, readers: dict[str, SplitReader]) -> dict[str, torch.Tensor]:
-    """Each split's features from the checkpoint, as tools/extract.py computes them."""
+    """Each split's features from the checkpoint, as tools/extract.py computes them (the same
+    loaders, so ``--features`` from it draws the same pictures)."""
+    def loaders(cfg):
+        for split in readers:
+            yield build_eval_loader(args.shards, args.dataset, split, cfg)
+
+    def progress(loader):
+        from tqdm import tqdm
+        return tqdm(loader, total=loader.rows.num_batches(), unit="batch", desc="extract", file=sys.stderr)
+
     try:
-        extractor = FeatureExtractor.from_checkpoint(args.checkpoint, device=args.device,
-                                                     batch_size=args.batch_size, workers=args.workers)
+        feats = list(features_by_loader(args.checkpoint, loaders, device=args.device, loader=args.loader,
+                                        workers=args.workers, batch_size=args.batch_size,
+                                        progress=None if args.no_progress else progress))
+    except ShardError as e:  # an image that does not decode, named
+        raise VisualizeError(str(e)) from None
     except CheckpointError as e:
         raise VisualizeError(f"--checkpoint {e}") from None
     except ValueError as e:  # a device that is not there
         raise VisualizeError(f"--device {args.device}: {e}") from None
-    feats = {}
-    for split, reader in readers.items():
-        n = len(reader)
-        batches = -(-n // args.batch_size)
-        progress = _progress(not args.no_progress and n > args.batch_size, "extract", batches)
-        feats[split] = extractor.extract(list(range(n)), load=_decoder(reader), progress=progress)
-    return feats
+    except ImportError as e:
+        raise VisualizeError(f"--loader {args.loader}: {e}") from None
+    return dict(zip(readers, feats))
 
 
 def load_features(folder: Path, readers: dict[str, SplitReader]) -> dict[str, torch.Tensor]:
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (VisualizeError, ImageError) as e:
+    except VisualizeError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     return 0
