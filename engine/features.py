@@ -11,6 +11,7 @@ training, so nothing else is needed.
 """
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -21,16 +22,23 @@ from PIL import Image
 
 from engine.checkpoint import EVAL_PARTS, CheckpointError, read_checkpoint
 from engine.evaluate import extract_features
+from engine.flags import at_least
 from engine.optim import amp_dtype, autocast
 from engine.run import NETWORK_KEYS
 from model.resnet import build_model
 from pipeline.loader import EvalLoader, LoaderConfig, select_loader
 from pipeline.reading import decode_rgb
+from pipeline.shards import ShardError, SplitReader, unknown_dataset
 from pipeline.transforms import normalize, test_pixels
 
 
 class ImageError(ValueError):
     """An image that is missing or cannot be decoded; the message names it."""
+
+
+class ToolError(Exception):
+    """A refusal of a tool built on this module (tools/extract.py, tools/visualize_ranks.py):
+    one line naming the flag, file or image, printed as ``<tool>: error: ...``, exit code 2."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -92,6 +100,70 @@ def features_by_loader(checkpoint: str | Path, make_loaders: Callable[[LoaderCon
     for rows in make_loaders(cfg):
         yield extract_features(model, progress(rows) if progress else rows, dev, dtype, flip=flip).cpu()
 
+
+
+def add_extraction_flags(p) -> None:
+    """The flags of :func:`tool_features`, shared by the tools that extract (--batch-size,
+    --device, --workers, --loader, --no-progress)."""
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="images per forward (default: 128)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: CUDA when there is a GPU (with autocast), else the CPU")
+    p.add_argument("--workers", type=at_least(0), default=4,
+                   help="data worker processes that read and decode the images (default: 4; 0: in this "
+                        "process)")
+    p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
+                   help="decoding as in train.py: DALI (GPU decode on CUDA), or PIL + torchvision; auto "
+                        "takes DALI when installed. Each gives the features evaluation gives with the same "
+                        "loader (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_tool(prog: str, run: Callable[[], None]) -> int:
+    """Exit code of a tool's work ``run``: 0, or 2 with its :class:`ToolError` as one line."""
+    try:
+        run()
+    except ToolError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def open_split(shards: Path, dataset: str, split: str) -> SplitReader:
+    """A tool's ``--shards SHARDS -d DATASET`` split, refused (:class:`ToolError`) when the
+    dataset is unknown, its shards do not read or the split is empty."""
+    if why := unknown_dataset(dataset, shards):
+        raise ToolError(f"-d {dataset!r}: {why}")
+    try:
+        reader = SplitReader(shards / dataset, split)
+    except (ShardError, OSError) as e:
+        raise ToolError(f"--shards {shards} -d {dataset}: {e}") from None
+    if len(reader) == 0:
+        raise ToolError(f"--shards {shards} -d {dataset}: the {split} split is empty")
+    return reader
+
+
+def _bar(loader: EvalLoader) -> Iterable:
+    from tqdm import tqdm
+    return tqdm(loader, total=loader.rows.num_batches(), unit="batch", desc="extract", file=sys.stderr)
+
+
+def tool_features(args, make_loaders: Callable[[LoaderConfig], Iterable[EvalLoader]], *, flip: bool = False,
+                  progress: bool = True) -> list[torch.Tensor]:
+    """:func:`features_by_loader` for a tool's flags (``--checkpoint``, ``--device``,
+    ``--loader``, ``--workers``, ``--batch-size``), with a progress bar per loader; what fails
+    is one :class:`ToolError` line naming the flag, or the image that does not decode."""
+    try:
+        return list(features_by_loader(args.checkpoint, make_loaders, device=args.device, loader=args.loader,
+                                       workers=args.workers, batch_size=args.batch_size, flip=flip,
+                                       progress=_bar if progress else None))
+    except ShardError as e:  # an image that does not decode, named
+        raise ToolError(str(e)) from None
+    except CheckpointError as e:
+        raise ToolError(f"--checkpoint {e}") from None
+    except ValueError as e:  # a device that is not there
+        raise ToolError(f"--device {args.device}: {e}") from None
+    except ImportError as e:
+        raise ToolError(f"--loader {args.loader}: {e}") from None
 
 class FeatureExtractor:
     """Callable: a list of image paths, a list of PIL images, or a float tensor [B, 3, H, W] of

@@ -228,8 +228,9 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, max_rank: i
 
 def benchmark_eval(num_query: int = 11659, num_gallery: int = 82161, dim: int = 2048,
                    device: str | torch.device = "cpu", *, num_ids: int = 3060, num_cams: int = 15,
-                   chunk: int | None = None, seed: int = 0) -> dict:
-    """Time `evaluate_features` on random L2-normalised features (MSMT17 test size by default)."""
+                   chunk: int | None = None, seed: int = 0, aqe: int = 0) -> dict:
+    """Time `evaluate_features` on random L2-normalised features (MSMT17 test size by default),
+    with ``aqe`` query expansion when > 0."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     qf = torch.nn.functional.normalize(torch.randn(num_query, dim, generator=gen), dim=1).to(device)
@@ -241,10 +242,11 @@ def benchmark_eval(num_query: int = 11659, num_gallery: int = 82161, dim: int = 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    res = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk=chunk)
+    res = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk=chunk, aqe=aqe)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "num_query": num_query, "num_gallery": num_gallery, "dim": dim,
             "device": str(device), "threads": torch.get_num_threads(),
-            "chunk": chunk or _default_chunk(num_gallery, device), "mAP": res["mAP"], "rank1": res["rank1"]}
+            "chunk": chunk or _default_chunk(num_gallery, device), "aqe": aqe, "mAP": res["mAP"],
+            "rank1": res["rank1"]}

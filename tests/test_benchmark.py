@@ -52,9 +52,10 @@ def test_train_loaders_and_eval(synthetic_data, synthetic_shards, tmp_path, caps
     assert "vs folder" in capsys.readouterr().out and not (tmp_path / "l" / "benchmark.png").exists()
 
     assert benchmark.main(["eval", *TINY[:6], "--test-batch-size", "16", *TINY[8:],
-                           "--eval-size", "300,2000,64", "--out", str(tmp_path / "e")]) == 0
+                           "--eval-size", "300,2000,64", "--aqe", "3", "--out", str(tmp_path / "e")]) == 0
     (r,) = results(tmp_path / "e")
     assert r["num_query"] == 300 and r["seconds"] > 0 and r["extract_images_per_s"] > 0
+    assert r["aqe_k"] == 3 and r["aqe_seconds"] > 0 and "with --aqe 3" in capsys.readouterr().out
 
 
 def test_ops_times_the_model_parts_and_counts_aten_operations(tmp_path, capsys):

@@ -51,6 +51,21 @@ def gone_within(pids: list[int], seconds: float) -> list[int]:
     ("dali", signal.SIGINT, "rank 1"),
     ("torch", signal.SIGTERM, "rank 0"),
 ], ids=["dali-SIGTERM-torchrun", "torch-SIGINT-torchrun", "dali-SIGINT-rank1", "torch-SIGTERM-rank0"])
+def kill_and_expect_no_leftover(run: Live, tree: list[int]) -> None:
+    """SIGKILL the command: every process of ``tree`` it started must be gone within 5 s."""
+    os.kill(run.proc.pid, signal.SIGKILL)
+    left = gone_within(tree, 5)
+    assert not left, [cmdline(p) for p in left]
+
+
+def reap(run: Live, tree: list[int]) -> None:
+    """A test's clean-up: the command closed, any process of ``tree`` still alive killed."""
+    run.close()
+    for p in tree:
+        if alive(p):
+            os.kill(p, signal.SIGKILL)
+
+
 def test_a_stop_signal_saves_the_last_iteration_and_says_how_to_resume(
         synthetic_shards, tmp_path, loader, signum, to):
     if loader == "dali":
@@ -106,14 +121,9 @@ def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_s
         if loader == "dali":
             assert not [p for p in pool if maps_library(p, "libtorch")], "a DALI worker imported torch"
             assert peak <= RANK_MEMORY_GOAL, f"peak PSS {peak / 2**30:.2f} GiB"
-        os.kill(run.proc.pid, signal.SIGKILL)
-        left = gone_within(tree, 5)
-        assert not left, [cmdline(p) for p in left]
+        kill_and_expect_no_leftover(run, tree)
     finally:
-        run.close()
-        for p in tree:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+        reap(run, tree)
 
 
 def test_a_killed_shard_build_leaves_no_worker_behind(synthetic_data, tmp_path):
@@ -126,11 +136,6 @@ def test_a_killed_shard_build_leaves_no_worker_behind(synthetic_data, tmp_path):
             assert run.proc.poll() is None and time.monotonic() < deadline, run.output
             time.sleep(0.02)
         tree = descendants(run.proc.pid)
-        os.kill(run.proc.pid, signal.SIGKILL)
-        left = gone_within(tree, 5)
-        assert not left, [cmdline(p) for p in left]
+        kill_and_expect_no_leftover(run, tree)
     finally:
-        run.close()
-        for p in tree:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+        reap(run, tree)

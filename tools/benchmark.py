@@ -147,47 +147,55 @@ def command_parser(name: str) -> argparse.ArgumentParser:
         if name != "eval":
             add_train_flags(size, "batch_size", "num_instances")
     if name in ("loaders", "train") or every:
-        d = p.add_argument_group("data")
-        add_train_flags(d, "shards")
-        d.add_argument("--data-dir", type=Path, default=None,
-                       help="raw datasets (DATA/<name>/...), which the published folder loader reads")
-        d.add_argument("--sources", type=three_sources, default="market1501,dukemtmc,msmt17v1",
-                       help="three source datasets (JPEG-folder datasets, so the folder loader can read "
-                            "them)")
-        add_train_flags(d, "workers")
-        if name == "train" or every:
-            add_train_flags(d, "loader")
-        if name == "loaders" or every:
-            d.add_argument("--loaders", type=loader_kinds, default="dali,torch,folder",
-                           help="loaders to measure, of dali,torch,folder; one that cannot run here (no "
-                                "DALI, no --data-dir) is a row saying why")
-            d.add_argument("--cuhk03", action="store_true",
-                           help=f"measure again on {','.join(CUHK03_SOURCES)}, whose CUHK03 images are PNG "
-                                "(decoded on DALI's CPU threads even on a GPU)")
-        if name == "loaders":
-            add_train_flags(d, "amp")
+        add_data_flags(p.add_argument_group("data"), name)
     if name == "eval" or every:
         e = p.add_argument_group("evaluation")
-        add_train_flags(e, "test_batch_size")
+        add_train_flags(e, "test_batch_size", "aqe")
         e.add_argument("--eval-size", type=eval_size, default=(11659, 82161, 2048),
                        help="queries,gallery,dim of the metrics (default: MSMT17's test set)")
     if name == "ops":
-        m = p.add_argument_group("model parts")
-        add_train_flags(m, "arch")
-        m.add_argument("--count", action="store_true",
-                       help="count the ATen operations of one IL iteration per phase (CPU, fp32) instead of "
-                            "timing the model parts")
-        m.add_argument("--bn-groups", type=at_least(1), nargs="+", default=[1, 4],
-                       help="--count: the train.py --bn-groups settings to count, side by side")
-        m.add_argument("--style-shape", type=at_least(1), nargs=4, default=[192, 256, 64, 32],
-                       metavar=("B", "C", "H", "W"),
-                       help="UBS input shape (layer1 output of a 3 x 64 batch at 256x128)")
-        m.add_argument("--batch", type=at_least(4), default=192, help="memory update rows (4 per identity)")
-        m.add_argument("--features", type=at_least(1), default=2048, help="feature width")
-        m.add_argument("--classes", type=at_least(1), default=4101, help="memory classes (MSMT17 mix: 4101)")
-        m.add_argument("--threads", type=at_least(0), default=0,
-                       help="torch CPU threads (0: torch's default)")
+        add_ops_flags(p.add_argument_group("model parts"))
     return p
+
+
+def add_data_flags(d, name: str) -> None:
+    """The data flags of the loaders and train subcommands (``all``: both)."""
+    add_train_flags(d, "shards")
+    d.add_argument("--data-dir", type=Path, default=None,
+                   help="raw datasets (DATA/<name>/...), which the published folder loader reads")
+    d.add_argument("--sources", type=three_sources, default="market1501,dukemtmc,msmt17v1",
+                   help="three source datasets (JPEG-folder datasets, so the folder loader can read "
+                        "them)")
+    add_train_flags(d, "workers")
+    if name in ("train", "all"):
+        add_train_flags(d, "loader")
+    if name in ("loaders", "all"):
+        d.add_argument("--loaders", type=loader_kinds, default="dali,torch,folder",
+                       help="loaders to measure, of dali,torch,folder; one that cannot run here (no "
+                            "DALI, no --data-dir) is a row saying why")
+        d.add_argument("--cuhk03", action="store_true",
+                       help=f"measure again on {','.join(CUHK03_SOURCES)}, whose CUHK03 images are PNG "
+                            "(decoded on DALI's CPU threads even on a GPU)")
+    if name == "loaders":
+        add_train_flags(d, "amp")
+
+
+def add_ops_flags(m) -> None:
+    """The flags of the ops subcommand."""
+    add_train_flags(m, "arch")
+    m.add_argument("--count", action="store_true",
+                   help="count the ATen operations of one IL iteration per phase (CPU, fp32) instead of "
+                        "timing the model parts")
+    m.add_argument("--bn-groups", type=at_least(1), nargs="+", default=[1, 4],
+                   help="--count: the train.py --bn-groups settings to count, side by side")
+    m.add_argument("--style-shape", type=at_least(1), nargs=4, default=[192, 256, 64, 32],
+                   metavar=("B", "C", "H", "W"),
+                   help="UBS input shape (layer1 output of a 3 x 64 batch at 256x128)")
+    m.add_argument("--batch", type=at_least(4), default=192, help="memory update rows (4 per identity)")
+    m.add_argument("--features", type=at_least(1), default=2048, help="feature width")
+    m.add_argument("--classes", type=at_least(1), default=4101, help="memory classes (MSMT17 mix: 4101)")
+    m.add_argument("--threads", type=at_least(0), default=0,
+                   help="torch CPU threads (0: torch's default)")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -475,6 +483,8 @@ def measure_eval(args) -> list[dict]:
 
     info = du.init_distributed(args.device)
     res = benchmark_eval(*args.eval_size, info.device)
+    if args.aqe:
+        res.update(aqe_k=args.aqe, aqe_seconds=benchmark_eval(*args.eval_size, info.device, aqe=args.aqe)["seconds"])
     dtype = amp_dtype(args.amp, info.device)
     model = build_network(run_config(args), info).eval()
     x = torch.randn(args.test_batch_size, 3, args.height, args.width, device=info.device)
@@ -691,8 +701,10 @@ def iteration_lines(rows: list[dict]) -> list[str]:
 
 def eval_lines(rows: list[dict]) -> list[str]:
     r = rows[0]
+    aqe = (f"; with --aqe {r['aqe_k']}: {r['aqe_seconds']:.2f} s ({r['aqe_seconds'] / r['seconds']:.2f}x)"
+           if r.get("aqe_seconds") else "")
     return [f"eval metrics: {r['seconds']:.2f} s ({r['num_query']} x {r['num_gallery']} x {r['dim']}, "
-            f"{r['device']}, one run)",
+            f"{r['device']}, one run){aqe}",
             f"eval extraction forward: {r['extract_images_per_s']:.1f} images/s (test batch on the device)"]
 
 

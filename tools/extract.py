@@ -20,18 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.checkpoint import CheckpointError
-from engine.features import features_by_loader
+from engine.features import ToolError, add_extraction_flags, open_split, run_tool, tool_features
 from pipeline.files import write_atomic
 from pipeline.loader import build_eval_loader, build_file_loader, select_loader
-from pipeline.shards import ShardError, SplitReader, unknown_dataset
 
 PROG = "extract.py"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class ExtractError(Exception):
-    """A refusal: printed as ``extract.py: error: ...``, exit code 2."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,27 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (made if needed) for features.npy and images.txt "
                         "(and pids.npy, camids.npy with --shards)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default: 128)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="auto: CUDA when there is a GPU (with autocast), else the CPU")
-    p.add_argument("--workers", type=int, default=4,
-                   help="data worker processes that read and decode the images (default: 4; 0: in this "
-                        "process)")
-    p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
-                   help="decoding as in train.py: DALI (GPU decode on CUDA), or PIL + torchvision; auto "
-                        "takes DALI when installed. Each gives the features evaluation gives with the same "
-                        "loader (default: auto)")
     p.add_argument("--flip-test", action="store_true",
                    help="each feature is the normalised sum of the image's and its mirror image's features, "
                         "as train.py --flip-test evaluates")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_extraction_flags(p)
     args = p.parse_args(argv)
     if args.shards is not None and not args.dataset:
         p.error("--shards needs -d/--dataset")
-    if args.workers < 0:
-        p.error(f"--workers must be at least 0, got {args.workers}")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
 
 
@@ -90,23 +70,23 @@ def collect_images(specs: list[str]) -> list[str]:
         if path.is_dir():
             found = _folder_images(path)
             if not found:
-                raise ExtractError(f"--images {spec}: the folder holds no .jpg/.jpeg/.png images")
+                raise ToolError(f"--images {spec}: the folder holds no .jpg/.jpeg/.png images")
         elif path.is_file() and path.suffix.lower() == ".txt":
             found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
             if not found:
-                raise ExtractError(f"--images {spec}: the list is empty")
+                raise ToolError(f"--images {spec}: the list is empty")
             missing = [p for p in found if not Path(p).is_file()]
             if missing:
-                raise ExtractError(f"--images {spec}: {len(missing)} listed image(s) do not exist, first "
+                raise ToolError(f"--images {spec}: {len(missing)} listed image(s) do not exist, first "
                                    f"{missing[0]}")
         elif path.is_file():
             found = [spec]
         elif glob.has_magic(spec):
             found = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
             if not found:
-                raise ExtractError(f"--images {spec}: the pattern matches no files")
+                raise ToolError(f"--images {spec}: the pattern matches no files")
         else:
-            raise ExtractError(f"--images {spec}: no such file or folder")
+            raise ToolError(f"--images {spec}: no such file or folder")
         paths.extend(found)
     return paths
 
@@ -127,22 +107,9 @@ def write_outputs(out: Path, features: np.ndarray, names: list[str], **arrays: n
     write_atomic(out / "images.txt", lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
 
 
-def _progress(loader):
-    """The loader's batches with a progress bar."""
-    from tqdm import tqdm
-    return tqdm(loader, total=loader.rows.num_batches(), unit="batch", desc="extract", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> None:
     if args.shards is not None:
-        if why := unknown_dataset(args.dataset, args.shards):
-            raise ExtractError(f"-d {args.dataset!r}: {why}")
-        try:
-            reader = SplitReader(args.shards / args.dataset, args.split)
-        except (ShardError, OSError) as e:
-            raise ExtractError(f"--shards {args.shards} -d {args.dataset}: {e}") from None
-        if len(reader) == 0:
-            raise ExtractError(f"--shards: split {args.split} of {args.dataset} is empty")
+        reader = open_split(args.shards, args.dataset, args.split)
         names = list(reader.keys)
         extra = {"pids": reader.pids.astype(np.int64), "camids": reader.camids.astype(np.int64)}
 
@@ -153,19 +120,8 @@ def run(args: argparse.Namespace) -> None:
 
         def loaders(cfg):
             yield build_file_loader(names, cfg)
-    shown = len(names) > args.batch_size and not args.no_progress
-    try:
-        (feats,) = features_by_loader(args.checkpoint, loaders, device=args.device, loader=args.loader,
-                                      workers=args.workers, batch_size=args.batch_size, flip=args.flip_test,
-                                      progress=_progress if shown else None)
-    except ShardError as e:  # an image that does not decode, named
-        raise ExtractError(str(e)) from None
-    except CheckpointError as e:
-        raise ExtractError(f"--checkpoint {e}") from None
-    except ValueError as e:  # a device that is not there
-        raise ExtractError(f"--device {args.device}: {e}") from None
-    except ImportError as e:
-        raise ExtractError(f"--loader {args.loader}: {e}") from None
+    (feats,) = tool_features(args, loaders, flip=args.flip_test,
+                             progress=len(names) > args.batch_size and not args.no_progress)
     write_outputs(args.out, feats.numpy(), names, **extra)
     print(f"{len(names)} images ({select_loader(args.loader)} loader) -> {args.out / 'features.npy'} "
           f"[{feats.shape[0]}, {feats.shape[1]}] and {args.out / 'images.txt'}", file=sys.stderr)
@@ -173,13 +129,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except ExtractError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_tool(PROG, lambda: run(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,13 +36,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.checkpoint import CheckpointError
-from engine.features import features_by_loader
+from engine.features import ToolError, add_extraction_flags, open_split, run_tool, tool_features
 from engine.metrics import pairwise_distance
 from pipeline.loader import build_eval_loader
 from pipeline.reading import decode_rgb
 from pipeline.files import write_atomic
-from pipeline.shards import ShardError, SplitReader, unknown_dataset
+from pipeline.shards import SplitReader
 
 PROG = "visualize_ranks.py"
 SPLITS = ("query", "gallery")
@@ -68,10 +67,6 @@ TEXT = (0, 0, 0)
 QUERY_COLOUR = (40, 80, 220)
 GREEN = (0, 190, 0)
 RED = (230, 0, 0)
-
-
-class VisualizeError(Exception):
-    """A refusal: printed as ``visualize_ranks.py: error: ...``, exit code 2."""
 
 
 def tile_origin(j: int) -> tuple[int, int]:
@@ -108,16 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="features extracted earlier with tools/extract.py --shards: DIR/query/ and "
                         "DIR/gallery/ each holding features.npy, images.txt, pids.npy, camids.npy "
                         "(--split query --out DIR/query, --split gallery --out DIR/gallery)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default: 128)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="auto: CUDA when there is a GPU (with autocast), else the CPU")
-    p.add_argument("--workers", type=int, default=4,
-                   help="data worker processes that read and decode the images (default: 4; 0: in this "
-                        "process)")
-    p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
-                   help="decoding as in train.py and tools/extract.py: DALI, or PIL + torchvision; auto "
-                        "takes DALI when installed (default: auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_extraction_flags(p)
     args = p.parse_args(argv)
     if args.checkpoint is None and args.features is None:
         p.error("give --checkpoint (to extract the features) or --features")
@@ -125,8 +111,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--topk must be at least 1, got {args.topk}")
     if args.num_queries < 1:
         p.error(f"--num-queries must be at least 1, got {args.num_queries}")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
 
 
@@ -134,22 +118,11 @@ def _progress(enabled: bool, desc: str, total: int):
     if not enabled:
         return None
     from tqdm import tqdm
-    return lambda it: tqdm(it, total=total, unit="batch" if desc == "extract" else "query", desc=desc,
-                           file=sys.stderr)
+    return lambda it: tqdm(it, total=total, unit="query", desc=desc, file=sys.stderr)
 
 
 def open_splits(shards: Path, dataset: str) -> dict[str, SplitReader]:
-    if why := unknown_dataset(dataset, shards):
-        raise VisualizeError(f"-d {dataset!r}: {why}")
-    readers = {}
-    for split in SPLITS:
-        try:
-            readers[split] = SplitReader(shards / dataset, split)
-        except (ShardError, OSError) as e:
-            raise VisualizeError(f"--shards {shards} -d {dataset}: {e}") from None
-        if len(readers[split]) == 0:
-            raise VisualizeError(f"--shards {shards} -d {dataset}: the {split} split is empty")
-    return readers
+    return {split: open_split(shards, dataset, split) for split in SPLITS}
 
 
 def _decoder(reader: SplitReader):
@@ -157,7 +130,7 @@ def _decoder(reader: SplitReader):
         try:
             return decode_rgb(reader.read(i))
         except Exception as e:  # noqa: BLE001 - say which sample
-            raise VisualizeError(f"{reader.location(i)}: cannot decode the image ({e})") from None
+            raise ToolError(f"{reader.location(i)}: cannot decode the image ({e})") from None
     return load
 
 
@@ -168,22 +141,7 @@ def extract_splits(args: argparse.Namespace, readers: dict[str, SplitReader]) ->
         for split in readers:
             yield build_eval_loader(args.shards, args.dataset, split, cfg)
 
-    def progress(loader):
-        from tqdm import tqdm
-        return tqdm(loader, total=loader.rows.num_batches(), unit="batch", desc="extract", file=sys.stderr)
-
-    try:
-        feats = list(features_by_loader(args.checkpoint, loaders, device=args.device, loader=args.loader,
-                                        workers=args.workers, batch_size=args.batch_size,
-                                        progress=None if args.no_progress else progress))
-    except ShardError as e:  # an image that does not decode, named
-        raise VisualizeError(str(e)) from None
-    except CheckpointError as e:
-        raise VisualizeError(f"--checkpoint {e}") from None
-    except ValueError as e:  # a device that is not there
-        raise VisualizeError(f"--device {args.device}: {e}") from None
-    except ImportError as e:
-        raise VisualizeError(f"--loader {args.loader}: {e}") from None
+    feats = tool_features(args, loaders, progress=not args.no_progress)
     return dict(zip(readers, feats))
 
 
@@ -194,25 +152,25 @@ def load_features(folder: Path, readers: dict[str, SplitReader]) -> dict[str, to
         d = folder / split
         missing = [name for name in FEATURE_FILES if not (d / name).is_file()]
         if missing:
-            raise VisualizeError(f"--features {folder}: {d} lacks {', '.join(missing)} (write it with "
+            raise ToolError(f"--features {folder}: {d} lacks {', '.join(missing)} (write it with "
                                  f"tools/extract.py --shards ... --split {split} --out {d})")
         try:
             f = np.load(d / "features.npy")
             pids, camids = np.load(d / "pids.npy"), np.load(d / "camids.npy")
             keys = (d / "images.txt").read_text().splitlines()
         except (OSError, ValueError) as e:
-            raise VisualizeError(f"--features {folder}: cannot read {d}: {e}") from None
+            raise ToolError(f"--features {folder}: cannot read {d}: {e}") from None
         n = len(reader)
         if f.ndim != 2 or len(f) != n or len(keys) != n:
-            raise VisualizeError(f"--features {folder}: {d} holds {len(keys)} keys and features of shape "
+            raise ToolError(f"--features {folder}: {d} holds {len(keys)} keys and features of shape "
                                  f"{list(f.shape)}, the {split} split has {n} images")
         if (keys != list(reader.keys) or not np.array_equal(pids, reader.pids)
                 or not np.array_equal(camids, reader.camids)):
-            raise VisualizeError(f"--features {folder}: {d} does not list the {split} split of "
+            raise ToolError(f"--features {folder}: {d} does not list the {split} split of "
                                  f"{reader.dataset_dir} in order (extracted from other shards?)")
         feats[split] = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
     if feats["query"].shape[1] != feats["gallery"].shape[1]:
-        raise VisualizeError(f"--features {folder}: query and gallery features differ in size "
+        raise ToolError(f"--features {folder}: query and gallery features differ in size "
                              f"({feats['query'].shape[1]} vs {feats['gallery'].shape[1]})")
     return feats
 
@@ -313,13 +271,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except VisualizeError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_tool(PROG, lambda: run(args))
 
 if __name__ == "__main__":
     sys.exit(main())
