@@ -98,3 +98,47 @@ def test_auto_amp_picks_bf16_only_where_the_gpu_computes_in_it():
 
     native = torch.cuda.get_device_capability() >= (8, 0)
     assert amp_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else torch.float16)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_inference_tools_on_cuda(synthetic_shards, tmp_path_factory, tmp_path, loader):
+    """tools/extract.py and tools/visualize_ranks.py with --device cuda (autocast; DALI decodes on
+    the GPU) give the CPU's features, and an exported TorchScript file runs on the GPU."""
+    import numpy as np
+
+    from engine.features import FeatureExtractor
+    from pipeline.reading import decode_rgb
+    from pipeline.shards import SplitReader
+    from pipeline.transforms import normalize
+    from tests.test_extract import TARGET, trained_checkpoint
+    from tools import export, extract, visualize_ranks
+
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    ckpt = trained_checkpoint(synthetic_shards, tmp_path_factory)
+    split = ["--checkpoint", str(ckpt), "--shards", str(synthetic_shards), "-d", TARGET, "--split", "query",
+             "--no-progress", "--workers", "2"]
+    assert extract.main([*split, "--out", str(tmp_path / "cpu"), "--device", "cpu", "--loader", "torch"]) == 0
+    assert extract.main([*split, "--out", str(tmp_path / "gpu"), "--device", "cuda", "--loader", loader]) == 0
+    cpu, gpu = (np.load(tmp_path / d / "features.npy") for d in ("cpu", "gpu"))
+    assert gpu.shape == cpu.shape and (tmp_path / "gpu" / "images.txt").read_text() == \
+        (tmp_path / "cpu" / "images.txt").read_text()
+    cosine = (cpu * gpu).sum(1)  # rows of norm 1; bf16/fp16 autocast and another resize kernel
+    assert cosine.min() > 0.995, cosine.min()
+
+    assert visualize_ranks.main(["--checkpoint", str(ckpt), "--shards", str(synthetic_shards), "-d", TARGET,
+                                 "--out", str(tmp_path / "ranks"), "--num-queries", "2", "--topk", "3",
+                                 "--device", "cuda", "--loader", loader, "--no-progress"]) == 0
+    assert len(list((tmp_path / "ranks").glob("query_*.png"))) == 2
+
+    reader = SplitReader(synthetic_shards / TARGET, "query")
+    pil = [decode_rgb(reader.read(i)) for i in range(8)]
+    api = FeatureExtractor.from_checkpoint(ckpt, device="cuda")
+    feats = api(pil)
+    assert feats.device.type == "cpu" and float((feats.numpy() * cpu[:8]).sum(1).min()) > 0.995
+
+    assert export.main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    scripted = torch.jit.load(str(tmp_path / "m.pt"), map_location="cuda")
+    pixels = torch.from_numpy(np.stack([api.preprocess(im) for im in pil])).cuda()
+    out = scripted(normalize(pixels).permute(0, 3, 1, 2)).float().cpu()
+    assert out.shape == (8, cpu.shape[1]) and float((out.numpy() * cpu[:8]).sum(1).min()) > 0.995
