@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 from contextlib import ExitStack
-from pathlib import Path
 
 from engine import distributed as du
 from engine.config import RunConfig

@@ -16,6 +16,7 @@ import torch
 from engine.config import RunConfig
 from engine.metrics import METRICS
 from pipeline.files import write_atomic
+from pipeline.reading import PAD
 
 # Settings that must agree between a run and the checkpoint it resumes from (the number of
 # epochs may grow: a finished run can be continued).
@@ -104,6 +105,7 @@ def read_checkpoint(path: Path, parts: dict[str, type] = TRAIN_PARTS) -> dict:
     if problem:
         raise CheckpointError(f"{path} is not a train.py checkpoint: {problem}")
     config = state["config"]
+    config.setdefault("pad", PAD)  # written before --pad: every size was padded by 10 pixels
     if "target" in config:  # written before -d took several targets: as if written with one
         target = config.pop("target")
         config.update(targets=[target], best_by="first")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from pipeline.loader import LoaderConfig
+from pipeline.reading import default_pad
 
 SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")
 
@@ -29,6 +30,7 @@ class RunConfig:
     num_instances: int = setting()
     height: int = setting()
     width: int = setting()
+    pad: int | None = setting()  # None (the flag's default): default_pad(width)
     update_style: bool = setting()
     baseline: str = setting()
     epochs: int = setting(resume=False)
@@ -53,6 +55,10 @@ class RunConfig:
                               else getattr(args, flag))
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        if self.pad is None:
+            self.pad = default_pad(self.width)
+
     @classmethod
     def resume_keys(cls) -> tuple[str, ...]:
         """The settings a resumed run must share with its checkpoint."""
@@ -68,5 +74,5 @@ class RunConfig:
         return LoaderConfig(height=self.height, width=self.width,
                             num_ids=self.batch_size // self.num_instances, num_instances=self.num_instances,
                             iters=self.iters, seed=self.seed, workers=workers, dtype=dtype or torch.float32,
-                            device=device, rank=rank,
-                            world=world, loader=loader, test_batch_size=test_batch_size)
+                            device=device, rank=rank, world=world, loader=loader,
+                            test_batch_size=test_batch_size, pad=self.pad)

@@ -19,7 +19,7 @@ from engine.runlog import RunLog
 from engine.step import shuffle_plan, train_step
 from engine.stopping import StopRequest
 from engine.usage import Divergence
-from pipeline.seeds import torch_seed
+from pipeline.seeds import STYLE, int_seed
 
 log = logging.getLogger("train")
 
@@ -92,7 +92,7 @@ def train_one_epoch(t: Trainer, loader, epoch: int, start: int, *, stop: StopReq
 def one_iteration(t: Trainer, batch, epoch: int, it: int) -> torch.Tensor:
     """One training step on ``batch``; its loss stays on the device."""
     cfg, d = t.cfg, t.dist
-    torch.manual_seed(torch_seed(cfg.seed, epoch, it))
+    torch.manual_seed(int_seed(cfg.seed, epoch, it, STYLE))  # the style draws (torch.rand)
     plan = shuffle_plan(batch.sizes, d.world, d.rank, cfg.seed, epoch, it, shuffle=cfg.mode != "fb",
                         round_sizes=batch.round_sizes, labels=batch.batch_labels)
     return train_step(t.net, t.memories, batch.images, batch.labels, batch.sizes, t.optimizer, t.scaler,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.reading import EvalRows
+from pipeline.reading import EvalRows, default_pad
 from pipeline.transforms import normalize
 
 LOADERS = ("auto", "dali", "torch")
@@ -35,10 +35,16 @@ class LoaderConfig:
     loader: str = "auto"
     test_batch_size: int = 256
     replace_bad: bool = False  # replace undecodable images by another of the same identity (counted)
+    pad: int | None = None  # zero padding before the random crop; None: default_pad(width)
 
     @property
     def batch_size(self) -> int:
         return self.num_ids * self.num_instances
+
+    @property
+    def crop_pad(self) -> int:
+        """The training crop's padding in pixels (the crop shifts by up to this much)."""
+        return default_pad(self.width) if self.pad is None else self.pad
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The graph is the training transform of ``pipeline.transforms``: decode (GPU "mixed", or CPU
 when ``device_id`` is None; by content, so JPEG and PNG members alike), bicubic resize, a
-random shift of up to ``PAD`` pixels with zero fill (= pad 10 then random crop), random
+random shift of up to ``LoaderConfig.crop_pad`` pixels with zero fill (= pad then random crop), random
 mirror, normalise. Images leave DALI as NHWC, so the NCHW view handed to torch is
 channels_last without a copy.
 

@@ -23,18 +23,25 @@ from pipeline.shards import ShardError, SplitReader, load_manifest
 if TYPE_CHECKING:
     from pipeline.batches import LoaderConfig
 
-PAD = 10  # pixels of zero padding before the random crop (pipeline.transforms)
+PAD = 10  # the published zero padding before the random crop, in pixels at width 128
 FLIP_P = 0.5  # probability of the horizontal flip
 
 
-def augment_params(seed: int, epoch: int, it: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def default_pad(width: int) -> int:
+    """The padding before the random crop at input ``width``: the published 10 pixels at
+    256x128, scaled with the width so the crop moves by the same share of the image at any size
+    (10 pixels of a 16-pixel-wide image leave little of the person: learning stalls)."""
+    return round(PAD * width / 128)
+
+
+def augment_params(seed: int, epoch: int, it: int, n: int, pad: int = PAD) -> tuple[np.ndarray, np.ndarray]:
     """Per image of one iteration's global batch (n rows, the sources one after another):
-    mirror flag (p=FLIP_P) and crop shift (dy, dx) in [-PAD, PAD], i.e. the crop's corner in
-    the padded image minus PAD. Ranks take their rows of it, so an image is augmented alike
-    whatever the number of ranks."""
+    mirror flag (p=FLIP_P) and crop shift (dy, dx) in [-pad, pad], i.e. the crop's corner in
+    the image padded by ``pad`` minus ``pad``. Ranks take their rows of it, so an image is
+    augmented alike whatever the number of ranks."""
     rng = stream_rng(seed, epoch, it, AUGMENT)
     mirror = (rng.random(n) < FLIP_P).astype(np.int32)
-    shift = rng.integers(-PAD, PAD + 1, size=(n, 2)).astype(np.int32)
+    shift = rng.integers(-pad, pad + 1, size=(n, 2)).astype(np.int32)
     return mirror, shift
 
 
@@ -124,6 +131,7 @@ class TrainPlan:
         self.sets = sets
         self.num_ids, self.num_instances, self.iters = cfg.num_ids, cfg.num_instances, cfg.iters
         self.seed, self.rank, self.world = cfg.seed, cfg.rank, cfg.world
+        self.pad = cfg.crop_pad
         self.replace_bad = cfg.replace_bad
         self.bad: set[tuple[int, int]] = set()  # (source, row) found undecodable
         self._cache: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
@@ -188,7 +196,7 @@ class TrainPlan:
         n = self.num_ids * self.num_instances
         rows = np.concatenate([s * n + rank_slice(np.arange(n), self.rank, self.world)
                                for s in range(len(self.sets))])
-        return tuple(a[rows] for a in augment_params(self.seed, epoch, it, n * len(self.sets)))
+        return tuple(a[rows] for a in augment_params(self.seed, epoch, it, n * len(self.sets), self.pad))
 
     def find_bad(self, epoch: int, iterations: range) -> list[tuple[int, int]]:
         """Rows that fail a full decode in these iterations (maps a decoder error back to samples)."""

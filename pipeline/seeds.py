@@ -12,9 +12,9 @@ random state from one iteration to the next, so:
   see the same draws.
 
 Streams today: sampler ``(seed, epoch, source)``, flips and crops ``(seed, epoch, it, AUGMENT)``,
-shuffle ``(seed, epoch, it, SHUFFLE)``, style draws ``(seed, epoch, it)`` as one integer for
-``torch.manual_seed`` (:func:`torch_seed`), DALI's pipeline seed ``(seed, rank, g, LOADER)``
-(its graph draws nothing: the augmentation comes from the host).
+shuffle ``(seed, epoch, it, SHUFFLE)``, style draws ``(seed, epoch, it, STYLE)`` (as the one
+integer ``torch.manual_seed`` takes, :func:`int_seed`), DALI's pipeline seed
+``(seed, rank, g, LOADER)`` (its graph draws nothing: the augmentation comes from the host).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numpy as np
 AUGMENT = 0xA06  # flips and crops of one iteration
 SHUFFLE = 0x5EED  # the second forward's permutation
 LOADER = 0xDA1  # a DALI pipeline's own seed
+STYLE = 0x57E  # the style module's torch.rand draws of one iteration
 
 
 def stream_seed(seed: int, *position: int) -> np.random.SeedSequence:
@@ -36,12 +37,7 @@ def stream_rng(seed: int, *position: int) -> np.random.Generator:
     return np.random.default_rng(stream_seed(seed, *position))
 
 
-def torch_seed(seed: int, epoch: int, it: int) -> int:
-    """The style draws' stream as the one integer ``torch.manual_seed`` takes: (seed, epoch,
-    iteration) packed in mixed radix, as the earlier releases seeded it, so their runs repeat."""
-    return (seed * 1_000_003 + epoch) * 100_003 + it
-
-
 def int_seed(seed: int, *position: int) -> int:
-    """:func:`stream_seed`'s stream as a 31-bit integer, for libraries that take one (DALI)."""
+    """:func:`stream_seed`'s stream as a 31-bit integer, for libraries that take one (DALI,
+    ``torch.manual_seed``)."""
     return int(stream_seed(seed, *position).generate_state(1)[0]) % 2**31

@@ -1,7 +1,8 @@
 """Image transforms of the published method, as constants shared by the DALI and PIL paths.
 
 Train: resize 256x128 (bicubic), horizontal flip p=0.5, pad 10 (zeros), random crop back to
-256x128, ImageNet mean/std. Test: resize + normalise. The torchvision compositions below are the
+256x128, ImageNet mean/std; at other sizes the padding scales with the width
+(:func:`default_pad`). Test: resize + normalise. The torchvision compositions below are the
 published way (the folder baseline); the torch fallback loader runs the same steps as
 :func:`train_pixels` / :func:`test_pixels` in its workers, which hand over uint8 pixels (a
 quarter of the bytes of floats), and :func:`normalize` runs where the batch lands, on the GPU
@@ -20,18 +21,19 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from pipeline.reading import FLIP_P, PAD, augment_params  # noqa: F401 (torch-free: the workers draw them)
+from pipeline.reading import FLIP_P, PAD, augment_params, default_pad  # noqa: F401 (torch-free: the workers draw them)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def train_transform(height: int = 256, width: int = 128) -> T.Compose:
-    """PIL image -> normalised float tensor [3, H, W] with the training augmentation."""
+def train_transform(height: int = 256, width: int = 128, pad: int | None = None) -> T.Compose:
+    """PIL image -> normalised float tensor [3, H, W] with the training augmentation (``pad``
+    None: :func:`default_pad`)."""
     return T.Compose([
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(p=FLIP_P),
-        T.Pad(PAD),  # zeros, torchvision's default fill
+        T.Pad(default_pad(width) if pad is None else pad),  # zeros, torchvision's default fill
         T.RandomCrop((height, width)),
         T.ToTensor(),
         T.Normalize(MEAN, STD),
@@ -77,7 +79,8 @@ def train_pixels(image: Image.Image, mirror: int, dy: int, dx: int, height: int 
     at the shift, mirror (the order of the DALI graph); uint8 [H, W, 3]. Same distribution as
     :func:`train_transform`."""
     image = TF.resize(image, [height, width], interpolation=T.InterpolationMode.BICUBIC)
-    image = TF.crop(TF.pad(image, PAD), PAD + int(dy), PAD + int(dx), height, width)
+    pad = max(abs(int(dy)), abs(int(dx)))  # any padding that holds the shift gives the same crop
+    image = TF.crop(TF.pad(image, pad), pad + int(dy), pad + int(dx), height, width)
     if mirror:
         image = TF.hflip(image)
     return np.array(image)

@@ -20,7 +20,7 @@ class _Files(Dataset):
     """(path, label) per image; PIL decode + torchvision transform per item, as the published code."""
 
     def __init__(self, items: list[tuple[str, int]], cfg: LoaderConfig):
-        self.items, self.transform = items, train_transform(cfg.height, cfg.width)
+        self.items, self.transform = items, train_transform(cfg.height, cfg.width, cfg.crop_pad)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -18,16 +18,19 @@ from tests.test_train import SOURCES, history, small_run
 
 # Whole-batch statistics (--bn-groups 1): at -b 32 the default 4 groups hold 8 images (2
 # identities) each, and the neck's per-group normalisation then removes most of what tells
-# identities apart (a fixed batch's loss stalls near 1.0 instead of falling to 0.01).
-# Measured (2026-11-25, 2 cores, this configuration with 2 epochs of 20 iterations): target mAP
-# untrained -> trained 0.315 -> 0.370 (seed 0) and 0.272 -> 0.324 (seed 1); the default 4 groups
-# gained 0.03, 0.04 and -0.02 over 160 iterations (seeds 0-2), too little to test.
+# identities apart (a fixed batch's loss stalls near 1.0 instead of falling to 0.01). The crop
+# padding scales with the width (1 pixel at 32x16); with the published 10 pixels at this size
+# the crop keeps little of the person and 40 iterations moved the target's mAP by -0.12 to +0.06
+# over seeds 0-3, so this test could not tell learning from chance.
+# Measured (2026-11-26, 2 cores, this configuration, 2 epochs of 20 iterations): target mAP
+# untrained -> trained 0.315 -> 0.487 (seed 0, 2 threads), 0.272 -> 0.481 (seed 1), and gains of
+# 0.112 and 0.189 for seeds 2 and 3 (1 thread).
 LEARN = ["--shards", "SHARDS", "--logs-dir", "LOGS", *SOURCES, "-a", "resnet18", "--pretrained", "none",
          "--height", "32", "--width", "16", "-b", "32", "--bn-groups", "1", "--iters", "20", "--epochs", "2",
          "--warmup-epochs", "0", "--milestones", "100", "--eval-every", "0", "--workers", "1",
          "--test-batch-size", "128", "--loader", "torch", "--device", "cpu", "--no-progress",
          "--update-style", "--seed", "0"]
-MARGIN = 0.025  # about half the smaller measured gain
+MARGIN = 0.06  # about half the smallest measured gain
 
 
 def untrained_map(shards: Path, seed: int) -> float:

@@ -23,7 +23,7 @@ from pipeline.loader import LoaderConfig, build_eval_loader
 from pipeline.records import DATASETS
 from pipeline.runlock import LOCK_NAME
 from pipeline.shards import SplitReader
-from pipeline.transforms import FLIP_P, PAD, augment_params, normalize, train_pixels, train_transform
+from pipeline.transforms import FLIP_P, PAD, augment_params, default_pad, normalize, train_pixels, train_transform
 from tests.test_evaluation import _squared_euclidean
 from tests.test_metrics import literal_market
 from tests.test_rerank import standard_re_ranking
@@ -184,6 +184,23 @@ def test_amp_dtype_on_cpu():
 
 # ------------------------------------------------------------------------------ augmentation
 
+def test_the_crop_padding_scales_with_the_input_width():
+    """The published 10 pixels at 256x128, the same share of the image at other sizes, unless
+    --pad says otherwise; the loaders draw their shifts within it."""
+    assert [default_pad(w) for w in (128, 64, 32, 16, 192)] == [10, 5, 2, 1, 15]
+    for flags, pad in (([], 10), (["--width", "64", "--height", "128"], 5), (["--width", "64", "--pad", "3"], 3)):
+        cfg = RunConfig.from_args(train.get_parser().parse_args([*GOOD, *flags]))
+        assert cfg.pad == pad
+        lcfg = cfg.loader_config(workers=0, dtype=None, device=torch.device("cpu"), rank=0, world=1,
+                                 loader="torch", test_batch_size=8)
+        assert lcfg.crop_pad == pad
+    assert LoaderConfig(width=32).crop_pad == 2 and LoaderConfig(width=32, pad=0).crop_pad == 0
+    shifts = augment_params(seed=0, epoch=0, it=0, n=500, pad=5)[1]
+    assert sorted(set(shifts.ravel().tolist())) == list(range(-5, 6))
+    assert "--pad 16 must be smaller than the input (32x16)" in _refusal(
+        [*GOOD, "--height", "32", "--width", "16", "--pad", "16"])
+
+
 def test_train_transform_is_train_pixels_for_some_random_parts():
     """The published composition (flip, then pad and a random crop, torchvision's own draws)
     gives exactly train_pixels' output (resize, pad, crop at a shift, then mirror) for one of
@@ -204,13 +221,13 @@ def test_train_transform_is_train_pixels_for_some_random_parts():
         pixels = torch.from_numpy(train_pixels(image, m, dy, dx, height, width))
         outputs[key(normalize(pixels).permute(2, 0, 1))] = (m, dy, dx)
     assert len(outputs) == len(parts)  # every random part gives a different image
-    transform = train_transform(height, width)
+    transform = train_transform(height, width, pad=PAD)
     found = []
     for seed in range(300):
         torch.manual_seed(seed)
         found.append(outputs[key(transform(image))])  # KeyError: an output train_pixels never gives
     mirror, dy, dx = np.asarray(found).T
-    mine_mirror, mine_shift = augment_params(seed=0, epoch=0, it=0, n=300)
+    mine_mirror, mine_shift = augment_params(seed=0, epoch=0, it=0, n=300, pad=PAD)
     for flips in (mirror, mine_mirror):
         assert abs(flips.mean() - FLIP_P) < 0.1
     for shifts in (dy, dx, mine_shift[:, 0], mine_shift[:, 1]):
