@@ -311,13 +311,20 @@ def load_manifest(dataset_dir: Path) -> dict:
         raise ShardError(f"{path} is not a valid manifest ({e}): rebuild with tools/make_shards.py") from None
     if fmt != FORMAT_VERSION:
         raise ShardError(f"{path}: shards built with format {fmt}, this program reads format "
-                         f"{FORMAT_VERSION}: rebuild with tools/make_shards.py")
+                         f"{FORMAT_VERSION}: rebuild with {_rebuild_command(manifest, d)}")
     missing = [str(d / s[k]) for info in manifest["splits"].values() for s in info["shards"]
                for k in ("tar", "idx") if not (d / s[k]).is_file()]
     if missing:
         raise ShardError(f"{d}: {len(missing)} shard file(s) named in {MANIFEST} are missing "
-                         "(rebuild with tools/make_shards.py):\n  " + "\n  ".join(missing))
+                         f"(rebuild with {_rebuild_command(manifest, d)}):\n  " + "\n  ".join(missing))
     return manifest
+
+
+def _rebuild_command(manifest: dict, dataset_dir: Path) -> str:
+    """The command that rebuilds ``dataset_dir``: a custom set needs its folder again."""
+    if manifest.get("custom"):
+        return f"tools/make_shards.py --custom {dataset_dir.name}=DIR (DIR: the folder it was made from)"
+    return "tools/make_shards.py"
 
 
 def custom_sets(shards_dir: Path) -> list[str]:

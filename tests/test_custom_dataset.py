@@ -93,6 +93,16 @@ def test_unknown_names_list_the_built_in_and_custom_sets(custom, tmp_path, capsy
     assert f"or a custom set in {out} (mycams)" in line
 
 
+def test_a_damaged_custom_set_says_how_to_rebuild_it(custom, tmp_path):
+    """The rebuild command of a custom set names --custom (its folder is not recorded)."""
+    out, _ = custom
+    copy = tmp_path / "mycams"
+    shutil.copytree(out / "mycams", copy)
+    next(copy.glob("gallery-*.tar")).unlink()
+    with pytest.raises(shards.ShardError, match=r"rebuild with tools/make_shards.py --custom mycams=DIR"):
+        shards.load_manifest(copy)
+
+
 def write_folder(root: Path, files: dict[str, list[str]]) -> Path:
     """A Market-style folder: ``files`` per subfolder, each a small JPEG."""
     for sub, names in files.items():
