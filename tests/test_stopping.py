@@ -45,12 +45,6 @@ def gone_within(pids: list[int], seconds: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-@pytest.mark.parametrize("loader, signum, to", [
-    ("dali", signal.SIGTERM, "torchrun"),
-    ("torch", signal.SIGINT, "torchrun"),
-    ("dali", signal.SIGINT, "rank 1"),
-    ("torch", signal.SIGTERM, "rank 0"),
-], ids=["dali-SIGTERM-torchrun", "torch-SIGINT-torchrun", "dali-SIGINT-rank1", "torch-SIGTERM-rank0"])
 def kill_and_expect_no_leftover(run: Live, tree: list[int]) -> None:
     """SIGKILL the command: every process of ``tree`` it started must be gone within 5 s."""
     os.kill(run.proc.pid, signal.SIGKILL)
@@ -66,6 +60,12 @@ def reap(run: Live, tree: list[int]) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("loader, signum, to", [
+    ("dali", signal.SIGTERM, "torchrun"),
+    ("torch", signal.SIGINT, "torchrun"),
+    ("dali", signal.SIGINT, "rank 1"),
+    ("torch", signal.SIGTERM, "rank 0"),
+], ids=["dali-SIGTERM-torchrun", "torch-SIGINT-torchrun", "dali-SIGINT-rank1", "torch-SIGTERM-rank0"])
 def test_a_stop_signal_saves_the_last_iteration_and_says_how_to_resume(
         synthetic_shards, tmp_path, loader, signum, to):
     if loader == "dali":
