@@ -52,8 +52,8 @@ def check_flags(args, cfg: RunConfig, world: int) -> None:
     if len(set(cfg.sources)) != 3:
         raise UsageError(f"sources {cfg.sources}: the three sources must differ")
     if cfg.pad >= min(cfg.height, cfg.width):
-        raise UsageError(f"--pad {cfg.pad} must be smaller than the input ({cfg.height}x{cfg.width}): the crop "
-                         "would hold no part of the image")
+        raise UsageError(f"--pad {cfg.pad} must be smaller than the input ({cfg.height}x{cfg.width}): "
+                         "the crop would hold no part of the image")
     if cfg.batch_size % cfg.num_instances:
         raise UsageError(f"-b {cfg.batch_size} must be a multiple of --num-instances {cfg.num_instances}")
     if cfg.batch_size % world:

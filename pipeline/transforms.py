@@ -21,7 +21,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from pipeline.reading import FLIP_P, PAD, augment_params, default_pad  # noqa: F401 (torch-free: the workers draw them)
+# torch-free, so the workers draw the random parts without torch:
+from pipeline.reading import FLIP_P, PAD, augment_params, default_pad  # noqa: F401
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

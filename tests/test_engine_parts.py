@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import config_differences, load_checkpoint, save_checkpoint
+from engine.checkpoint import (EVAL_PARTS, config_differences, load_checkpoint, read_checkpoint,
+                               save_checkpoint)
 from engine.optim import build_scheduler, warmup_multistep
 from engine.step import shuffle_plan
 
@@ -63,6 +64,20 @@ def test_checkpoint_roundtrip_is_weights_only_and_atomic(tmp_path):
         load_checkpoint(tmp_path / "missing.pth")
     diffs = config_differences({"arch": "resnet50", "seed": 1}, {"arch": "resnet18", "seed": 1})
     assert diffs == ["arch: checkpoint 'resnet50', now 'resnet18'"]
+
+
+def test_checkpoints_of_earlier_releases_read_as_they_were_trained(tmp_path):
+    """Before -d took several targets a checkpoint held one ``target``; before --pad every size
+    was padded by 10 pixels: such a checkpoint reads as one target and pad 10, so resuming it at
+    128x64 names the padding that changed."""
+    old = {"config": {"arch": "resnet18", "target": "market1501", "width": 64, "height": 128},
+           "model": {"w": torch.zeros(2)}, "history": [{"epoch": 1, "mAP": 0.25, "rank1": 0.5}]}
+    save_checkpoint(old, tmp_path / "old.pth")
+    state = read_checkpoint(tmp_path / "old.pth", EVAL_PARTS)
+    assert state["config"]["targets"] == ["market1501"] and state["config"]["best_by"] == "first"
+    assert state["config"]["pad"] == 10 and "target" not in state["config"]
+    assert state["history"][0]["market1501/mAP"] == 0.25 and state["history"][0]["market1501/rank1"] == 0.5
+    assert config_differences(state["config"], {**state["config"], "pad": 5}) == ["pad: checkpoint 10, now 5"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

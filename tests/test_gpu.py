@@ -137,7 +137,8 @@ def test_inference_tools_on_cuda(synthetic_shards, tmp_path_factory, tmp_path, l
     feats = api(pil)
     assert feats.device.type == "cpu" and float((feats.numpy() * cpu[:8]).sum(1).min()) > 0.995
 
-    assert export.main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    assert export.main(["--checkpoint", str(ckpt), "--format", "torchscript",
+                        "--out", str(tmp_path / "m.pt")]) == 0
     scripted = torch.jit.load(str(tmp_path / "m.pt"), map_location="cuda")
     pixels = torch.from_numpy(np.stack([api.preprocess(im) for im in pil])).cuda()
     out = scripted(normalize(pixels).permute(0, 3, 1, 2)).float().cpu()

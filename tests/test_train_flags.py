@@ -23,7 +23,8 @@ from pipeline.loader import LoaderConfig, build_eval_loader
 from pipeline.records import DATASETS
 from pipeline.runlock import LOCK_NAME
 from pipeline.shards import SplitReader
-from pipeline.transforms import FLIP_P, PAD, augment_params, default_pad, normalize, train_pixels, train_transform
+from pipeline.transforms import (FLIP_P, PAD, augment_params, default_pad, normalize, train_pixels,
+                                 train_transform)
 from tests.test_evaluation import _squared_euclidean
 from tests.test_metrics import literal_market
 from tests.test_rerank import standard_re_ranking
@@ -188,7 +189,8 @@ def test_the_crop_padding_scales_with_the_input_width():
     """The published 10 pixels at 256x128, the same share of the image at other sizes, unless
     --pad says otherwise; the loaders draw their shifts within it."""
     assert [default_pad(w) for w in (128, 64, 32, 16, 192)] == [10, 5, 2, 1, 15]
-    for flags, pad in (([], 10), (["--width", "64", "--height", "128"], 5), (["--width", "64", "--pad", "3"], 3)):
+    cases = (([], 10), (["--width", "64", "--height", "128"], 5), (["--width", "64", "--pad", "3"], 3))
+    for flags, pad in cases:
         cfg = RunConfig.from_args(train.get_parser().parse_args([*GOOD, *flags]))
         assert cfg.pad == pad
         lcfg = cfg.loader_config(workers=0, dtype=None, device=torch.device("cpu"), rank=0, world=1,

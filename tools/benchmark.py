@@ -484,7 +484,8 @@ def measure_eval(args) -> list[dict]:
     info = du.init_distributed(args.device)
     res = benchmark_eval(*args.eval_size, info.device)
     if args.aqe:
-        res.update(aqe_k=args.aqe, aqe_seconds=benchmark_eval(*args.eval_size, info.device, aqe=args.aqe)["seconds"])
+        with_aqe = benchmark_eval(*args.eval_size, info.device, aqe=args.aqe)
+        res.update(aqe_k=args.aqe, aqe_seconds=with_aqe["seconds"])
     dtype = amp_dtype(args.amp, info.device)
     model = build_network(run_config(args), info).eval()
     x = torch.randn(args.test_batch_size, 3, args.height, args.width, device=info.device)
