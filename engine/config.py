@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from pipeline.loader import LoaderConfig
-from pipeline.reading import default_pad
+from pipeline.reading import resolve_pad
 
 SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")
 
@@ -56,8 +56,7 @@ class RunConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        if self.pad is None:
-            self.pad = default_pad(self.width)
+        self.pad = resolve_pad(self.pad, self.width)
 
     @classmethod
     def resume_keys(cls) -> tuple[str, ...]:

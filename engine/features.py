@@ -81,8 +81,8 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageError(f"image {path} cannot be decoded: {str(e).strip() or type(e).__name__}") from None
 
 
-def features_by_loader(checkpoint: str | Path, make_loaders: Callable[[LoaderConfig], Iterable[EvalLoader]], *,
-                       device: str = "auto", loader: str = "auto", workers: int = 4, batch_size: int = 128,
+def features_by_loader(checkpoint: str | Path, make_loaders: Callable[[LoaderConfig], Iterable[EvalLoader]],
+                       *, device: str = "auto", loader: str = "auto", workers: int = 4, batch_size: int = 128,
                        flip: bool = False,
                        progress: Callable[[EvalLoader], Iterable] | None = None) -> Iterator[torch.Tensor]:
     """Features (float32, CPU) of each loader ``make_loaders(cfg)`` builds (a shard split, image
@@ -99,7 +99,6 @@ def features_by_loader(checkpoint: str | Path, make_loaders: Callable[[LoaderCon
     model = model.to(dev, memory_format=torch.channels_last)
     for rows in make_loaders(cfg):
         yield extract_features(model, progress(rows) if progress else rows, dev, dtype, flip=flip).cpu()
-
 
 
 def add_extraction_flags(p) -> None:
@@ -164,6 +163,7 @@ def tool_features(args, make_loaders: Callable[[LoaderConfig], Iterable[EvalLoad
         raise ToolError(f"--device {args.device}: {e}") from None
     except ImportError as e:
         raise ToolError(f"--loader {args.loader}: {e}") from None
+
 
 class FeatureExtractor:
     """Callable: a list of image paths, a list of PIL images, or a float tensor [B, 3, H, W] of

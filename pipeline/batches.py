@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.reading import EvalRows, default_pad
+from pipeline.reading import EvalRows, resolve_pad
 from pipeline.transforms import normalize
 
 LOADERS = ("auto", "dali", "torch")
@@ -44,7 +44,7 @@ class LoaderConfig:
     @property
     def crop_pad(self) -> int:
         """The training crop's padding in pixels (the crop shifts by up to this much)."""
-        return default_pad(self.width) if self.pad is None else self.pad
+        return resolve_pad(self.pad, self.width)
 
 
 @dataclass

@@ -34,6 +34,11 @@ def default_pad(width: int) -> int:
     return round(PAD * width / 128)
 
 
+def resolve_pad(pad: int | None, width: int) -> int:
+    """A ``--pad`` setting in pixels: ``pad`` as given, or None for :func:`default_pad`."""
+    return default_pad(width) if pad is None else pad
+
+
 def augment_params(seed: int, epoch: int, it: int, n: int, pad: int = PAD) -> tuple[np.ndarray, np.ndarray]:
     """Per image of one iteration's global batch (n rows, the sources one after another):
     mirror flag (p=FLIP_P) and crop shift (dy, dx) in [-pad, pad], i.e. the crop's corner in

@@ -22,7 +22,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 # torch-free, so the workers draw the random parts without torch:
-from pipeline.reading import FLIP_P, PAD, augment_params, default_pad  # noqa: F401
+from pipeline.reading import FLIP_P, PAD, augment_params, default_pad, resolve_pad  # noqa: F401
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -34,7 +34,7 @@ def train_transform(height: int = 256, width: int = 128, pad: int | None = None)
     return T.Compose([
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(p=FLIP_P),
-        T.Pad(default_pad(width) if pad is None else pad),  # zeros, torchvision's default fill
+        T.Pad(resolve_pad(pad, width)),  # zeros, torchvision's default fill
         T.RandomCrop((height, width)),
         T.ToTensor(),
         T.Normalize(MEAN, STD),

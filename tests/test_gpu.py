@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import train
+from engine.features import FeatureExtractor
+from pipeline.reading import decode_rgb
+from pipeline.shards import SplitReader
+from pipeline.transforms import normalize
+from tests.test_extract import TARGET, trained_checkpoint
 from tests.test_train import small_run
+from tools import export, extract, visualize_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -104,15 +111,6 @@ def test_auto_amp_picks_bf16_only_where_the_gpu_computes_in_it():
 def test_inference_tools_on_cuda(synthetic_shards, tmp_path_factory, tmp_path, loader):
     """tools/extract.py and tools/visualize_ranks.py with --device cuda (autocast; DALI decodes on
     the GPU) give the CPU's features, and an exported TorchScript file runs on the GPU."""
-    import numpy as np
-
-    from engine.features import FeatureExtractor
-    from pipeline.reading import decode_rgb
-    from pipeline.shards import SplitReader
-    from pipeline.transforms import normalize
-    from tests.test_extract import TARGET, trained_checkpoint
-    from tools import export, extract, visualize_ranks
-
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
     ckpt = trained_checkpoint(synthetic_shards, tmp_path_factory)

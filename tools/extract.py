@@ -78,7 +78,7 @@ def collect_images(specs: list[str]) -> list[str]:
             missing = [p for p in found if not Path(p).is_file()]
             if missing:
                 raise ToolError(f"--images {spec}: {len(missing)} listed image(s) do not exist, first "
-                                   f"{missing[0]}")
+                                f"{missing[0]}")
         elif path.is_file():
             found = [spec]
         elif glob.has_magic(spec):
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_tool(PROG, lambda: run(args))
+
 
 if __name__ == "__main__":
     sys.exit(main())

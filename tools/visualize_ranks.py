@@ -153,7 +153,7 @@ def load_features(folder: Path, readers: dict[str, SplitReader]) -> dict[str, to
         missing = [name for name in FEATURE_FILES if not (d / name).is_file()]
         if missing:
             raise ToolError(f"--features {folder}: {d} lacks {', '.join(missing)} (write it with "
-                                 f"tools/extract.py --shards ... --split {split} --out {d})")
+                            f"tools/extract.py --shards ... --split {split} --out {d})")
         try:
             f = np.load(d / "features.npy")
             pids, camids = np.load(d / "pids.npy"), np.load(d / "camids.npy")
@@ -163,15 +163,15 @@ def load_features(folder: Path, readers: dict[str, SplitReader]) -> dict[str, to
         n = len(reader)
         if f.ndim != 2 or len(f) != n or len(keys) != n:
             raise ToolError(f"--features {folder}: {d} holds {len(keys)} keys and features of shape "
-                                 f"{list(f.shape)}, the {split} split has {n} images")
+                            f"{list(f.shape)}, the {split} split has {n} images")
         if (keys != list(reader.keys) or not np.array_equal(pids, reader.pids)
                 or not np.array_equal(camids, reader.camids)):
             raise ToolError(f"--features {folder}: {d} does not list the {split} split of "
-                                 f"{reader.dataset_dir} in order (extracted from other shards?)")
+                            f"{reader.dataset_dir} in order (extracted from other shards?)")
         feats[split] = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
     if feats["query"].shape[1] != feats["gallery"].shape[1]:
         raise ToolError(f"--features {folder}: query and gallery features differ in size "
-                             f"({feats['query'].shape[1]} vs {feats['gallery'].shape[1]})")
+                        f"({feats['query'].shape[1]} vs {feats['gallery'].shape[1]})")
     return feats
 
 
@@ -272,6 +272,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_tool(PROG, lambda: run(args))
+
 
 if __name__ == "__main__":
     sys.exit(main())
