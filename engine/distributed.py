@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from engine.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -24,9 +26,7 @@ class DistInfo:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise from torchrun's variables (NCCL on GPU, gloo on CPU); a plain `python train.py`
     runs as a world of one without a process group."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    use_cuda = resolve_device(device).type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from engine.checkpoint import EVAL_PARTS, CheckpointError, read_checkpoint
+from engine.device import DEVICES, DeviceError, resolve_device
 from engine.evaluate import extract_features
 from engine.flags import at_least
 from engine.optim import amp_dtype, autocast
@@ -39,16 +40,6 @@ class ImageError(ValueError):
 class ToolError(Exception):
     """A refusal of a tool built on this module (tools/extract.py, tools/visualize_ranks.py):
     one line naming the flag, file or image, printed as ``<tool>: error: ...``, exit code 2."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto": CUDA when there is a GPU, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but CUDA is not available")
-    return device
 
 
 def network_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -88,10 +79,10 @@ def features_by_loader(checkpoint: str | Path, make_loaders: Callable[[LoaderCon
     """Features (float32, CPU) of each loader ``make_loaders(cfg)`` builds (a shard split, image
     files), read by train.py's evaluation loaders (``loader``: auto, dali, torch) and extracted as
     evaluation extracts them: the tools' features equal evaluation's with that loader. Raises
-    :class:`CheckpointError`, ``ValueError`` for a device that is not there, ``ImportError`` for
-    a loader that is not installed; an image that does not decode raises ``ShardError`` naming it."""
-    model, config = network_from_checkpoint(checkpoint)
+    :class:`DeviceError` for a device that is not there, :class:`CheckpointError`, ``ImportError``
+    for a loader that is not installed; an image that does not decode raises ``ShardError`` naming it."""
     dev = resolve_device(device)
+    model, config = network_from_checkpoint(checkpoint)
     kind = select_loader(loader)
     dtype = amp_dtype("auto", dev)
     cfg = LoaderConfig(height=config["height"], width=config["width"], workers=workers,
@@ -105,7 +96,7 @@ def add_extraction_flags(p) -> None:
     """The flags of :func:`tool_features`, shared by the tools that extract (--batch-size,
     --device, --workers, --loader, --no-progress)."""
     p.add_argument("--batch-size", type=at_least(1), default=128, help="images per forward (default: 128)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA when there is a GPU (with autocast), else the CPU")
     p.add_argument("--workers", type=at_least(0), default=4,
                    help="data worker processes that read and decode the images (default: 4; 0: in this "
@@ -159,8 +150,8 @@ def tool_features(args, make_loaders: Callable[[LoaderConfig], Iterable[EvalLoad
         raise ToolError(str(e)) from None
     except CheckpointError as e:
         raise ToolError(f"--checkpoint {e}") from None
-    except ValueError as e:  # a device that is not there
-        raise ToolError(f"--device {args.device}: {e}") from None
+    except DeviceError as e:  # a device that is not there, or GPUs torch cannot use
+        raise ToolError(str(e)) from None
     except ImportError as e:
         raise ToolError(f"--loader {args.loader}: {e}") from None
 

@@ -9,6 +9,7 @@ import argparse
 import copy
 from pathlib import Path
 
+from engine.device import DEVICES
 from engine.usage import UsageError
 
 
@@ -146,7 +147,9 @@ def add_training_flags(o, s) -> None:
                         "fp32 on CPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--apex", action="store_true", help="apex FusedAdam instead of torch's fused Adam")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train")
+    s.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to train: auto = CUDA when torch sees a GPU, else the CPU (refused when the "
+                        "machine has GPUs this torch cannot use: --device cpu to insist)")
 
 
 def add_report_flags(r) -> None:

@@ -8,12 +8,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from engine import distributed as du
 from engine.checkpoint import (RESUME_KEYS, CheckpointError, config_differences, read_checkpoint,
                                read_torch_file)
 from engine.config import RunConfig
+from engine.device import DeviceError, resolve_device
 from engine.optim import amp_dtype
 from engine.usage import UsageError, checked
 from model.groups import make_layout
@@ -28,8 +27,10 @@ log = logging.getLogger("train")
 
 def check_flags(args, cfg: RunConfig, world: int) -> None:
     """What the flags alone decide, before any process group, file or device is touched."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA device (use --device cpu, or auto)")
+    try:
+        resolve_device(args.device)
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
     if args.evaluate:
         if args.resume is None:
             raise UsageError("--evaluate needs --resume CHECKPOINT (the checkpoint to evaluate)")

@@ -60,6 +60,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine.device import DeviceError, resolve_device
 from engine.flags import HelpFormatter, add_train_flags, at_least, train_parser
 from engine.usage import UsageError
 
@@ -809,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"-b/--batch-size {args.batch_size}: must be a multiple of --num-instances "
                          f"{args.num_instances} times each process count in --gpus ({counts})")
     try:
+        if hasattr(args, "device"):
+            resolve_device(args.device)  # refused before any work (engine/device.py)
         if getattr(args, "worker", False):
             if args.command not in ("step", "train") or args.impl == "both" or args.result is None:
                 raise SystemExit("--worker measures step or train with one --impl fast|reference and needs "
@@ -820,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "gpus"):
             check_process_counts(counts, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         report(run(args.command, args), args)
-    except UsageError as e:
+    except (UsageError, DeviceError) as e:
         print(f"benchmark.py {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

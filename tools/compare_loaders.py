@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from engine.device import DEVICES, DeviceError, resolve_device
 from pipeline.loader import LoaderConfig, build_eval_loader, build_train_loader
 from pipeline.transforms import MEAN, STD
 
@@ -118,9 +119,9 @@ def dali_missing() -> str | None:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, required=True, help="shards folder (tools/make_shards.py --out)")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where both loaders deliver (cuda: DALI's GPU decoder; default: cuda when present)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where both loaders deliver (cuda: DALI's GPU decoder; auto, the default: cuda when "
+                        "present)")
     p.add_argument("--sources", default="market1501,dukemtmc,msmt17v1",
                    help="comma-separated sources of the compared training batch")
     p.add_argument("--eval", default="market1501,cuhk03",
@@ -144,13 +145,16 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        print(f"compare_loaders.py: error: {e}", file=sys.stderr)
+        return 2
     missing = dali_missing()
     if missing:
         result = {"skipped": missing}
     else:
-        result = run(Check(args.shards, torch.device(args.device), args.sources.split(","),
+        result = run(Check(args.shards, device, args.sources.split(","),
                            [n for n in args.eval.split(",") if n], args.arch, args.height, args.width,
                            args.num_ids, args.images, args.workers, args.seed, args.max_pixel_diff,
                            args.min_cosine))

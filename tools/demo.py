@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from engine.device import DEVICES, DeviceError, resolve_device
 from pipeline.build import build_shards
 from pipeline.shards import ShardError
 from tools.synthetic import generate
@@ -41,10 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("logs/demo"),
                    help="folder for the synthetic data, its shards and the run")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="cuda runs the ResNet-50 configuration, cpu the small one")
     args = p.parse_args(argv)
-    gpu = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    try:
+        gpu = resolve_device(args.device).type == "cuda"
+    except DeviceError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
     config = GPU_RUN if gpu else CPU_RUN
     start = time.perf_counter()
     print(f"== 1/3 synthetic datasets -> {args.out / 'data'}", flush=True)

@@ -686,11 +686,13 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    import torch
+    from engine.device import DeviceError, resolve_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    try:
+        device = resolve_device(args.device).type
+    except DeviceError as e:
+        print(f"gpu_check.py: error: {e}", file=sys.stderr)
+        return 2
     only = {s for s in args.only.split(",") if s}
     if only - set(STEPS):
         raise SystemExit(f"--only: unknown step(s) {', '.join(sorted(only - set(STEPS)))}; "
