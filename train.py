@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         refuse(f"train.py: error: {e}", is_main)
         return e.exit_code
-    dist_info = du.init_distributed(args.device)
+    dist_info = du.init_distributed(args.device, args.dist_timeout)
     logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from datetime import timedelta
 from pathlib import Path
 
 from engine.device import DEVICES
@@ -59,6 +60,19 @@ def real_in(low: float, high: float = float("inf"), low_open: bool = False):
             raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {text}")
         return value
     return parse
+
+
+def duration(text: str) -> timedelta:
+    """argparse type: a positive time, in minutes (``30``) or with its unit (``90s``, ``45m``, ``2h``)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "m")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected minutes, or a number with s, m or h, got {text!r}") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive time, got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def names(text: str) -> list[str]:
@@ -147,6 +161,10 @@ def add_training_flags(o, s) -> None:
                         "fp32 on CPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--apex", action="store_true", help="apex FusedAdam instead of torch's fused Adam")
+    s.add_argument("--dist-timeout", type=duration, default=None, metavar="TIME",
+                   help="timeout of the process group's collectives (init_process_group), in minutes or "
+                        "with a unit (90s, 45m, 2h); default torch's: 10 min with NCCL, 30 with gloo. Rank "
+                        "0 building shards (--data-dir) is waited for without it")
     s.add_argument("--device", choices=DEVICES, default="auto",
                    help="where to train: auto = CUDA when torch sees a GPU, else the CPU (refused when the "
                         "machine has GPUs this torch cannot use: --device cpu to insist)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 from engine import distributed as du
@@ -23,6 +24,7 @@ from pipeline.records import SOURCE_ONLY
 from pipeline.shards import ShardError, load_manifest, unknown_dataset
 
 log = logging.getLogger("train")
+SHARD_BUILD_WAIT = timedelta(hours=24)  # how long the other ranks wait for rank 0's shards
 
 
 def check_flags(args, cfg: RunConfig, world: int) -> None:
@@ -99,9 +101,12 @@ def check_pretrained(args) -> str:
 
 def prepare_shards(args, names: list[str], dist_info: du.DistInfo) -> None:
     """Every dataset the run needs must have complete shards of the current format; with
-    --data-dir, rank 0 builds the missing ones first."""
+    --data-dir, rank 0 builds the missing ones first while the others wait on a gloo group
+    (:func:`engine.distributed.host_group`): building real datasets can outlast the NCCL
+    watchdog's and --dist-timeout's limits."""
     missing = [n for n in names if not (args.shards / n / "manifest.json").is_file()]
-    with checked(dist_info.world):
+    waiting = du.host_group(SHARD_BUILD_WAIT) if args.data_dir is not None else None
+    with checked(dist_info.world, waiting):
         if missing and args.data_dir is not None and dist_info.is_main:
             build_missing(args, missing)
     with checked(dist_info.world):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from engine.distributed import all_gather_rows, exchange_rows
 from engine.optim import autocast
@@ -147,6 +148,14 @@ def shuffled_rows(images: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
     return rows.permute(0, 3, 1, 2)
 
 
+def under_ddp(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (``torch.compile``d or not) is in DDP. Its gradients are then views into
+    DDP's all-reduce buckets (``gradient_as_bucket_view``, engine/network.py) and must be zeroed,
+    not set to None: a None gradient is allocated anew by the backward pass and copied into its
+    bucket, every iteration."""
+    return isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel)
+
+
 def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, sizes: list[int],
                optimizer, scaler, amp_dtype, mode: str, plan: ShufflePlan) -> torch.Tensor:
     """Run one iteration; returns the loss as a 0-d tensor on the device (not synchronised)."""
@@ -155,7 +164,7 @@ def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, size
         feats = model(images, sizes=sizes)
     losses = [mem(f, y) for mem, f, y in zip(memories, feats.split(sizes), labels.split(sizes))]
     loss = torch.stack(losses).mean()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not under_ddp(model))
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()

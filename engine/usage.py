@@ -40,26 +40,28 @@ class DataError(RunError):
 
 
 
-def agree(error: UsageError | None, world: int) -> None:
+def agree(error: UsageError | None, world: int, group: dist.ProcessGroup | None = None) -> None:
     """Every rank raises the first refusal found on any rank (in rank order), so all ranks exit 2
-    together instead of some waiting in a collective for ranks that have left."""
+    together instead of some waiting in a collective for ranks that have left; ``group``: the
+    process group that waits (default: the world's)."""
     if world > 1:
         found: list[str | None] = [None] * world
-        dist.all_gather_object(found, None if error is None else str(error))
+        dist.all_gather_object(found, None if error is None else str(error), group=group)
         error = next((UsageError(m) for m in found if m is not None), None)
     if error is not None:
         raise error
 
 
 @contextmanager
-def checked(world: int) -> Iterator[None]:
-    """A block of checks that may fail on some ranks only; every rank leaves it together."""
+def checked(world: int, group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """A block of checks that may fail on some ranks only; every rank leaves it together (waiting
+    in ``group``'s collective, the world's by default)."""
     error = None
     try:
         yield
     except UsageError as e:
         error = e
-    agree(error, world)
+    agree(error, world, group)
 
 
 
