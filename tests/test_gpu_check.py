@@ -1,12 +1,18 @@
 """tools/gpu_check.py --device cpu --quick, as CI runs it: the sequence `make gpu-check` runs on a
 GPU machine, in a tiny configuration on the CPU, so it cannot break unnoticed between the rare
 loans of a GPU machine. Every step ends ok, or skipped with its reason; results.json and
-summary.md hold every figure with its command; no process of the run is left behind."""
+summary.md hold every figure with its command; no process of the run is left behind. Run twice:
+here, and as on the GPU machine's bare image (no webdataset, no DALI: tests/bare_image)."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+from tests.live import ROOT
 from tools import gpu_check
 
 TABLES = (
@@ -27,6 +33,27 @@ TABLES = (
 def test_the_quick_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     out = (tmp_path / "check").resolve()
     assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    check_results(out)
+
+
+def test_the_quick_gpu_check_runs_on_the_bare_image(tmp_path):
+    """As `make gpu-check` runs on the GPU machine as it is: no install (PYTHONPATH), no webdataset,
+    no DALI. No step fails; those that would use DALI say that it is missing."""
+    out = (tmp_path / "check").resolve()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'bare_image'}{os.pathsep}{ROOT}"}
+    argv = ["--device", "cpu", "--quick", "--out", str(out), "--wheels", str(tmp_path / "no-wheels")]
+    done = subprocess.run([sys.executable, "tools/gpu_check.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = check_results(out)
+    machine, steps = results["machine"], {s["name"]: s for s in results["steps"]}
+    assert "hidden by tests/bare_image" in machine["dali"] and machine["packages"]["webdataset"] == "missing"
+    assert "NVIDIA DALI is not importable" in steps["loader-parity"]["reason"]
+    assert all("DALI cannot be imported" in steps[n]["note"] for n in ("bench-data", "bench-train",
+                                                                        "loaders-png"))
+
+
+def check_results(out: Path) -> dict:
+    """What every quick run must leave in ``out``; returns its results.json."""
     results = json.loads((out / "results.json").read_text())
     machine = results["machine"]
     assert {"date", "device", "cpu_count", "python", "torch", "cuda_runtime", "dali"} <= machine.keys()
@@ -54,3 +81,4 @@ def test_the_quick_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     assert all(f"| {name} | {s['status']} |" in summary for name, s in steps.items())
     for name in gpu_check.STEPS:  # every process of every step has ended
         assert not gpu_check.marked(f"{gpu_check.MARKER}={out}:{name}")
+    return results

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+WHEELS, DALI_TARGET = REPO / ".whl", REPO / ".dali"  # tools/fetch_dali.sh's folder; where it is installed
 
 # In the order they run, the most wanted figures first (a spent --budget skips the last ones).
 STEPS = ("synthetic", "shards", "gpu-tests", "sync-free", "loader-parity", "bench-step", "bench-train",
@@ -445,6 +446,30 @@ def machine(device: str) -> dict:
     return info
 
 
+def bring_dali(wheels: Path, env: dict[str, str]) -> str:
+    """DALI from the wheels tools/fetch_dali.sh downloaded, when this Python cannot import it: the
+    wheels are installed once into DALI_TARGET (``pip install --no-index --no-deps --target``, into
+    a temporary folder renamed when complete), which goes first on ``sys.path`` and on the steps'
+    PYTHONPATH. Returns what was done, for the log and results.json ("" when nothing)."""
+    if not dali_version().startswith("not importable") or not any(wheels.glob("nvidia_dali*.whl")):
+        return ""
+    if not (DALI_TARGET / "nvidia" / "dali").is_dir():
+        part = DALI_TARGET.with_name(DALI_TARGET.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                               "--no-compile", "--target", str(part), *map(str, sorted(wheels.glob("*.whl")))],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(part, ignore_errors=True)
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            return f"installing DALI from {rel(wheels)} failed: {lines[-1]}"
+        shutil.rmtree(DALI_TARGET, ignore_errors=True)
+        part.rename(DALI_TARGET)
+    sys.path.insert(0, str(DALI_TARGET))
+    env["PYTHONPATH"] = os.pathsep.join((str(DALI_TARGET), env["PYTHONPATH"]))
+    return f"DALI from {rel(DALI_TARGET)} (installed from {rel(wheels)})"
+
+
 def dali_version() -> str:
     try:
         import nvidia.dali as dali
@@ -678,6 +703,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=None,
                    help="seconds for the whole run; steps that cannot start within it are skipped "
                         "(default: 450, 360 with --quick)")
+    p.add_argument("--wheels", type=Path, default=WHEELS,
+                   help="folder of the DALI wheels tools/fetch_dali.sh downloads, installed from when DALI "
+                        "cannot be imported (default: .whl in the repository)")
     p.add_argument("--only", default="",
                    help=f"comma-separated steps to run, using what OUT already holds for the others "
                         f"(default: all of {', '.join(STEPS)})")
@@ -713,16 +741,18 @@ def main(argv: list[str] | None = None) -> int:
         # 2-core machine OpenMP waiting for a descheduled thread made them 5-10x slower.
         env.setdefault("OMP_NUM_THREADS", "1")
     start = time.monotonic()
+    brought = bring_dali(args.wheels, env)
     dali = not dali_version().startswith("not importable")
     steps = {s.name: s for s in plan(out, device, prof, workers, dali)}
     run = Run(out, env, prof.limit_s, start + (args.budget or prof.budget_s), only, steps)
     print(f"[gpu-check] {device}, {'quick' if args.quick else 'full'} configuration, {workers} workers, "
-          f"budget {args.budget or prof.budget_s} s, logs in {out / 'logs'}", flush=True)
+          f"budget {args.budget or prof.budget_s} s, logs in {out / 'logs'}"
+          + (f"; {brought}" if brought else ""), flush=True)
     interrupted = run_all(run, prof.lanes)
     given = sys.argv[1:] if argv is None else argv
     results = {"command": display([sys.executable, "tools/gpu_check.py", *given]),
                "profile": "quick" if args.quick else "full", "seconds": round(time.monotonic() - start, 1),
-               "machine": machine(device), "steps": [asdict(s) for s in steps.values()]}
+               "machine": {**machine(device), "dali_wheels": brought}, "steps": [asdict(s) for s in steps.values()]}
     for s in results["steps"]:
         s["command"] = display(s["argv"])
         s["result"] = rel(Path(s["result"])) if s["result"] else None
