@@ -7,12 +7,16 @@ the benchmark times the very network train.py trains.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.distributed import DistInfo
 from model.resnet import build_model
 from model.style import UBS
+
+log = logging.getLogger("train")
 
 
 def build_network(cfg, dist_info: DistInfo, pretrained: str = "none") -> torch.nn.Module:
@@ -30,7 +34,11 @@ def build_network(cfg, dist_info: DistInfo, pretrained: str = "none") -> torch.n
 def wrap_network(model: torch.nn.Module, dist_info: DistInfo, compile: bool = False) -> torch.nn.Module:
     """What the iterations call: ``model`` in DDP when there are several ranks (gradient buckets as
     views of the gradients, which saves a copy of them), then ``torch.compile``d when asked. The
-    unwrapped ``model`` stays the one to save, evaluate and broadcast."""
+    unwrapped ``model`` stays the one to save, evaluate and broadcast. On CUDA, cuDNN picks each
+    convolution's fastest algorithm by timing them once per shape: the training shapes are fixed."""
+    if dist_info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        log.info("cuDNN autotuning on (torch.backends.cudnn.benchmark): the training shapes are fixed")
     net = model
     if dist_info.world > 1:
         device = dist_info.device

@@ -14,8 +14,8 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline import shards
-from pipeline.loader import LoaderConfig, build_train_loader
-from pipeline.transforms import normalize
+from pipeline.loader import LoaderConfig, build_eval_loader, build_train_loader
+from pipeline.transforms import MEAN, STD, normalize
 from tools.benchmark import check_process_counts
 
 SOURCES = ["market1501", "dukemtmc", "msmt17v1"]
@@ -85,6 +85,33 @@ def test_an_image_only_dali_refuses_is_named_or_replaced(synthetic_shards, tmp_p
     (batch,) = loader.epoch(0)
     assert batch.replaced >= 1 and len(loader.plan.bad) == 1
     assert np.isfinite(batch.images.numpy()).all()
+
+
+def test_dali_hands_over_the_training_dtype(synthetic_shards):
+    """DALI's own output (before pipeline.batches.to_device) is fp16 for fp16 runs and fp32 for
+    fp32 ones; bf16 is output directly once DALI has it, until then fp32 (not fp16: the values
+    would round differently)."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import types
+
+    from pipeline import dali
+    from pipeline.dali_sources import EvalSource
+
+    for dtype in (torch.float16, torch.float32):
+        cfg = LoaderConfig(height=64, width=32, workers=1, loader="dali", dtype=dtype, test_batch_size=8)
+        rows = build_eval_loader(synthetic_shards, "cuhk03", "test", cfg).rows
+        pipe = dali._pipeline(dali._eval_graph, EvalSource(rows), cfg, rows.batch, 0)
+        (images,) = pipe.run()
+        assert dali._to_torch(images, cfg.device).dtype == dtype
+        del pipe  # its workers end
+    bf16 = dali._dali_dtype(LoaderConfig(dtype=torch.bfloat16))
+    if hasattr(types.DALIDataType, "BFLOAT16"):
+        assert bf16 == types.DALIDataType.BFLOAT16
+    else:
+        assert bf16 == types.FLOAT
+        pixels = (torch.arange(256.0).view(1, -1) - 255 * torch.tensor(MEAN).view(-1, 1)) / (
+            255 * torch.tensor(STD).view(-1, 1))
+        assert int((pixels.bfloat16() != pixels.half().bfloat16()).sum()) == 49  # of 768
 
 
 def test_benchmark_refuses_more_processes_than_gpus():

@@ -141,3 +141,16 @@ def test_inference_tools_on_cuda(synthetic_shards, tmp_path_factory, tmp_path, l
     pixels = torch.from_numpy(np.stack([api.preprocess(im) for im in pil])).cuda()
     out = scripted(normalize(pixels).permute(0, 3, 1, 2)).float().cpu()
     assert out.shape == (8, cpu.shape[1]) and float((out.numpy() * cpu[:8]).sum(1).min()) > 0.995
+
+
+def test_cudnn_autotunes_the_training_network():
+    """The training shapes are fixed: on CUDA, wrap_network lets cuDNN time its algorithms once."""
+    from engine.distributed import DistInfo
+    from engine.network import wrap_network
+
+    previous, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        wrap_network(torch.nn.Conv2d(3, 8, 3).cuda(), DistInfo(0, 1, 0, torch.device("cuda")))
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = previous
