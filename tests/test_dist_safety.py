@@ -7,8 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
+import pytest
 import torch
+
+from engine.flags import train_parser
+from engine.usage import UsageError
 
 from tests.dist_gpu_paths_check import TIMEOUT_S
 from tests.live import ROOT, torchrun
@@ -28,3 +33,13 @@ def test_two_ranks_wait_broadcast_and_keep_their_buckets(tmp_path):
     for r in ranks:
         assert r["same_gradient"] and all(r["same_gradient"].values()), \
             [k for k, v in r["same_gradient"].items() if not v]
+
+
+def test_dist_timeout_takes_minutes_or_a_unit():
+    parse = train_parser("").parse_args
+    assert parse([]).dist_timeout is None  # torch's default
+    assert [parse(["--dist-timeout", t]).dist_timeout for t in ("45", "90s", "2.5m", "2h")] == [
+        timedelta(minutes=45), timedelta(seconds=90), timedelta(seconds=150), timedelta(hours=2)]
+    for bad in ("soon", "0", "-5m"):
+        with pytest.raises(UsageError, match="argument --dist-timeout: expected"):
+            parse(["--dist-timeout", bad])

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from tests.live import ROOT
@@ -82,3 +83,22 @@ def check_results(out: Path) -> dict:
     for name in gpu_check.STEPS:  # every process of every step has ended
         assert not gpu_check.marked(f"{gpu_check.MARKER}={out}:{name}")
     return results
+
+
+def test_wheels_are_installed_whole_or_not_at_all(tmp_path):
+    """What the GPU check does with tools/fetch_dali.sh's folder, with real pip and a small wheel."""
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "probe-0.1-py3-none-any.whl", "w") as whl:
+        files = {"probe/__init__.py": "VERSION = '0.1'\n",
+                 "probe-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: probe\nVersion: 0.1\n",
+                 "probe-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                              "Tag: py3-none-any\n"}
+        files["probe-0.1.dist-info/RECORD"] = "".join(f"{n},,\n" for n in [*files, "probe-0.1.dist-info/RECORD"])
+        for name, text in files.items():
+            whl.writestr(name, text)
+    assert gpu_check.install_wheels(wheels, target) == ""
+    assert (target / "probe" / "__init__.py").read_text() == "VERSION = '0.1'\n"
+    (wheels / "broken-0.1-py3-none-any.whl").write_bytes(b"not a zip")
+    assert gpu_check.install_wheels(wheels, tmp_path / "other")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.part").exists()

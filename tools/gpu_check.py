@@ -447,27 +447,35 @@ def machine(device: str) -> dict:
 
 
 def bring_dali(wheels: Path, env: dict[str, str]) -> str:
-    """DALI from the wheels tools/fetch_dali.sh downloaded, when this Python cannot import it: the
-    wheels are installed once into DALI_TARGET (``pip install --no-index --no-deps --target``, into
-    a temporary folder renamed when complete), which goes first on ``sys.path`` and on the steps'
-    PYTHONPATH. Returns what was done, for the log and results.json ("" when nothing)."""
+    """DALI from the wheels tools/fetch_dali.sh downloaded, when this Python cannot import it:
+    installed once into DALI_TARGET (:func:`install_wheels`), which goes first on ``sys.path`` and
+    on the steps' PYTHONPATH. Returns what was done, for the log and results.json ("" when
+    nothing)."""
     if not dali_version().startswith("not importable") or not any(wheels.glob("nvidia_dali*.whl")):
         return ""
     if not (DALI_TARGET / "nvidia" / "dali").is_dir():
-        part = DALI_TARGET.with_name(DALI_TARGET.name + ".part")
-        shutil.rmtree(part, ignore_errors=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                               "--no-compile", "--target", str(part), *map(str, sorted(wheels.glob("*.whl")))],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            shutil.rmtree(part, ignore_errors=True)
-            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-            return f"installing DALI from {rel(wheels)} failed: {lines[-1]}"
-        shutil.rmtree(DALI_TARGET, ignore_errors=True)
-        part.rename(DALI_TARGET)
+        failed = install_wheels(wheels, DALI_TARGET)
+        if failed:
+            return f"installing DALI from {rel(wheels)} failed: {failed}"
     sys.path.insert(0, str(DALI_TARGET))
     env["PYTHONPATH"] = os.pathsep.join((str(DALI_TARGET), env["PYTHONPATH"]))
     return f"DALI from {rel(DALI_TARGET)} (installed from {rel(wheels)})"
+
+
+def install_wheels(wheels: Path, target: Path) -> str:
+    """``pip install --no-index --no-deps --target`` of every wheel in ``wheels``, into a folder
+    renamed to ``target`` when complete (nothing half-installed); "" or pip's last line."""
+    part = target.with_name(target.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--target", str(part), *map(str, sorted(wheels.glob("*.whl")))],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(part, ignore_errors=True)
+        return ((done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    shutil.rmtree(target, ignore_errors=True)
+    part.rename(target)
+    return ""
 
 
 def dali_version() -> str:
