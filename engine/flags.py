@@ -69,7 +69,8 @@ def duration(text: str) -> timedelta:
     try:
         seconds = float(number) * units[unit]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected minutes, or a number with s, m or h, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected minutes, or a number with s, m or h, got {text!r}") \
+            from None
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"expected a positive time, got {text!r}")
     return timedelta(seconds=seconds)

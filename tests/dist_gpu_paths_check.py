@@ -77,8 +77,8 @@ def bucket_gradients(info: du.DistInfo) -> dict:
         images, labels, per_source = step_case.batch(it)
         plan = shuffle_plan(sizes, info.world, info.rank, seed=3, epoch=0, it=it, shuffle=True,
                             labels=per_source)
-        train_step(net, memories, images[mine], labels[mine], sizes, opt, build_scaler(torch.device("cpu"), None),
-                   None, "il", plan)
+        train_step(net, memories, images[mine], labels[mine], sizes, opt,
+                   build_scaler(torch.device("cpu"), None), None, "il", plan)
         if it == 1:  # DDP rebuilds its buckets after the first iteration: those of the second stay
             left = {name: p.grad.data_ptr() for name, p in params.items()}
     return {"same_gradient": same}

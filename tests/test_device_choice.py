@@ -59,7 +59,8 @@ def test_auto_refuses_gpus_that_torch_cannot_use(tmp_path, command):
 def test_cpu_is_taken_as_asked_on_such_a_machine(tmp_path, synthetic_shards):
     """--device cpu trains there (a tiny run to its end)."""
     done = subprocess.run([sys.executable, "train.py", *tiny_run(synthetic_shards, tmp_path / "logs")],
-                          cwd=ROOT, env=gpu_machine_env(tmp_path), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=gpu_machine_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and (tmp_path / "logs" / "best.pth").is_file(), done.stderr[-2000:]
 
 

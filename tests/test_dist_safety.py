@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from datetime import timedelta
 
 import pytest
@@ -20,8 +19,9 @@ from tests.live import ROOT, torchrun
 
 
 def test_two_ranks_wait_broadcast_and_keep_their_buckets(tmp_path):
-    proc = subprocess.run(torchrun(2, str(ROOT / "tests" / "dist_gpu_paths_check.py"), str(tmp_path)), cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(torchrun(2, str(ROOT / "tests" / "dist_gpu_paths_check.py"), str(tmp_path)),
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert all(r["waited_s"] >= 2 * TIMEOUT_S for r in ranks)  # both left the block after rank 0's work

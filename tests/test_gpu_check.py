@@ -43,7 +43,8 @@ def test_the_quick_gpu_check_runs_on_the_bare_image(tmp_path):
     out = (tmp_path / "check").resolve()
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'bare_image'}{os.pathsep}{ROOT}"}
     argv = ["--device", "cpu", "--quick", "--out", str(out), "--wheels", str(tmp_path / "no-wheels")]
-    done = subprocess.run([sys.executable, "tools/gpu_check.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "tools/gpu_check.py", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = check_results(out)
     machine, steps = results["machine"], {s["name"]: s for s in results["steps"]}
@@ -94,7 +95,8 @@ def test_wheels_are_installed_whole_or_not_at_all(tmp_path):
                  "probe-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: probe\nVersion: 0.1\n",
                  "probe-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                               "Tag: py3-none-any\n"}
-        files["probe-0.1.dist-info/RECORD"] = "".join(f"{n},,\n" for n in [*files, "probe-0.1.dist-info/RECORD"])
+        record = [*files, "probe-0.1.dist-info/RECORD"]
+        files["probe-0.1.dist-info/RECORD"] = "".join(f"{n},,\n" for n in record)
         for name, text in files.items():
             whl.writestr(name, text)
     assert gpu_check.install_wheels(wheels, target) == ""

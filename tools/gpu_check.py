@@ -467,8 +467,8 @@ def install_wheels(wheels: Path, target: Path) -> str:
     renamed to ``target`` when complete (nothing half-installed); "" or pip's last line."""
     part = target.with_name(target.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                           "--target", str(part), *map(str, sorted(wheels.glob("*.whl")))],
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                           "--no-compile", "--target", str(part), *map(str, sorted(wheels.glob("*.whl")))],
                           capture_output=True, text=True)
     if done.returncode != 0:
         shutil.rmtree(part, ignore_errors=True)
@@ -760,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     results = {"command": display([sys.executable, "tools/gpu_check.py", *given]),
                "profile": "quick" if args.quick else "full", "seconds": round(time.monotonic() - start, 1),
-               "machine": {**machine(device), "dali_wheels": brought}, "steps": [asdict(s) for s in steps.values()]}
+               "machine": {**machine(device), "dali_wheels": brought},
+               "steps": [asdict(s) for s in steps.values()]}
     for s in results["steps"]:
         s["command"] = display(s["argv"])
         s["result"] = rel(Path(s["result"])) if s["result"] else None
