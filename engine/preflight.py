@@ -21,7 +21,7 @@ from model.resnet import imagenet_weights_file
 from pipeline.build import build_shards
 from pipeline.loader import LoaderConfig, build_eval_loader, select_loader
 from pipeline.records import SOURCE_ONLY
-from pipeline.shards import ShardError, load_manifest, unknown_dataset
+from pipeline.shards import BadImage, ShardError, load_manifest, unknown_dataset
 
 log = logging.getLogger("train")
 
@@ -119,10 +119,12 @@ def build_missing(args, missing: list[str]) -> None:
         build_shards(args.data_dir, args.shards, missing)
     except (ShardError, ValueError, OSError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
+        skip = ""  # --skip-bad helps with bad images only (a layout or name problem needs a fix)
+        if isinstance(e, BadImage):
+            skip = (f"; to skip bad images, build them with python tools/make_shards.py --data-dir "
+                    f"{args.data_dir} --out {args.shards} --datasets {','.join(missing)} --skip-bad")
         raise UsageError(f"building the shards of {', '.join(missing)} from {args.data_dir} failed "
-                         f"(make_shards' error is above; to skip bad images, build them with "
-                         f"python tools/make_shards.py --data-dir {args.data_dir} --out "
-                         f"{args.shards} --datasets {','.join(missing)} --skip-bad)") from None
+                         f"(make_shards' error is above{skip})") from None
 
 
 def loader_config(args, cfg: RunConfig, dist_info: du.DistInfo) -> LoaderConfig:

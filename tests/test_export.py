@@ -76,7 +76,8 @@ def test_bad_checkpoint_is_one_line(tmp_path, capsys):
 def test_an_out_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
     folder = tmp_path / "models"
     folder.mkdir()
-    code = export.main(["--checkpoint", str(tmp_path / "none.pth"), "--format", "torchscript", "--out", str(folder)])
+    code = export.main(["--checkpoint", str(tmp_path / "none.pth"), "--format", "torchscript",
+                        "--out", str(folder)])
     err = capsys.readouterr().err
     assert code == 2 and err == f"export.py: error: --out {folder}: is a folder, expected a file name\n"
     assert list(folder.iterdir()) == []

@@ -103,7 +103,7 @@ def test_logs_dir_must_be_a_writable_folder(synthetic_shards, tmp_path, capsys):
     assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, Path("/proc/il-logs")))
 
 
-def test_a_path_component_too_long_for_any_file_system_is_refused(synthetic_shards, trained, tmp_path, capsys):
+def test_a_path_component_too_long_for_any_file_system_is_refused(synthetic_shards, tmp_path, capsys):
     long = tmp_path / ("x" * 256)
     for flag, argv in (("--logs-dir", tiny_run(synthetic_shards, long / "logs")),
                        ("--shards", tiny_run(long, tmp_path / "logs")),
@@ -144,7 +144,8 @@ def test_write_atomic_names_a_full_disk_and_keeps_the_old_file(small_disk):
     (disk / "a.bin").write_bytes(b"old")
     with pytest.raises(WriteError) as e:
         write_atomic(disk / "a.bin", lambda tmp: tmp.write_bytes(bytes(2 * 2 ** 20)))
-    assert str(e.value) == f"cannot write {disk / 'a.bin'}: no space left on device; the previous a.bin is kept"
+    assert str(e.value) == (f"cannot write {disk / 'a.bin'}: no space left on device; the previous a.bin "
+                            "is kept")
     assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
     assert [p.name for p in disk.iterdir()] == ["a.bin"] and (disk / "a.bin").read_bytes() == b"old"
 
