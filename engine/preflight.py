@@ -19,6 +19,7 @@ from engine.usage import UsageError, checked
 from model.groups import make_layout
 from model.resnet import imagenet_weights_file
 from pipeline.build import build_shards
+from pipeline.files import long_name
 from pipeline.loader import LoaderConfig, build_eval_loader, select_loader
 from pipeline.records import SOURCE_ONLY
 from pipeline.shards import BadImage, ShardError, load_manifest, unknown_dataset
@@ -28,6 +29,10 @@ log = logging.getLogger("train")
 
 def check_flags(args, cfg: RunConfig, world: int) -> None:
     """What the flags alone decide, before any process group, file or device is touched."""
+    for flag, path in (("--logs-dir", args.logs_dir), ("--shards", args.shards), ("--resume", args.resume),
+                       ("--data-dir", args.data_dir), ("--pretrained", args.pretrained)):
+        if path is not None and (why := long_name(path)):
+            raise UsageError(f"{flag} {path}: {why}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA device (use --device cpu, or auto)")
     if args.evaluate:
