@@ -28,7 +28,8 @@ from engine.loop import NonFiniteLoss, train_one_epoch
 from engine.preflight import check_flags
 from engine.run import Run, RunResult, evaluate_only
 from engine.stopping import StopRequest
-from engine.usage import DataError, RunError, UsageError, refuse
+from engine.usage import DataError, OutputError, RunError, UsageError, refuse
+from pipeline.files import WriteError
 from pipeline.shards import ShardError
 
 __all__ = ["NonFiniteLoss", "RunError", "UsageError", "get_parser", "main", "train"]
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return train(args, cfg, dist_info).exit_code
     except ShardError as e:  # a shard or image that failed while training
         error: RunError = DataError(str(e))
+    except WriteError as e:  # a checkpoint or log the disk had no room for
+        error = OutputError(str(e))
     except RunError as e:
         error = e
     finally:

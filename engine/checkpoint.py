@@ -76,7 +76,23 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Write `state` to `path` atomically: a crash leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: _save(state, tmp))
+
+
+def _save(state: dict, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk raises OSError (ENOSPC), which
+    write_atomic names; given a path, torch's own writer fails with an unexplained RuntimeError
+    (and through a file, closing its archive after the OSError raises one: the OSError is meant)."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:

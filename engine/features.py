@@ -27,6 +27,7 @@ from engine.flags import at_least
 from engine.optim import amp_dtype, autocast
 from engine.run import NETWORK_KEYS
 from model.resnet import build_model
+from pipeline.files import WriteError, output_problem
 from pipeline.loader import EvalLoader, LoaderConfig, select_loader
 from pipeline.reading import decode_rgb
 from pipeline.shards import ShardError, SplitReader, unknown_dataset
@@ -109,13 +110,20 @@ def add_extraction_flags(p) -> None:
 
 
 def run_tool(prog: str, run: Callable[[], None]) -> int:
-    """Exit code of a tool's work ``run``: 0, or 2 with its :class:`ToolError` as one line."""
+    """Exit code of a tool's work ``run``: 0, or 2 with its :class:`ToolError` (or a file it could
+    not write, a full disk say) as one line."""
     try:
         run()
-    except ToolError as e:
+    except (ToolError, WriteError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_out_folder(out: Path) -> None:
+    """--out, the folder a tool writes its files into, checked before the work (:class:`ToolError`)."""
+    if why := output_problem(out, folder=True):
+        raise ToolError(f"--out {out}: {why}")
 
 
 def open_split(shards: Path, dataset: str, split: str) -> SplitReader:

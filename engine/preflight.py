@@ -19,9 +19,10 @@ from engine.usage import UsageError, checked
 from model.groups import make_layout
 from model.resnet import imagenet_weights_file
 from pipeline.build import build_shards
+from pipeline.files import long_name
 from pipeline.loader import LoaderConfig, build_eval_loader, select_loader
 from pipeline.records import SOURCE_ONLY
-from pipeline.shards import ShardError, load_manifest, unknown_dataset
+from pipeline.shards import BadImage, ShardError, load_manifest, unknown_dataset
 
 log = logging.getLogger("train")
 SHARD_BUILD_WAIT = timedelta(hours=24)  # how long the other ranks wait for rank 0's shards
@@ -29,6 +30,10 @@ SHARD_BUILD_WAIT = timedelta(hours=24)  # how long the other ranks wait for rank
 
 def check_flags(args, cfg: RunConfig, world: int) -> None:
     """What the flags alone decide, before any process group, file or device is touched."""
+    for flag, path in (("--logs-dir", args.logs_dir), ("--shards", args.shards), ("--resume", args.resume),
+                       ("--data-dir", args.data_dir), ("--pretrained", args.pretrained)):
+        if path is not None and (why := long_name(path)):
+            raise UsageError(f"{flag} {path}: {why}")
     try:
         resolve_device(args.device)
     except DeviceError as e:
@@ -125,10 +130,12 @@ def build_missing(args, missing: list[str]) -> None:
         build_shards(args.data_dir, args.shards, missing)
     except (ShardError, ValueError, OSError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
+        skip = ""  # --skip-bad helps with bad images only (a layout or name problem needs a fix)
+        if isinstance(e, BadImage):
+            skip = (f"; to skip bad images, build them with python tools/make_shards.py --data-dir "
+                    f"{args.data_dir} --out {args.shards} --datasets {','.join(missing)} --skip-bad")
         raise UsageError(f"building the shards of {', '.join(missing)} from {args.data_dir} failed "
-                         f"(make_shards' error is above; to skip bad images, build them with "
-                         f"python tools/make_shards.py --data-dir {args.data_dir} --out "
-                         f"{args.shards} --datasets {','.join(missing)} --skip-bad)") from None
+                         f"(make_shards' error is above{skip})") from None
 
 
 def loader_config(args, cfg: RunConfig, dist_info: du.DistInfo) -> LoaderConfig:

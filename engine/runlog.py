@@ -69,8 +69,7 @@ class RunLog:
             if f"{t}/mAP" in row:
                 msg += f"  {t} mAP {100 * row[f'{t}/mAP']:.1f} rank-1 {100 * row[f'{t}/rank1']:.1f}"
         log.info(msg)
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_metrics(self.path / "metrics.jsonl", history)  # whole, atomically: a full disk is named
         if self.writer is not None:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)):
@@ -116,8 +115,9 @@ def save_plot(history: list[dict], targets: list[str], path: Path, title: str) -
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
-    """metrics.jsonl from a checkpoint's history (atomically): a resumed run continues a log
-    that matches its checkpoint, whichever checkpoint it resumed from."""
+    """metrics.jsonl of ``history``, rewritten whole and atomically at every epoch: a resumed run
+    continues a log that matches its checkpoint, whichever checkpoint it resumed from, and a full
+    disk fails naming the file (:class:`pipeline.files.WriteError`) with the old log kept."""
     write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in history)))
 
 

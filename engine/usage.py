@@ -39,6 +39,13 @@ class DataError(RunError):
     exit_code = 4
 
 
+class OutputError(RunError):
+    """A file of the run could not be written (a full disk): like failed data, the machine, not
+    the flags, stopped the run, hence the same exit code."""
+
+    exit_code = 4
+
+
 
 def agree(error: UsageError | None, world: int, group: dist.ProcessGroup | None = None) -> None:
     """Every rank raises the first refusal found on any rank (in rank order), so all ranks exit 2

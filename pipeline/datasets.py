@@ -3,7 +3,8 @@
 
 Each ``parse_<name>(root)`` takes ``root = DATA/<name>`` and returns a
 :class:`~pipeline.records.DatasetSplits` whose records are sorted by file, with keys
-``f"{split}_{stem}"``. Pids are the datasets' own (junk ``-1`` dropped here, Market distractors
+``f"{split}_{stem}"`` (:func:`pipeline.records.sample_key`: derived where a file name cannot be a
+key). Pids are the datasets' own (junk ``-1`` dropped here, Market distractors
 ``0`` kept in the gallery); relabelling for training is :func:`pipeline.records.mix_labels`.
 Anything missing or malformed raises :class:`DatasetError` naming the path and what was expected.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from pipeline.records import DATASETS, DatasetSplits, Record
+from pipeline.records import DATASETS, DatasetSplits, Record, sample_key
 
 
 class DatasetError(ValueError):
@@ -65,7 +66,7 @@ def _market_style(name: str, base: Path, rel_to: Path, cams: int | None, exts: t
             if m is None or not 1 <= int(m[2]) <= (cams or int(m[2])):
                 bad.append(path.name)
             elif int(m[1]) >= 0:
-                records.append(Record(f"{split}_{path.stem}", int(m[1]), int(m[2]) - 1, name, split,
+                records.append(Record(sample_key(split, path.stem), int(m[1]), int(m[2]) - 1, name, split,
                                       path.relative_to(rel_to).as_posix(), str(path)))
         if bad:
             camera = f"camera C in 1..{cams}" if cams else "camera C from 1"
@@ -138,8 +139,8 @@ def parse_msmt17v1(root: str | Path) -> DatasetSplits:
                 image = folder / parts[0]
                 if not image.is_file():
                     raise DatasetError(f"{path}:{n}: lists {image}, which does not exist")
-                records.append(Record(f"{split}_{image.stem}", int(parts[1]), int(fields[2]) - 1, "msmt17v1",
-                                      split, f"{sub}/{parts[0]}", str(image)))
+                records.append(Record(sample_key(split, image.stem), int(parts[1]), int(fields[2]) - 1,
+                                      "msmt17v1", split, f"{sub}/{parts[0]}", str(image)))
         setattr(out, split, sorted(records, key=lambda r: r.file))
     return out
 

@@ -7,6 +7,7 @@ shards with :func:`mix_labels`, so the relabelling rule lives in one place.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -18,6 +19,21 @@ CUSTOM_NAME = re.compile(r"[a-z0-9_]+")
 # The file that marks a folder of synthetic raw data (tools/make_synthetic.py writes it): its small
 # look-alikes have other counts than the real datasets, so a shard build does not compare them.
 MARKER = "SYNTHETIC.json"
+# A sample key's longest: a ustar member name holds 100 bytes, "<key>.json" among them.
+KEY_BYTES = 95
+_KEY_BREAKERS = re.compile(r"[\s./]")  # the extension starts at a dot; the index splits at spaces
+
+
+def sample_key(split: str, stem: str) -> str:
+    """The sample key of the image ``stem`` (its file name without the extension) of ``split``:
+    ``f"{split}_{stem}"`` when that can be a key, else a derived one, so that any file name works:
+    characters other than ASCII letters, digits, "_" and "-" become "_", the result is cut to fit
+    KEY_BYTES, and a hash of the whole name keeps keys unique. The JSON record keeps the file name."""
+    key = f"{split}_{stem}"
+    if not _KEY_BREAKERS.search(key) and len(key.encode()) <= KEY_BYTES:
+        return key
+    digest = hashlib.sha1(stem.encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', key)[:KEY_BYTES - len(digest) - 1]}-{digest}"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ class ShardError(ValueError):
     """A shard folder, tar or index that is missing, damaged, foreign or of another format."""
 
 
+class BadImage(ShardError):
+    """An image that cannot be read or decoded while building: the one failure ``skip_bad`` skips."""
+
+
 # ----------------------------------------------------------------------------- writing
 
 def write_dataset(splits: DatasetSplits, out_root: Path, *, shard_size: int = 5000, workers: int = 1,
@@ -138,8 +142,7 @@ def _build_shard(records: list[Record], tar_path: str, idx_path: str, skip_bad: 
                 reason = (f"{r.path} ({r.dataset} {r.file}): unreadable or corrupt image: "
                           f"{type(e).__name__}: {e}")
                 if not skip_bad:
-                    raise ShardError(f"{reason} (tools/make_shards.py --skip-bad skips such images)") \
-                        from None
+                    raise BadImage(f"{reason} (tools/make_shards.py --skip-bad skips such images)") from None
                 skipped.append({"key": r.key, "file": r.file, "error": reason})
                 continue
             meta = {"pid": r.pid, "camid": r.camid, "dataset": r.dataset, "split": r.split, "file": r.file}

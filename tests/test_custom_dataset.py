@@ -132,6 +132,16 @@ def test_junk_distractors_and_a_changed_folder(tmp_path, capsys):
     assert shards.load_manifest(out / "mine")["splits"]["train"]["images"] == 2
 
 
+def test_anything_may_follow_the_person_and_camera(tmp_path):
+    """The README's promise: a dot, a space or a long suffix after PPPP_cC is a name like any other."""
+    odd = ["0003_c1s2_020569_07.v2.jpg", "0003_c1 copy.jpg", f"0003_c1_{'long' * 30}.jpg"]
+    own, out = write_folder(tmp_path / "own", {**GOOD, "query": GOOD["query"] + odd}), tmp_path / "out"
+    assert make_shards.main(["--custom", f"mine={own}", "--out", str(out)]) == 0
+    keys = shards.SplitReader(out / "mine", "query").keys
+    assert len(set(keys)) == 4 and "query_0003_c1s1_04" in keys
+    assert all(len(k) <= 95 and "." not in k and " " not in k for k in keys)
+
+
 @pytest.mark.parametrize("layout, flag, message", [
     (GOOD, "mine", "--custom 'mine': expected NAME=DIR"),
     (GOOD, "My-Cams={own}", "expected a NAME of lowercase letters, digits and underscores, other than "

@@ -71,3 +71,13 @@ def test_bad_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("export.py: error: --checkpoint ") and "bad.pth" in err and err.count("\n") == 1
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_an_out_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    code = export.main(["--checkpoint", str(tmp_path / "none.pth"), "--format", "torchscript",
+                        "--out", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"export.py: error: --out {folder}: is a folder, expected a file name\n"
+    assert list(folder.iterdir()) == []

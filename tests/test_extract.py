@@ -193,3 +193,18 @@ def test_tool_help_explains_every_flag(capsys):
     for flag in ("--checkpoint", "--images", "--shards", "--dataset", "--split", "--out", "--batch-size",
                  "--device", "--workers", "--loader", "--flip-test", "--no-progress"):
         assert flag in text
+
+
+def test_an_unusable_out_is_refused_before_any_work(tmp_path, capsys):
+    """--out a file (or below one, or a name too long for any file system) is refused first: not
+    with a traceback after extracting everything (the checkpoint is not even read)."""
+    a_file = tmp_path / "feats"
+    a_file.write_text("mine")
+    for out, why in ((a_file, "is a file, expected a folder"), (a_file / "sub", f"{a_file} is a file"),
+                     (tmp_path / ("x" * 256), "256 bytes long")):
+        code = extract.main(["--checkpoint", str(tmp_path / "none.pth"), "--images", str(tmp_path),
+                             "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"extract.py: error: --out {out}: ") and why in err, err
+        assert len(err.splitlines()) == 1
+    assert a_file.read_text() == "mine"

@@ -5,6 +5,7 @@ epoch's checkpoint before evaluating it and survives a failed evaluation; --eval
 the target; `make clean` keeps results."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import torch
 import train
 from engine.checkpoint import load_checkpoint
 from engine.evaluate import init_memories_in_one_pass
+from pipeline.files import WriteError, write_atomic
 from tests.live import ROOT, Live, tiny_run, torchrun
 
 
@@ -99,6 +101,76 @@ def test_logs_dir_must_be_a_writable_folder(synthetic_shards, tmp_path, capsys):
     assert f"--logs-dir {a_file} is a file" in refusal(capsys, tiny_run(synthetic_shards, a_file))
     assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, a_file / "logs"))
     assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, Path("/proc/il-logs")))
+
+
+def test_a_path_component_too_long_for_any_file_system_is_refused(synthetic_shards, tmp_path, capsys):
+    long = tmp_path / ("x" * 256)
+    for flag, argv in (("--logs-dir", tiny_run(synthetic_shards, long / "logs")),
+                       ("--shards", tiny_run(long, tmp_path / "logs")),
+                       ("--resume", tiny_run(synthetic_shards, tmp_path / "logs", "--resume", str(long))),
+                       ("--resume", tiny_run(synthetic_shards, tmp_path / "logs", "--evaluate", "--resume",
+                                             str(long / "latest.pth")))):
+        line = refusal(capsys, argv)
+        assert line.startswith(f"train.py: error: {flag} {long}") and "256 bytes long" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(mib)``: a folder on a tmpfs of that size, a real full file system once written
+    to; skipped where this process may not mount one (mounting needs root)."""
+    mounted = []
+
+    def mount(mib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)],
+                                  capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command")
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_write_atomic_names_a_full_disk_and_keeps_the_old_file(small_disk):
+    disk = small_disk(1)
+    (disk / "a.bin").write_bytes(b"old")
+    with pytest.raises(WriteError) as e:
+        write_atomic(disk / "a.bin", lambda tmp: tmp.write_bytes(bytes(2 * 2 ** 20)))
+    assert str(e.value) == (f"cannot write {disk / 'a.bin'}: no space left on device; the previous a.bin "
+                            "is kept")
+    assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+    assert [p.name for p in disk.iterdir()] == ["a.bin"] and (disk / "a.bin").read_bytes() == b"old"
+
+
+def test_a_full_disk_while_saving_ends_in_one_line_and_keeps_the_checkpoint(synthetic_shards, trained,
+                                                                             small_disk):
+    """--logs-dir on a 200 MiB tmpfs holding a one-epoch run's latest.pth (about 135 MB: resnet18
+    with Adam's moments), resumed for a second epoch, whose checkpoint does not fit: exit 4, one
+    line naming latest.pth and "no space left", no traceback (the data workers' either), the first
+    checkpoint intact."""
+    logs = small_disk(200) / "logs"
+    logs.mkdir()
+    shutil.copyfile(trained, logs / "latest.pth")
+    argv = tiny_run(synthetic_shards, logs, "--epochs", "2", "--eval-every", "0", "--resume",
+                    str(logs / "latest.pth"))
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out
+    assert "Traceback" not in out, out
+    line = f"train.py: error: cannot write {logs / 'latest.pth'}: no space left on device; the previous " \
+           "latest.pth is kept"
+    assert out.count(line) == 1, out
+    assert load_checkpoint(logs / "latest.pth")["epoch"] == 1
+    assert not [p.name for p in logs.iterdir() if ".tmp" in p.name]
 
 
 def test_a_logs_dir_holds_one_run(synthetic_shards, tmp_path, capsys):

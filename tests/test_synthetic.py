@@ -77,6 +77,34 @@ def test_refuses_a_foreign_folder(tmp_path, capsys):
     assert _files(tmp_path) == ["notes.txt"]
 
 
+def test_a_rerun_deletes_only_its_own_files(tmp_path, capsys):
+    """An earlier output may be replaced, but a file someone else put inside its dataset folders
+    is never deleted: the rerun is refused with every file left as it was; so is an earlier
+    output whose marker does not list its files (it cannot tell them from the user's)."""
+    out = tmp_path / "data"
+    assert make_synthetic.main(["--out", str(out), "--no-progress"]) == 0
+    notes = out / "market1501" / "extra" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    (out / "mine.txt").write_text("beside the datasets: never touched")
+    before = {f: (out / f).read_bytes() for f in _files(out)}
+    capsys.readouterr()
+    assert make_synthetic.main(["--out", str(out), "--seed", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "market1501/extra/notes.txt" in err and "did not write" in err and len(err.splitlines()) == 1
+    assert {f: (out / f).read_bytes() for f in _files(out)} == before
+    notes.unlink()
+    assert make_synthetic.main(["--out", str(out), "--seed", "1", "--no-progress"]) == 0
+    assert (out / "mine.txt").read_text() == "beside the datasets: never touched"
+    marker = out / make_synthetic.MARKER
+    old = {k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}
+    marker.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert make_synthetic.main(["--out", str(out), "--no-progress"]) == 2
+    assert "does not list the files" in capsys.readouterr().err
+    assert (out / "market1501").is_dir()
+
+
 def test_help_names_every_flag(capsys):
     with pytest.raises(SystemExit):
         make_synthetic.main(["--help"])

@@ -109,3 +109,13 @@ def test_errors(synthetic_shards, checkpoint, tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--topk", "0"])
     assert e.value.code == 2 and "--topk must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "ranks"
+    a_file.write_text("mine")
+    code = vr.main(["--checkpoint", str(tmp_path / "none.pth"), "--shards", str(tmp_path), "-d", TARGET,
+                    "--out", str(a_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"visualize_ranks.py: error: --out {a_file}: is a file, expected a folder\n"
+    assert a_file.read_text() == "mine"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointError
 from engine.features import network_from_checkpoint
-from pipeline.files import write_atomic
+from pipeline.files import WriteError, output_problem, write_atomic
 
 PROG = "export.py"
 OPSET = 18
@@ -87,10 +87,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: --format onnx needs {' and '.join(missing)} (pip install onnx onnxscript)",
                   file=sys.stderr)
             return 2
+    if why := output_problem(args.out, folder=False):
+        print(f"{PROG}: error: --out {args.out}: {why}", file=sys.stderr)
+        return 2
     try:
         cfg = export(args.checkpoint, args.format, args.out)
     except CheckpointError as e:
         print(f"{PROG}: error: --checkpoint {e}", file=sys.stderr)
+        return 2
+    except WriteError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {args.format}, input float32 [B, 3, {cfg['height']}, {cfg['width']}] normalised "
           f"images, output float32 [B, D] unit-norm features", file=sys.stderr)

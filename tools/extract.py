@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.features import ToolError, add_extraction_flags, open_split, run_tool, tool_features
+from engine.features import (ToolError, add_extraction_flags, check_out_folder, open_split, run_tool,
+                             tool_features)
 from pipeline.files import write_atomic
 from pipeline.loader import build_eval_loader, build_file_loader, select_loader
 
@@ -108,6 +109,7 @@ def write_outputs(out: Path, features: np.ndarray, names: list[str], **arrays: n
 
 
 def run(args: argparse.Namespace) -> None:
+    check_out_folder(args.out)
     if args.shards is not None:
         reader = open_split(args.shards, args.dataset, args.split)
         names = list(reader.keys)

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True,
                    help="folder to write DATA/<name>/<folder> into; must be new, empty, or an earlier "
-                        "output of this tool (which is replaced)")
+                        "output of this tool, whose files are replaced (one whose dataset folders hold "
+                        "any other file is refused: nothing is deleted that this tool did not write)")
     p.add_argument("--scale", choices=sorted(SCALES), default="small",
                    help="small: ~2.5k images, a few MB, seconds (tests, make demo); medium: ~10x the "
                         "images at 128x64, for throughput measurements (default: small)")

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.features import ToolError, add_extraction_flags, open_split, run_tool, tool_features
+from engine.features import (ToolError, add_extraction_flags, check_out_folder, open_split, run_tool,
+                             tool_features)
 from engine.metrics import pairwise_distance
 from pipeline.loader import build_eval_loader
 from pipeline.reading import decode_rgb
@@ -243,6 +244,7 @@ def index_html(dataset: str, entries: list[tuple[str, str, int, int]]) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_out_folder(args.out)
     readers = open_splits(args.shards, args.dataset)
     feats = (load_features(args.features, readers) if args.features is not None
              else extract_splits(args, readers))

@@ -152,15 +152,14 @@ def write_cuhk_sysu(data: Path, shots: list[Shot], cfg: Scale, rng, bar) -> None
 
 
 def generate(out: Path, scale: str = "small", seed: int = 0, progress: bool = True) -> None:
-    """Write all five layouts under ``out`` (see the module docstring)."""
+    """Write all five layouts under ``out`` (see the module docstring). ``out`` must be new, empty,
+    or an earlier output (its marker lists the files it wrote): only those are replaced; files
+    anyone else put there are never deleted (a folder that holds any is refused, untouched)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, expected a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise ValueError(f"--out {out} is not empty and holds no {MARKER} of an earlier synthetic "
-                             "output: refusing to write there (give an empty or new folder)")
-        for name in NAMES:
-            shutil.rmtree(out / name, ignore_errors=True)
+        for name in _earlier_output(out):
+            shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
     cfg, shots = SCALES[scale], plan(scale, seed)
     scenes = len({s.name for s in shots["cuhk_sysu"]})
@@ -174,4 +173,30 @@ def generate(out: Path, scale: str = "small", seed: int = 0, progress: bool = Tr
                       bar)
         write_cuhk_sysu(out, shots["cuhk_sysu"], cfg, rng["cuhk_sysu"], bar)
     (out / MARKER).write_text(json.dumps({"generator": "tools/make_synthetic.py", "scale": scale,
-                                          "seed": seed}, indent=1) + "\n")
+                                          "seed": seed, "files": _dataset_files(out)}, indent=1) + "\n")
+
+
+def _dataset_files(out: Path) -> list[str]:
+    """Every file under the dataset folders of ``out``, relative to it."""
+    return sorted(p.relative_to(out).as_posix() for name in NAMES if (out / name).is_dir()
+                  for p in (out / name).rglob("*") if p.is_symlink() or not p.is_dir())
+
+
+def _earlier_output(out: Path) -> list[str]:
+    """The dataset folders of an earlier output in the non-empty ``out`` that hold only the files
+    its marker lists (they may be replaced); refuses (ValueError) a folder without the marker,
+    and one whose dataset folders hold anything else (a user's notes would be deleted)."""
+    advice = "refusing to write there (give an empty or new folder)"
+    try:
+        listed = set(json.loads((out / MARKER).read_text())["files"])
+    except FileNotFoundError:
+        raise ValueError(f"--out {out} is not empty and holds no {MARKER} of an earlier synthetic "
+                         f"output: {advice}") from None
+    except (OSError, ValueError, TypeError, KeyError):
+        raise ValueError(f"--out {out}: its {MARKER} does not list the files this tool wrote (an older "
+                         f"version's, or damaged), so they cannot be told from others: {advice}") from None
+    foreign = [f for f in _dataset_files(out) if f not in listed]
+    if foreign:
+        raise ValueError(f"--out {out} holds {len(foreign)} file(s) this tool did not write "
+                         f"({', '.join(foreign[:3])}): {advice}, or move them")
+    return [name for name in NAMES if (out / name).is_dir()]
