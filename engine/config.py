@@ -43,6 +43,7 @@ class RunConfig:
     rho: float = setting()
     stem_relu: bool = setting()
     bn_groups: int = setting()
+    bn_impl: str = setting(resume=False)  # how the groups are computed, not what: any resumes any
     best_by: str = setting()
 
     @classmethod

@@ -13,6 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.distributed import DistInfo
+from model.groups import resolve_bn_impl
 from model.resnet import build_model
 from model.style import UBS
 
@@ -20,13 +21,14 @@ log = logging.getLogger("train")
 
 
 def build_network(cfg, dist_info: DistInfo, pretrained: str = "none") -> torch.nn.Module:
-    """The model of ``cfg`` (an :class:`engine.config.RunConfig`: arch, stem_relu, rho, bn_groups)
-    with its place among the ranks (``model.rank``, ``model.world``: which rows of the global batch
-    its statistics groups hold), on the device in channels_last, the layout every training batch
-    has (NHWC convolutions, and the grouped BatchNorm's views cost no copy in it). Raises
+    """The model of ``cfg`` (an :class:`engine.config.RunConfig`: arch, stem_relu, rho, bn_groups,
+    bn_impl with ``auto`` resolved for the device) with its place among the ranks (``model.rank``,
+    ``model.world``: which rows of the global batch its statistics groups hold), on the device in
+    channels_last, the layout every training batch has (NHWC convolutions, and the grouped
+    BatchNorm's views cost no copy in it). Raises
     ``ValueError`` for weights of another network."""
     model = build_model(cfg.arch, pretrained, stem_relu=cfg.stem_relu, style=UBS(rho=cfg.rho),
-                        bn_groups=cfg.bn_groups)
+                        bn_groups=cfg.bn_groups, bn_impl=resolve_bn_impl(cfg.bn_impl, dist_info.device))
     model.rank, model.world = dist_info.rank, dist_info.world
     return model.to(dist_info.device, memory_format=torch.channels_last)
 

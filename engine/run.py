@@ -24,6 +24,7 @@ from engine.optim import amp_dtype, build_optimizer, build_scaler, build_schedul
 from engine.preflight import build_target_loader, check_pretrained, loader_config, prepare_shards, read_resume
 from engine.runlog import RunLog, print_targets, target_columns
 from engine.usage import UsageError, checked
+from model.groups import resolve_bn_impl
 from model.memory import MemoryClassifier
 from pipeline.loader import build_eval_loader, build_train_loader
 
@@ -149,9 +150,9 @@ class Run:
         backend = ("nccl" if self.device.type == "cuda" else "gloo" if dist_info.world > 1
                    else "single process")
         log.info("device %s x %d ranks (%s), precision %s, channels_last%s, loader %s, mode %s, "
-                 "statistics groups %d per batch", self.device, dist_info.world, backend,
+                 "statistics groups %d per batch (%s)", self.device, dist_info.world, backend,
                  self.dtype or "fp32", ", torch.compile" if self.args.compile else "", self.lcfg.loader,
-                 cfg.mode, cfg.bn_groups)
+                 cfg.mode, cfg.bn_groups, resolve_bn_impl(cfg.bn_impl, self.device))
         group_ids = cfg.batch_size // cfg.bn_groups // cfg.num_instances
         if group_ids < 4:
             log.warning("each statistics group holds %d images of %d identities (-b %d / --bn-groups %d); "

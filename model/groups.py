@@ -16,11 +16,26 @@ involved). The running statistics follow replica 0: group 0 of each source, in s
 group 0 of every source lives on rank 0, so only rank 0 updates them (DDP broadcasts rank 0's
 buffers at every forward, and evaluation uses rank 0's).
 
-Local groups of equal size are normalised by one native kernel per layer: a batch [K*m, C, H, W]
-viewed as [K, C, m*H, W] is a GroupNorm input with one channel per group, and GroupNorm's
-statistics per (sample, group) are then exactly BatchNorm's per (row group, channel). For a
-channels_last batch that view costs no copy. The running statistics of group 0 come from one
-``batch_norm_update_stats`` call on its rows, which updates them as ``nn.BatchNorm`` would.
+Local groups of equal size are normalised by one of two implementations (``BN_IMPLS``), the
+same arithmetic laid out for different devices (``--bn-impl``; :func:`resolve_bn_impl` says how
+``auto`` picks):
+
+- ``group-norm``: one native kernel per layer. A batch [K*m, C, H, W] viewed as [K, C, m*H, W] is
+  a GroupNorm input with one channel per group, and GroupNorm's statistics per (sample, group)
+  are then exactly BatchNorm's per (row group, channel); for a channels_last batch that view
+  costs no copy. Fast on a CPU; on CUDA, GroupNorm runs in fp32 under autocast and in NCHW, so a
+  bf16 channels_last batch would be copied there and back.
+- ``batch-norm``: one native ``F.batch_norm`` per group over ``x.split(m)`` (views, channels_last
+  kept) and one ``cat``: stays in the training dtype and memory format, at K calls per layer.
+
+Either way the running statistics of group 0 are updated by ``F.batch_norm`` on its rows with the
+running buffers: its schema declares that mutation, so ``torch.compile``d graphs keep it
+(``torch.batch_norm_update_stats`` declares none, and compiled graphs dropped it).
+
+Groups that span ranks exchange their statistics over the world process group, never over a
+sub-communicator: DDP's gradient all-reduces run on the world communicator during the same
+backward, and NCCL does not order collectives on different communicators (they can deadlock).
+The statistics are a few KB, so every rank gathers all ranks' and keeps its block's.
 """
 from __future__ import annotations
 
@@ -83,32 +98,37 @@ def make_layout(sizes: list[int], groups: int, rank: int = 0, world: int = 1) ->
     return tuple(Split(int(s), groups, rank, world) for s in sizes)
 
 
-_SPAN_GROUPS: dict[tuple[object, int], dist.ProcessGroup] = {}
+BN_IMPLS = ("group-norm", "batch-norm")
 
 
-def span_group(split: Split) -> dist.ProcessGroup:
-    """This rank's process group among consecutive blocks of ``split.span`` ranks. Every rank
-    creates all blocks, in the same order, the first time a span is needed (all ranks run the
-    same forwards, so they get here together); keyed by the world group, which a new
-    ``init_process_group`` replaces."""
-    key = (dist.group.WORLD, split.span)
-    if key not in _SPAN_GROUPS:
-        _SPAN_GROUPS[key] = dist.new_subgroups(group_size=split.span)[0]
-    return _SPAN_GROUPS[key]
+def resolve_bn_impl(name: str, device: torch.device) -> str:
+    """The implementation of local groups that ``--bn-impl name`` runs on ``device``: ``auto`` is
+    ``group-norm`` on a CPU, where it was measured fastest, and ``batch-norm`` on CUDA, where it
+    avoids GroupNorm's fp32 NCHW copies (to be settled by ``make gpu-check``'s step times)."""
+    if name == "auto":
+        return "group-norm" if device.type == "cpu" else "batch-norm"
+    if name not in BN_IMPLS:
+        raise ValueError(f"bn_impl must be 'auto' or one of {', '.join(BN_IMPLS)}, got {name!r}")
+    return name
+
+
+def block_parts(t: torch.Tensor, split: Split) -> torch.Tensor:
+    """``t`` of every rank of this rank's block of ``split.span`` ranks, stacked in rank order
+    ([span, *t.shape]). Gathered over the world group (see the module docstring); no gradient."""
+    parts = [torch.empty_like(t) for _ in range(split.world)]
+    dist.all_gather(parts, t.contiguous())
+    first = split.rank // split.span * split.span
+    return torch.stack(parts[first:first + split.span])
 
 
 def _as_group_norm_input(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[K*m, C, *S] -> [K, C, m*S0, *S1:] (a view for channels_last 4-D and for contiguous 2-D-free
-    layouts where it exists; a copy otherwise)."""
-    v = x.unflatten(0, (k, -1)).transpose(1, 2)
-    return v.flatten(2, 3) if x.dim() == 4 else v
+    """[K*m, C, H, W] -> [K, C, m*H, W] (a view for channels_last; a copy otherwise)."""
+    return x.unflatten(0, (k, -1)).transpose(1, 2).flatten(2, 3)
 
 
 def _from_group_norm_output(y: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`_as_group_norm_input`, in x's dtype and memory format."""
-    if x.dim() == 4:
-        y = y.unflatten(2, (-1, x.shape[2]))
-    y = y.transpose(1, 2)
+    y = y.unflatten(2, (-1, x.shape[2])).transpose(1, 2)
     if y.dtype == x.dtype and x.device.type == "cpu":
         return y.flatten(0, 1)  # a view when x is channels_last (GroupNorm kept the layout)
     out = torch.empty_like(x)  # CUDA's GroupNorm returns NCHW (fp32 under autocast): one copy back
@@ -116,18 +136,24 @@ def _from_group_norm_output(y: torch.Tensor, x: torch.Tensor, k: int) -> torch.T
     return out
 
 
-def _local_groups(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, k: int, keep: bool,
-                  firsts: range) -> torch.Tensor:
-    """k equal groups of local rows, each normalised with its own batch statistics."""
-    running = (bn.running_mean, bn.running_var) if keep else (None, None)
-    if k == 1:
-        return F.batch_norm(x, *running, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+def _local_groups(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, k: int, firsts: range,
+                  impl: str) -> torch.Tensor:
+    """k equal groups of local rows, each normalised with its own batch statistics; the groups in
+    ``firsts`` update the running statistics (none when empty)."""
+    def norm(rows: torch.Tensor, g: int, weight, bias) -> torch.Tensor:
+        running = (bn.running_mean, bn.running_var) if g in firsts else (None, None)
+        return F.batch_norm(rows, *running, weight, bias, True, bn.momentum, bn.eps)
+
+    if k == 1 or impl == "batch-norm" or x[0, 0].numel() == 1:
+        # [B, C] (the neck) and [B, C, 1, 1] too: GroupNorm's CPU gradient of their views has
+        # other strides than its meta function says, and a compiled backward fails on a view of it
+        ys = [norm(rows, g, bn.weight, bn.bias) for g, rows in enumerate(x.split(x.shape[0] // k))]
+        return torch.cat(ys) if k > 1 else ys[0]
     y = F.group_norm(_as_group_norm_input(x, k), x.shape[1], bn.weight, bn.bias, bn.eps)
-    if keep:
-        m = x.shape[0] // k
-        with torch.no_grad():
-            for g in firsts:
-                torch.batch_norm_update_stats(x[g * m:(g + 1) * m], *running, bn.momentum)
+    m = x.shape[0] // k
+    with torch.no_grad():
+        for g in firsts:
+            norm(x[g * m:(g + 1) * m], g, None, None)
     return _from_group_norm_output(y, x, k)
 
 
@@ -138,20 +164,18 @@ class _SharedGroupNorm(torch.autograd.Function):
     gradient averaging this gives the gradient of the whole batch's loss."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k: int, eps: float, group):
+    def forward(ctx, x, weight, bias, k: int, eps: float, split: Split):
         xf = x.unflatten(0, (k, -1)).to(torch.promote_types(x.dtype, torch.float32))
         dims = [1, *range(3, xf.dim())]
         var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)
-        parts = [torch.empty_like(torch.stack([mean, var])) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, torch.stack([mean, var]), group=group)
-        parts = torch.stack(parts)
+        parts = block_parts(torch.stack([mean, var]), split)
         mean = parts[:, 0].mean(0)
         var = (parts[:, 1] + (parts[:, 0] - mean) ** 2).mean(0)
         invstd = (var + eps).rsqrt()
         shape = [1, 1, -1] + [1] * (xf.dim() - 3)
         w, b = weight.to(xf.dtype).view(shape), bias.to(xf.dtype).view(shape)
         ctx.save_for_backward(x, mean, invstd, w)
-        ctx.k, ctx.group, ctx.count = k, group, xf[0].numel() // xf.shape[2] * len(parts)
+        ctx.k, ctx.split, ctx.count = k, group, xf[0].numel() // xf.shape[2] * len(parts)
         scale = invstd * w
         rows = (k, xf.shape[1])  # per-row scale and shift: the output is a new tensor, not a view
         y = torch.addcmul((b - mean * scale).expand(*rows, *scale.shape[2:]).flatten(0, 1), x,
@@ -169,7 +193,7 @@ class _SharedGroupNorm(torch.autograd.Function):
         xhat = (xf - mean) * invstd
         sums = torch.stack([g.sum(dims, keepdim=True), (g * xhat).sum(dims, keepdim=True)])
         grad_w, grad_b = sums[1].sum(0).flatten(), sums[0].sum(0).flatten()
-        dist.all_reduce(sums, group=ctx.group)
+        sums = block_parts(sums, ctx.split).sum(0)
         dx = (g - sums[0] / ctx.count - xhat * (sums[1] / ctx.count)) * invstd * w
         return dx.to(x.dtype).flatten(0, 1), grad_w, grad_b, None, None, None
 
@@ -177,7 +201,7 @@ class _SharedGroupNorm(torch.autograd.Function):
 def _shared_groups(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, split: Split, k: int,
                    keep: bool) -> torch.Tensor:
     """k local segments, each part of a group shared with the other ranks of its block."""
-    y, mean, var = _SharedGroupNorm.apply(x, bn.weight, bn.bias, k, bn.eps, span_group(split))
+    y, mean, var = _SharedGroupNorm.apply(x, bn.weight, bn.bias, k, bn.eps, split)
     if keep:
         n = split.group_rows * x[0, 0].numel()
         with torch.no_grad():
@@ -188,20 +212,22 @@ def _shared_groups(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, split: 
     return y
 
 
-def batch_norm_groups(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, layout: Layout) -> torch.Tensor:
-    """Training-mode BatchNorm of a forward laid out as ``layout`` (see the module docstring)."""
+def batch_norm_groups(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, layout: Layout,
+                      impl: str = "group-norm") -> torch.Tensor:
+    """Training-mode BatchNorm of a forward laid out as ``layout`` (see the module docstring);
+    ``impl``: one of ``BN_IMPLS``, how local groups are normalised."""
     if bn.momentum is None:
         raise ValueError("statistics groups need BatchNorm momentum as a number (cumulative averages "
                          "are not supported)")
     if len(set(layout)) > 1:  # sources of different sizes: one call each
         parts = x.split([s.rows for s in layout])
-        first = [batch_norm_groups(p, bn, (s,)) for p, s in zip(parts, layout)]
+        first = [batch_norm_groups(p, bn, (s,), impl) for p, s in zip(parts, layout)]
         return torch.cat(first)
     split = layout[0]
     keep = split.rank == 0
     k = len(layout) * split.segments
     if split.span == 1:
-        y = _local_groups(x, bn, k, keep, range(0, k, split.segments))
+        y = _local_groups(x, bn, k, range(0, k, split.segments) if keep else range(0), impl)
     else:
         y = _shared_groups(x, bn, split, k, keep)
     if keep:
@@ -212,7 +238,4 @@ def batch_norm_groups(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, layo
 def gather_group_rows(t: torch.Tensor, split: Split) -> torch.Tensor:
     """Rows of a group shared by several ranks: every rank of the block gets all of them, in
     rank order (= the group's row order). No gradient."""
-    group = span_group(split)
-    parts = [torch.empty_like(t) for _ in range(split.span)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
+    return block_parts(t, split).flatten(0, 1)

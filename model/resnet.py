@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from model.groups import Layout, batch_norm_groups, make_layout
+from model.groups import BN_IMPLS, Layout, batch_norm_groups, make_layout
 
 ARCHS = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 2048),
@@ -29,14 +29,16 @@ ARCHS = {
 
 
 class _GroupBN:
-    """Mixin for nn.BatchNorm*d: per-group statistics while ``layout`` is set (training)."""
+    """Mixin for nn.BatchNorm*d: per-group statistics while ``layout`` is set (training), computed
+    by the ``impl`` of ``model.groups.BN_IMPLS``."""
 
     layout: Layout | None = None
+    impl: str = BN_IMPLS[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.layout is None:
             return super().forward(x)
-        return batch_norm_groups(x, self, self.layout)
+        return batch_norm_groups(x, self, self.layout, self.impl)
 
 
 class GroupBatchNorm2d(_GroupBN, nn.BatchNorm2d):
@@ -62,15 +64,18 @@ class ReIDNet(nn.Module):
     """Backbone (torchvision layer names, so ImageNet weights load as they are) + neck.
 
     ``bn_groups``: statistics groups per source batch in training forwards. ``rank``, ``world``:
-    this process's part of every global batch (train.py sets them under torchrun).
+    this process's part of every global batch (train.py sets them under torchrun). ``bn_impl``:
+    how local groups are computed (``model.groups.BN_IMPLS``; the same result either way).
     """
 
     def __init__(self, arch: str = "resnet50", last_stride: int = 1, stem_relu: bool = False,
-                 style: nn.Module | None = None, bn_groups: int = 4) -> None:
+                 style: nn.Module | None = None, bn_groups: int = 4, bn_impl: str = BN_IMPLS[0]) -> None:
         super().__init__()
         if bn_groups < 1:
             raise ValueError(f"bn_groups must be at least 1, got {bn_groups}")
-        self.bn_groups, self.rank, self.world = bn_groups, 0, 1
+        if bn_impl not in BN_IMPLS:
+            raise ValueError(f"bn_impl must be one of {', '.join(BN_IMPLS)}, got {bn_impl!r}")
+        self.bn_groups, self.bn_impl, self.rank, self.world = bn_groups, bn_impl, 0, 1
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
         if last_stride not in (1, 2):
@@ -98,6 +103,8 @@ class ReIDNet(nn.Module):
         grouped = [m for m in self.modules() if isinstance(m, _GroupBN) or m is self.style]
         for m in grouped:
             m.layout = layout
+            if isinstance(m, _GroupBN):
+                m.impl = self.bn_impl
         try:
             yield
         finally:
@@ -179,10 +186,13 @@ def imagenet_weights_file(arch: str) -> Path:
 
 
 def build_model(arch: str = "resnet50", pretrained: str = "none", last_stride: int = 1,
-                stem_relu: bool = False, style: nn.Module | None = None, bn_groups: int = 4) -> ReIDNet:
+                stem_relu: bool = False, style: nn.Module | None = None, bn_groups: int = 4,
+                bn_impl: str = BN_IMPLS[0]) -> ReIDNet:
     """`pretrained`: "none" (random init), "imagenet" (torchvision's weights) or a local file;
-    `bn_groups`: statistics groups per source batch (4 = the published runs, 1 = whole batches)."""
-    model = ReIDNet(arch, last_stride=last_stride, stem_relu=stem_relu, style=style, bn_groups=bn_groups)
+    `bn_groups`: statistics groups per source batch (4 = the published runs, 1 = whole batches);
+    `bn_impl`: how they are computed (``model.groups.BN_IMPLS``)."""
+    model = ReIDNet(arch, last_stride=last_stride, stem_relu=stem_relu, style=style, bn_groups=bn_groups,
+                    bn_impl=bn_impl)
     if pretrained == "imagenet":
         load_backbone(model, imagenet_weights_file(arch))
     elif pretrained != "none":

@@ -3,9 +3,10 @@
 Each sample's per-channel style (mean, std) is replaced by one drawn uniformly within
 mean +- rho * std of its statistics group's style statistics (docs/design.md; the groups are
 those of ``model.groups``: the published runs took them per DataParallel replica). The
-computation is fused into one reduction pass (per-sample channel variance and mean, fp32) and one
-multiply-add pass: ``x_norm * sig_new + mu_new`` equals ``x * a + b`` with ``a = sig_new / sig``
-and ``b = mu_new - mu * a``. ``reference/style.py`` holds the step-by-step version.
+computation is fused into one reduction pass (per-sample channel variance and mean, fp32, without
+an fp32 copy of a bf16 batch: :func:`sample_stats`) and one multiply-add pass:
+``x_norm * sig_new + mu_new`` equals ``x * a + b`` with ``a = sig_new / sig`` and
+``b = mu_new - mu * a``. ``reference/style.py`` holds the step-by-step version.
 """
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def _group_stats(v: torch.Tensor, split: Split) -> tuple[torch.Tensor, torch.Ten
         v = gather_group_rows(v, split)
     std, mean = torch.std_mean(v.unflatten(0, (-1, split.group_rows)), dim=1, correction=1, keepdim=True)
     return std, mean
+
+
+def sample_stats(x: torch.Tensor, chunk: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample channel variance (unbiased) and mean of x [B, C, H, W], in fp32 at least. A
+    lower-precision batch (bf16 layer-1 output) is converted a few rows at a time, about
+    ``chunk`` elements each, so no fp32 copy of the whole batch exists at any point."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.dtype == dtype:
+        return torch.var_mean(x, dim=(2, 3), correction=1)
+    stats = [torch.var_mean(rows.to(dtype), dim=(2, 3), correction=1)
+             for rows in x.split(max(1, chunk // x[0].numel()))]
+    return torch.cat([v for v, _ in stats]), torch.cat([m for _, m in stats])
 
 
 def _draws(split: Split, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +65,7 @@ def ubs(x: torch.Tensor, rho: float = 3.0, eps: float = 1e-6, layout: Layout | N
     if split.group_rows < 2:
         raise ValueError(f"UBS needs at least 2 samples per statistics group, got {split.group_rows}")
     with torch.no_grad():
-        var, mu = torch.var_mean(x.detach().to(torch.promote_types(x.dtype, torch.float32)), dim=(2, 3),
-                                 correction=1)
+        var, mu = sample_stats(x.detach())
         std = var.sqrt()
         sig = (var + eps).sqrt()
         mu_std, mu_mean = _group_stats(mu, split)

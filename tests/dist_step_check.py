@@ -1,7 +1,7 @@
 """Run by tests/test_step.py under torchrun: tests/step_case.py's iterations with the fast step
 on every rank (DDP over gloo, float64), then rank 0 saves the resulting state.
 
-    torchrun --nproc_per_node N tests/dist_step_check.py RESULT.pt MODE BN_GROUPS
+    torchrun --nproc_per_node N tests/dist_step_check.py RESULT.pt MODE BN_GROUPS BN_IMPL
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from tests import step_case  # noqa: E402
 
 
 def main() -> int:
-    result, mode, groups = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    result, mode, groups, impl = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
     info = du.init_distributed("cpu")
-    model, memories = step_case.build(groups)
+    model, memories = step_case.build(groups, impl)
     model.rank, model.world = info.rank, info.world
     net = DistributedDataParallel(model)
     opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)

@@ -20,9 +20,9 @@ CLASSES = [5, 7, 6]
 ITERS = 2
 
 
-def build(bn_groups: int) -> tuple[torch.nn.Module, list[MemoryClassifier]]:
+def build(bn_groups: int, bn_impl: str = "group-norm") -> tuple[torch.nn.Module, list[MemoryClassifier]]:
     torch.manual_seed(0)
-    model = build_model("resnet18", style=UBS(), bn_groups=bn_groups).double().train()
+    model = build_model("resnet18", style=UBS(), bn_groups=bn_groups, bn_impl=bn_impl).double().train()
     memories = [MemoryClassifier(model.num_features, n).double() for n in CLASSES]
     g = torch.Generator().manual_seed(1)
     for m in memories:

@@ -9,6 +9,7 @@ import pytest
 
 from engine import network
 from engine.flags import train_parser
+from model.groups import BN_IMPLS
 from tools import benchmark
 
 TINY = ["-a", "resnet18", "--height", "64", "--width", "32", "-b", "8", "--warmup", "1", "--window", "2",
@@ -61,19 +62,28 @@ def test_train_loaders_and_eval(synthetic_data, synthetic_shards, tmp_path, caps
 def test_ops_times_the_model_parts_and_counts_aten_operations(tmp_path, capsys):
     assert benchmark.main(["ops", "--device", "cpu", "--warmup", "1", "--repeats", "2",
                            "--style-shape", "4", "8", "8", "4", "--batch", "16", "--features", "32",
-                           "--classes", "50", "--out", str(tmp_path / "p")]) == 0
+                           "--classes", "50", "-a", "resnet18", "--bn-groups", "2", "--bn-rows", "12",
+                           "--bn-size", "32", "32", "--out", str(tmp_path / "p")]) == 0
     rows = results(tmp_path / "p")
-    assert [(r["op"], r["impl"]) for r in rows] == [
+    assert [(r["op"], r["impl"]) for r in rows[:5]] == [
         ("ubs", "literal"), ("ubs", "fused"),
         ("memory_update", "loop"), ("memory_update", "read-back"), ("memory_update", "rounds")]
     assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    # ResNet-18 at 32x32: 20 BatchNorm2d layers of 5 shapes and the neck, each implementation
+    bn = rows[5:]
+    assert [(r["op"], r["impl"]) for r in bn[-2:]] == [("batchnorm g2 all", i) for i in BN_IMPLS]
+    assert sum(int(r["op"].split("x")[-1]) for r in bn[:-2]) == 2 * 21 and len(bn) == 2 * 6 + 2
+    assert all(r["shape"][0] == 12 for r in bn[:-2])
 
     assert benchmark.main(["ops", "--count", "-a", "resnet18", "--bn-groups", "4",
                            "--out", str(tmp_path / "c")]) == 0
-    (row,) = results(tmp_path / "c")
-    counts = row["counts"]
-    assert counts["optimizer"] == 2  # fused Adam: one kernel for every parameter (and its step counter)
-    assert counts["total"] == sum(v for k, v in counts.items() if k != "total") > 0
+    rows = results(tmp_path / "c")
+    assert [r["bn_impl"] for r in rows] == list(BN_IMPLS)
+    for row in rows:
+        counts = row["counts"]
+        assert counts["optimizer"] == 2  # fused Adam: one kernel for every parameter (and its step counter)
+        assert counts["total"] == sum(v for k, v in counts.items() if k != "total") > 0
+    assert rows[0]["counts"]["forward 1"] < rows[1]["counts"]["forward 1"]  # one kernel a layer, or a group
     assert "ATen operations of one IL iteration (resnet18" in capsys.readouterr().out
 
 
@@ -85,8 +95,9 @@ def test_flags_shared_with_train_are_train_flags():
     for name in benchmark.COMMANDS:
         for action in benchmark.command_parser(name)._actions:
             mine = train.get(action.dest)
-            # ops --bn-groups counts several settings; --data-dir: the folder loader's raw folders
-            if mine is None or action.dest == "data_dir" or (name == "ops" and action.dest == "bn_groups"):
+            # ops --bn-groups/--bn-impl count several settings; --data-dir: the folder loader's raw folders
+            if mine is None or action.dest == "data_dir" or (name == "ops" and action.dest in ("bn_groups",
+                                                                                            "bn_impl")):
                 continue
             shared += 1
             assert (action.option_strings, action.default, action.help, action.choices) == (

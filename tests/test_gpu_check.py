@@ -23,6 +23,7 @@ TABLES = (
     "Loaders: images/s delivered (bench-data)",
     "Loaders: images/s delivered (loaders-png)",
     "Training iteration: step",
+    *(f"Training iteration: step ({name})" for name in gpu_check.BN_STEPS),
     "Training iteration: train",
     "Evaluation",
     "Model parts",

@@ -2,7 +2,8 @@
 (reference/): a forward per source through 4 (or G) DataParallel replicas, the unfused
 style module, the per-sample memory loop. Same initial weights, images, labels, shuffle and
 random draws must give the same loss, weights, running statistics and memories, on 1 rank here
-and on 2 and 4 gloo ranks under torchrun. All in float64 (tests/step_case.py says why)."""
+and on 2 and 4 gloo ranks under torchrun, with every implementation of the statistics groups
+(model.groups.BN_IMPLS). All in float64 (tests/step_case.py says why)."""
 from __future__ import annotations
 
 import functools
@@ -17,6 +18,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 from engine.optim import build_scaler
 from engine.step import MODES, shuffle_plan, train_step
+from model.groups import BN_IMPLS
 from model.memory import MemoryClassifier
 from model.resnet import build_model
 from model.style import UBS
@@ -42,8 +44,9 @@ def literal_run(mode: str, groups: int) -> dict[str, torch.Tensor]:
     return step_case.state(ref, memories)
 
 
-def fast_run(mode: str, groups: int, known_labels: bool = True) -> tuple[dict[str, torch.Tensor], list[float]]:
-    model, memories = step_case.build(groups)
+def fast_run(mode: str, groups: int, known_labels: bool = True,
+             impl: str = "group-norm") -> tuple[dict[str, torch.Tensor], list[float]]:
+    model, memories = step_case.build(groups, impl)
     opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
     losses = []
     for it in range(step_case.ITERS):
@@ -63,9 +66,10 @@ def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("impl", BN_IMPLS)
 @pytest.mark.parametrize("mode, groups", [("il", 4), ("fbf", 4), ("fb", 4), ("il", 1), ("il", 2)])
-def test_fast_iteration_matches_the_published_one(mode, groups):
-    got, losses = fast_run(mode, groups)
+def test_fast_iteration_matches_the_published_one(mode, groups, impl):
+    got, losses = fast_run(mode, groups, impl=impl)
     assert all(0 < loss < 20 for loss in losses)
     assert_same_state(got, literal_run(mode, groups))
 
@@ -83,14 +87,19 @@ def test_statistics_groups_change_the_result():
     assert not torch.allclose(four["buffer.bn1.running_var"], one["buffer.bn1.running_var"])
 
 
-@pytest.mark.parametrize("world, mode, groups", [(2, "il", 4), (2, "il", 1), (4, "il", 2), (2, "fb", 4)])
-def test_ranks_repeat_the_published_iteration(tmp_path, world, mode, groups):
-    """2 and 4 gloo ranks: the same groups of images, synchronised where a group spans ranks
-    (groups=1 on 2 ranks, groups=2 on 4), the global shuffle moved by all-to-all, memories
-    updated in the global shuffled order. Rank 0 ends where the literal single process does."""
+@pytest.mark.parametrize("world, mode, groups, impl", [
+    (2, "il", 4, "group-norm"), (2, "il", 4, "batch-norm"), (4, "il", 4, "group-norm"),
+    (4, "il", 4, "batch-norm"), (2, "il", 1, "group-norm"), (4, "il", 2, "group-norm"),
+    (2, "fb", 4, "group-norm")])
+def test_ranks_repeat_the_published_iteration(tmp_path, world, mode, groups, impl):
+    """2 and 4 gloo ranks: the same groups of images, held whole by the ranks (groups=4: each
+    implementation) or synchronised where a group spans ranks over the world group (groups=1 on 2
+    ranks, groups=2 on 4; the implementations differ only in local groups), the global shuffle
+    moved by all-to-all, memories updated in the global shuffled order. Rank 0 ends where the
+    literal single process does."""
     result = tmp_path / "state.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-           str(ROOT / "tests" / "dist_step_check.py"), str(result), mode, str(groups)]
+           str(ROOT / "tests" / "dist_step_check.py"), str(result), mode, str(groups), impl]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

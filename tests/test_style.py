@@ -1,8 +1,9 @@
 """UBS against the step-by-step version written from docs/design.md."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.style import UBS
+from model.style import UBS, sample_stats
 from reference import LiteralUBS
 
 
@@ -43,6 +44,35 @@ def test_bf16_input_stats_in_fp32():
     assert got.is_contiguous(memory_format=torch.channels_last)
     # one bf16 rounding of the fp32 result
     torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)
+
+
+class LargestFloat32(TorchDispatchMode):
+    """Records the most elements any fp32 tensor an operation returns has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_bf16_sample_stats_without_a_full_fp32_copy():
+    """A bf16 batch's per-sample statistics are taken in fp32 a few rows at a time: as exact as
+    from a float64 copy, and no fp32 tensor larger than the chunk is created."""
+    x = features().bfloat16().to(memory_format=torch.channels_last)
+    chunk = 3 * x[0].numel()
+    with LargestFloat32() as seen:
+        var, mean = sample_stats(x, chunk=chunk)
+    assert seen.largest <= chunk
+    want_var, want_mean = torch.var_mean(x.double(), dim=(2, 3), correction=1)
+    assert var.dtype == mean.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-6, atol=1e-6)
 
 
 def literal_input_gradient(x, w, rho=3.0, eps=1e-6):

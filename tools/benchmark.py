@@ -9,9 +9,11 @@ per part:
            metrics at MSMT17 size (11,659 queries x 82,161 gallery, 2048-d)
   ops      the model parts that replace slow published code, against their literal versions (the
            fused UBS style module; the vectorised memory update against the per-sample loop, its
-           round sizes read back from the device or given by the sampler); ``--count`` counts
-           instead the ATen operations one training iteration dispatches, per phase and per
-           ``--bn-groups`` value (on a GPU the step is bound by the host's dispatching)
+           round sizes read back from the device or given by the sampler) and each statistics-group
+           implementation (``--bn-impl``) per BatchNorm layer shape of the network; ``--count``
+           counts instead the ATen operations one training iteration dispatches, per phase, per
+           ``--bn-groups`` value and implementation (on a GPU the step is bound by the host's
+           dispatching)
   all      loaders, step, train and eval in one invocation, one table
 
     python tools/benchmark.py step --impl both --gpus 1,2
@@ -25,7 +27,7 @@ Every subcommand prints its table and writes OUT/benchmark.json (machine, config
 step and train also OUT/benchmark.png (images/s and scaling efficiency against the ideal line).
 
 The flags that mean what train.py's mean (-a, -b, --height, --width, --num-instances, --bn-groups,
---amp, --compile, --apex, --device, -j, --loader, --shards, --test-batch-size) are train.py's own
+--bn-impl, --amp, --compile, --apex, --device, -j, --loader, --shards, --test-batch-size) are train.py's own
 (engine/flags.py). The fast implementation is train.py's: its network built, placed and wrapped
 (DDP, torch.compile) by engine/network.py, its iteration ``engine.loop.one_iteration``, its loader
 configuration ``engine.preflight.loader_config``.
@@ -63,6 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.device import DeviceError, resolve_device
 from engine.flags import HelpFormatter, add_train_flags, at_least, train_parser
 from engine.usage import UsageError
+from model.groups import BN_IMPLS
 
 COMMANDS = {
     "loaders": "the training loaders alone, side by side (DALI, torch, the published folder loader)",
@@ -138,8 +141,8 @@ def command_parser(name: str) -> argparse.ArgumentParser:
                        help="measure in this process group (under torchrun, e.g. across nodes) instead of "
                             "launching one; needs one --impl and --result")
         r.add_argument("--result", type=Path, default=None, help="JSON file a --worker run's rank 0 writes")
-        add_train_flags(p.add_argument_group("network (train.py's flags)"), "arch", "bn_groups", "amp",
-                        "compile", "apex")
+        add_train_flags(p.add_argument_group("network (train.py's flags)"), "arch", "bn_groups", "bn_impl",
+                        "amp", "compile", "apex")
     if name == "eval":
         add_train_flags(p.add_argument_group("network (train.py's flags)"), "arch", "amp")
     if name != "ops":
@@ -188,7 +191,13 @@ def add_ops_flags(m) -> None:
                    help="count the ATen operations of one IL iteration per phase (CPU, fp32) instead of "
                         "timing the model parts")
     m.add_argument("--bn-groups", type=at_least(1), nargs="+", default=[1, 4],
-                   help="--count: the train.py --bn-groups settings to count, side by side")
+                   help="the train.py --bn-groups settings to count or time, side by side")
+    m.add_argument("--bn-impl", choices=BN_IMPLS, nargs="+", default=list(BN_IMPLS),
+                   help="the statistics-group implementations (train.py --bn-impl) to count or time")
+    m.add_argument("--bn-rows", type=at_least(3), default=192,
+                   help="BatchNorm timings: rows of the first forward (3 sources; 3 x 64 published)")
+    m.add_argument("--bn-size", type=at_least(32), nargs=2, default=[256, 128], metavar=("H", "W"),
+                   help="BatchNorm timings: the input size that gives the layers' shapes")
     m.add_argument("--style-shape", type=at_least(1), nargs=4, default=[192, 256, 64, 32],
                    metavar=("B", "C", "H", "W"),
                    help="UBS input shape (layer1 output of a 3 x 64 batch at 256x128)")
@@ -331,6 +340,7 @@ def measure_iterations(args, impl: str, mode: str) -> dict:
     """Training iterations of one implementation in this process group (a world of one outside
     torchrun); every rank returns rank 0's row shape, rank 0's figures count."""
     from engine import distributed as du
+    from model.groups import resolve_bn_impl
 
     info = du.init_distributed(args.device)
     iters = args.warmup + args.window * args.repeats
@@ -342,6 +352,7 @@ def measure_iterations(args, impl: str, mode: str) -> dict:
     timing = measure(make(args, cfg, info, num_classes, batches), device_sync(info.device), args)
     du.cleanup()
     return {"mode": mode, "impl": impl, "world": info.world, **timing, "loader": loader,
+            "bn_impl": resolve_bn_impl(cfg.bn_impl, info.device) if impl == "fast" else None,
             "images_per_s": 3 * cfg.batch_size / timing["s_per_iter"]}
 
 
@@ -503,13 +514,74 @@ def measure_eval(args) -> list[dict]:
 # ---------------------------------------------------------------- ops
 
 def measure_ops(args) -> list[dict]:
-    """--count: the ATen operations per --bn-groups value; else the model parts' timings."""
+    """--count: the ATen operations per --bn-groups value and implementation; else the model
+    parts' timings."""
     if args.count:
         return [{"mode": "ops", "op": "aten-count", "arch": args.arch, "step": "il", "bn_groups": g,
-                 "counts": count_step_ops(run_config(args, bn_groups=g))} for g in args.bn_groups]
+                 "bn_impl": impl, "counts": count_step_ops(run_config(args, bn_groups=g, bn_impl=impl))}
+                for g in args.bn_groups for impl in args.bn_impl]
     from engine import distributed as du
 
-    return time_parts(du.init_distributed(args.device).device, args)
+    device = du.init_distributed(args.device).device
+    return time_parts(device, args) + time_batch_norms(device, args)
+
+
+def bn_shapes(arch: str, size: list[int]) -> collections.Counter:
+    """[C, H, W] (or [C] for the neck) of every BatchNorm input of ``arch`` at input ``size``, with
+    the number of layers of each shape."""
+    from model.resnet import build_model
+
+    shapes: collections.Counter = collections.Counter()
+    model = build_model(arch, "none", bn_groups=1).eval()
+    hooks = [m.register_forward_pre_hook(lambda m, x: shapes.update([tuple(x[0].shape[1:])]))
+             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, *size))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def time_batch_norms(device: torch.device, args) -> list[dict]:
+    """Milliseconds per forward and backward of one grouped BatchNorm layer (the first forward's
+    layout: 3 sources of ``--bn-rows``/3 rows, channels_last, in the training dtype under autocast:
+    bf16 on a GPU, fp32 on a CPU), per layer shape of the network, ``--bn-groups`` value and
+    implementation; the ``all layers`` row weighs each shape by its number of layers.
+    ``speedup``: against the first implementation."""
+    from engine.optim import amp_dtype, autocast
+    from model.groups import batch_norm_groups, make_layout
+    from model.resnet import GroupBatchNorm1d, GroupBatchNorm2d
+
+    dtype = amp_dtype("auto", device)
+    sync, rows = device_sync(device), []
+    for groups in args.bn_groups:
+        layout = make_layout([args.bn_rows // 3] * 3, groups)
+        totals: collections.Counter = collections.Counter()
+        for shape, layers in bn_shapes(args.arch, args.bn_size).items():
+            kind = GroupBatchNorm2d if len(shape) == 3 else GroupBatchNorm1d
+            bn = kind(shape[0]).to(device)
+            x = torch.randn(3 * (args.bn_rows // 3), *shape, device=device, dtype=dtype or torch.float32)
+            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+            x.requires_grad_()
+            dy = torch.randn_like(x)
+
+            def step(impl: str) -> None:
+                with autocast(device, dtype):
+                    y = batch_norm_groups(x, bn, layout, impl)
+                y.backward(dy)
+            for impl in args.bn_impl:
+                ms = 1e3 * measure(lambda: step(impl), sync, args)["s_per_iter"]
+                totals[impl] += layers * ms
+                rows.append({"mode": "ops", "op": f"batchnorm g{groups} x{layers}", "shape": [len(x), *shape],
+                             "dtype": str(x.dtype).split(".")[-1], "device": device.type, "impl": impl,
+                             "ms": ms})
+        rows += [{"mode": "ops", "op": f"batchnorm g{groups} all", "shape": [args.arch, *args.bn_size],
+                  "dtype": str(dtype or torch.float32).split(".")[-1], "device": device.type, "impl": impl,
+                  "ms": ms} for impl, ms in totals.items()]
+    for r in rows:
+        base = next(b for b in rows if b["op"] == r["op"] and b["shape"] == r["shape"])
+        r["speedup"] = base["ms"] / r["ms"]
+    return rows
 
 
 def time_parts(device: torch.device, args) -> list[dict]:
@@ -710,17 +782,24 @@ def eval_lines(rows: list[dict]) -> list[str]:
             f"eval extraction forward: {r['extract_images_per_s']:.1f} images/s (test batch on the device)"]
 
 
+WIDTHS = (20, 20, 8, 10, 12)  # of the model parts' columns
+
+
 def part_lines(rows: list[dict]) -> list[str]:
-    lines = [f"{'op':<14}{'device':<8}{'dtype':<10}{'impl':<12}{'median ms':>11}{'speed-up':>10}"]
-    lines += [f"{r['op']:<14}{r['device']:<8}{r['dtype']:<10}{r['impl']:<12}{r['ms']:>11.2f}"
-              f"{r['speedup']:>9.1f}x" for r in rows]
+    head = ("op", "shape", "device", "dtype", "impl")
+    lines = ["".join(f"{h:<{w}}" for h, w in zip(head, WIDTHS)) + f"{'median ms':>11}{'speed-up':>10}"]
+    for r in rows:
+        cells = (r["op"], "x".join(map(str, r["shape"])), r["device"], r["dtype"], r["impl"])
+        lines.append("".join(f"{c:<{w}}" for c, w in zip(cells, WIDTHS))
+                     + f"{r['ms']:>11.2f}{r['speedup']:>9.2f}x")
     return lines
 
 
 def count_lines(rows: list[dict]) -> list[str]:
-    lines = [f"ATen operations of one IL iteration ({rows[0]['arch']}, views excluded), by --bn-groups",
-             f"{'phase':<26}" + "".join(f"{'groups ' + str(r['bn_groups']):>12}" for r in rows)]
-    lines += [f"{k:<26}" + "".join(f"{r['counts'].get(k, 0):>12}" for r in rows) for k in rows[0]["counts"]]
+    lines = [f"ATen operations of one IL iteration ({rows[0]['arch']}, views excluded), by --bn-groups and "
+             "--bn-impl",
+             f"{'phase':<26}" + "".join(f"{'g%d %s' % (r['bn_groups'], r['bn_impl']):>15}" for r in rows)]
+    lines += [f"{k:<26}" + "".join(f"{r['counts'].get(k, 0):>15}" for r in rows) for k in rows[0]["counts"]]
     return lines
 
 

@@ -17,6 +17,9 @@ OUT/logs/<step>.log:
   loader-parity  tools/compare_loaders.py: DALI against PIL on the same images
   bench-step, bench-train, bench-eval
                  tools/benchmark.py step|train|eval --impl both: this project against the published way
+  bench-step-group-norm, bench-step-batch-norm
+                 tools/benchmark.py step --impl fast --bn-impl X: the step time of each implementation
+                 of the statistics groups (what --bn-impl auto should pick on this device)
   bench-data     tools/benchmark.py loaders: DALI, the torch loader and the published folder loader
   model-parts    tools/benchmark.py ops: fused UBS and vectorised memory update against the literal ones
   loaders-png    tools/benchmark.py loaders --cuhk03: the loaders on sources with CUHK03's PNG images
@@ -57,10 +60,13 @@ REPO = Path(__file__).resolve().parents[1]
 WHEELS, DALI_TARGET = REPO / ".whl", REPO / ".dali"  # tools/fetch_dali.sh's folder; where it is installed
 
 # In the order they run, the most wanted figures first (a spent --budget skips the last ones).
-STEPS = ("synthetic", "shards", "gpu-tests", "sync-free", "loader-parity", "bench-step", "bench-train",
-         "bench-data", "bench-eval", "model-parts", "loaders-png", "ops")
+BN_IMPLS = ("group-norm", "batch-norm")  # model.groups.BN_IMPLS (this tool imports no torch)
+BN_STEPS = tuple(f"bench-step-{impl}" for impl in BN_IMPLS)
+STEPS = ("synthetic", "shards", "gpu-tests", "sync-free", "loader-parity", "bench-step", *BN_STEPS,
+         "bench-train", "bench-data", "bench-eval", "model-parts", "loaders-png", "ops")
 DATA = ("synthetic", "shards")
-BENCHMARKS = ("bench-step", "bench-train", "bench-data", "bench-eval", "model-parts", "loaders-png", "ops")
+BENCHMARKS = ("bench-step", *BN_STEPS, "bench-train", "bench-data", "bench-eval", "model-parts",
+              "loaders-png", "ops")
 BESIDE_DATA = ("gpu-tests", "sync-free")  # need no data and time nothing: they run beside the data steps
 SYNC_TESTS = "nothing_back_from_the_device or not_synchronise_with_the_host"
 TAIL_LINES = 40
@@ -191,6 +197,10 @@ def plan(out: Path, device: str, prof: Profile, workers: int, dali: bool) -> lis
         steps.append(Step(f"bench-{mode}", [*bench, *command, *on, "--out", rel(folder)],
                           needs=() if mode in ("eval", "step") else ("shards",),
                           result=folder / "benchmark.json"))
+    for impl, name in zip(BN_IMPLS, BN_STEPS):
+        folder = out / "bench" / name
+        steps.append(Step(name, [*bench, "step", "--impl", "fast", *both[2:], "--bn-impl", impl, *on, "--out",
+                                 rel(folder)], result=folder / "benchmark.json"))
     steps.append(Step("loaders-png", [*bench, "loaders", "--shards", shards, "--data-dir", data, *on,
                                       *prof.loaders, "--loaders", prof.loader_kinds if dali else "torch",
                                       "--out", rel(out / "bench" / "loaders-png")],
@@ -578,15 +588,17 @@ def _loaders(step: dict) -> Section:
 
 def _iteration(step: dict) -> Section:
     rows = step["details"]["result"]
-    sec = Section(f"Training iteration: {rows[0]['mode']}", step["command"],
+    which = f" ({step['name']})" if step["name"] in BN_STEPS else ""
+    sec = Section(f"Training iteration: {rows[0]['mode']}{which}", step["command"],
                   ["mode", "implementation", "processes", "images/s", "ms / iteration", "vs reference"])
     ref = next((r for r in rows if r["impl"] == "reference"), None)
     for r in rows:
-        name = r["impl"] + (f" ({r['loader']} loader)" if r.get("loader") else "")
+        name = r["impl"] + (f" ({r['loader']} loader)" if r.get("loader") else "") + (
+            f", --bn-impl {r['bn_impl']}" if r.get("bn_impl") else "")
         ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
         sec.rows.append([r["mode"], name, r["world"], r["images_per_s"], 1e3 * r["s_per_iter"], ratio])
-        sec.figures += [(f"{r['mode']} {r['impl']}", round(r["images_per_s"], 1), "images/s"),
-                        (f"{r['mode']} {r['impl']} per iteration", round(1e3 * r["s_per_iter"], 2), "ms")]
+        sec.figures += [(f"{r['mode']} {name}", round(r["images_per_s"], 1), "images/s"),
+                        (f"{r['mode']} {name} per iteration", round(1e3 * r["s_per_iter"], 2), "ms")]
     return sec
 
 
@@ -624,6 +636,7 @@ def _ops(step: dict) -> Section:
 
 SECTIONS = (("synthetic", _synthetic), ("shards", _shards), ("loader-parity", _parity),
             ("bench-data", _loaders), ("loaders-png", _loaders), ("bench-step", _iteration),
+            *((name, _iteration) for name in BN_STEPS),
             ("bench-train", _iteration), ("bench-eval", _eval), ("model-parts", _model_parts), ("ops", _ops))
 
 
