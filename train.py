@@ -27,7 +27,7 @@ from engine.flags import train_parser
 from engine.loop import NonFiniteLoss, train_one_epoch
 from engine.preflight import check_flags
 from engine.run import Run, RunResult, evaluate_only
-from engine.stopping import StopRequest
+from engine.stopping import StopRequest, follow_launcher
 from engine.usage import DataError, OutputError, RunError, UsageError, refuse
 from pipeline.files import WriteError
 from pipeline.shards import ShardError
@@ -43,6 +43,7 @@ def get_parser():
 def main(argv: list[str] | None = None) -> int:
     """Run train.py; returns the exit code: 0, or the :class:`engine.usage.RunError` kind's (2 a
     refusal, 3 non-finite values, 4 data that failed during the run), printed as one line."""
+    follow_launcher()
     is_main = os.environ.get("RANK", "0") == "0"
     try:
         args = get_parser().parse_args(argv)

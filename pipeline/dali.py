@@ -209,8 +209,7 @@ class DaliTrainLoader:
                 bad, why = self._undecodable(g, err)
                 if not self.plan.replace_bad:
                     s, j = bad[0]
-                    raise ShardError(f"{self.plan.sets[s].location(j)}: {why}; "
-                                     "replace_bad=True replaces such images") from err
+                    raise ShardError(f"{self.plan.sets[s].location(j)}: {why}") from err
                 self.plan.bad.update(bad)  # the restarted workers replace them
                 continue
             self._next = g + 1

@@ -57,8 +57,9 @@ class EvalSource(_WorkerCallback):
             raise StopIteration
         out = []
         for j in self.rows.batch_rows(info.iteration):
+            data = self.rows.rows.read(int(j))  # a shard that cannot be read: ShardError
             try:
-                out.append(np.frombuffer(check_header(self.rows.rows.read(int(j))), dtype=np.uint8))
+                out.append(np.frombuffer(check_header(data), dtype=np.uint8))
             except Exception as err:
                 where = self.rows.rows.location(int(j))
                 raise ShardError(f"{where}: cannot decode the image ({err})") from err

@@ -174,12 +174,12 @@ class TrainPlan:
         for k in src.same_identity(j):
             if (s, int(k)) in self.bad:
                 continue
+            data = src.read(int(k))  # a shard that cannot be read stops the run (ShardError)
             try:
-                return decode(src.read(int(k))), int(k) != j
+                return decode(data), int(k) != j
             except Exception as err:
                 if not self.replace_bad:
-                    raise ShardError(f"{src.location(int(k))}: cannot decode the image ({err}); "
-                                     "replace_bad=True replaces such images") from err
+                    raise ShardError(f"{src.location(int(k))}: cannot decode the image ({err})") from err
                 self.bad.add((s, int(k)))
         raise ShardError(f"{src.name}: no decodable image left for label {src.labels[j]}")
 
@@ -210,8 +210,9 @@ class TrainPlan:
             e, it = epoch + g // self.iters, g % self.iters
             for s, rows in enumerate(self.indices(e)):
                 for j in rows[it]:
+                    data = self.sets[s].read(int(j))  # a shard that cannot be read: ShardError
                     try:
-                        decode_rgb(self.sets[s].read(int(j)))
+                        decode_rgb(data)
                     except Exception:
                         if (s, int(j)) not in self.bad:
                             found.append((s, int(j)))
@@ -229,7 +230,10 @@ class FileRows:
         return len(self.paths)
 
     def read(self, j: int) -> bytes:
-        return Path(self.paths[j]).read_bytes()
+        try:
+            return Path(self.paths[j]).read_bytes()
+        except OSError as e:
+            raise ShardError(f"{self.location(j)}: cannot read it ({e.strerror or e})") from None
 
     def location(self, j: int) -> str:
         return f"image {self.paths[j]}"

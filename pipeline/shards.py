@@ -469,8 +469,8 @@ class SplitReader:
     """Random access to one split's samples: ``read(i)`` gives the image bytes (JPEG or PNG)
     of sample ``i``.
 
-    Keys and labels are read once, when the reader is made (each tar opened once); the tars
-    are memory-mapped lazily in each process that reads, so the reader pickles small and
+    Keys and labels are read once, when the reader is made (each tar opened once); each process
+    that reads opens the tars itself, when it first reads one, so the reader pickles small and
     works in DataLoader workers.
     """
 
@@ -505,23 +505,34 @@ class SplitReader:
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self.pids = np.asarray(pids, dtype=np.int64)
         self.camids = np.asarray(camids, dtype=np.int64)
-        self._maps: dict[int, mmap.mmap] = {}
+        self._files: dict[int, int] = {}  # shard -> file descriptor, opened in each process that reads
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def read(self, i: int) -> bytes:
-        si, off = int(self._shard[i]), int(self._offsets[i])
-        mm = self._maps.get(si)
-        if mm is None:
-            with open(self.tars[si], "rb") as f:
-                mm = self._maps[si] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return mm[off:off + int(self._sizes[i])]
+        """Sample i's image bytes; a shard cut short since the reader was made (a reference past
+        the end of a memory map would kill the reading process with SIGBUS) raises a
+        :class:`ShardError` naming the sample."""
+        si, off, size = int(self._shard[i]), int(self._offsets[i]), int(self._sizes[i])
+        fd = self._files.get(si)
+        if fd is None:
+            fd = self._files[si] = os.open(self.tars[si], os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(fd, size, off)
+        if len(data) < size:
+            raise ShardError(f"{self.location(i)}: the shard is truncated (it ends at byte "
+                             f"{os.fstat(fd).st_size}, this sample at byte {off + size}): run "
+                             "tools/make_shards.py --verify")
+        return data
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_files", {}).values():
+            os.close(fd)
 
     def location(self, i: int) -> str:
         return f"{self.tars[int(self._shard[i])]}:{self.keys[i]}"
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_maps"] = {}  # each process maps the tars itself
+        state["_files"] = {}  # each process opens the tars itself
         return state

@@ -81,7 +81,7 @@ class TorchTrainLoader:
 
     def epoch(self, e: int, start: int = 0):
         self._sampler.epoch, self._sampler.start = e, start
-        for it, (images, labels, replaced) in enumerate(_batches(self._loader), start):
+        for it, (images, labels, replaced) in enumerate(_from_workers(_batches(self._loader)), start):
             images, labels = to_device(images, labels, self.cfg)
             self.replaced += replaced
             yield TrainBatch(images, labels, list(self.plan.sizes), replaced, self.plan.round_sizes(e, it),
@@ -99,8 +99,9 @@ class _EvalBatches(Dataset):
         index = self.rows.batch_rows(b)
         images = []
         for j in index.tolist():
+            data = self.rows.rows.read(j)  # a shard that cannot be read: ShardError
             try:
-                images.append(decode_rgb(self.rows.rows.read(j)))
+                images.append(decode_rgb(data))
             except Exception as err:
                 raise ShardError(f"{self.rows.rows.location(j)}: cannot decode the image ({err})") from err
         pixels = np.stack([test_pixels(im, *self.size) for im in images])
@@ -115,11 +116,17 @@ class TorchEvalLoader(EvalLoader):
         self._loader = _data_loader(_EvalBatches(rows, cfg), range(rows.num_batches()), cfg)
 
     def __iter__(self):
-        try:
-            for images, index in _batches(self._loader):
-                yield to_device(images, index, self.cfg)
-        except ShardError as e:  # from a worker, torch wraps it with the worker's traceback
-            raise ShardError(_worker_message(e)) from e
+        for images, index in _from_workers(_batches(self._loader)):
+            yield to_device(images, index, self.cfg)
+
+
+def _from_workers(batches):
+    """``batches`` as they come; a worker's :class:`ShardError`, which torch re-raises with the
+    worker's traceback in its message, raised again as one line naming the shard or image."""
+    try:
+        yield from batches
+    except ShardError as e:
+        raise ShardError(_worker_message(e)) from e
 
 
 def _worker_message(e: Exception) -> str:

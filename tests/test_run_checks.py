@@ -1,13 +1,15 @@
 """train.py checks what it can before any work and refuses in one line, `train.py: error: ...`,
 with exit code 2: flags, the logs dir (another run's files, a live run holding it, a file, a place
 it cannot write), weights and checkpoint files, a target that cannot be evaluated. It saves an
-epoch's checkpoint before evaluating it and survives a failed evaluation; --evaluate needs only
-the target; `make clean` keeps results."""
+epoch's checkpoint before evaluating it and survives a failed evaluation; data that fails during
+the run ends it naming the sample (exit code 4); --evaluate needs only the target; `make clean`
+keeps results."""
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -231,6 +233,30 @@ def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, t
     rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and "eval_error" in rows[1] and "mAP" not in rows[1]
     assert load_checkpoint(logs / "latest.pth")["epoch"] == 2
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_a_shard_truncated_during_the_run_ends_it_naming_the_shard(synthetic_shards, tmp_path, loader):
+    """Whatever the loader, a source's shards cut short while the run reads them end it with exit
+    code 4 and one line naming a sample (tar:key), not with a worker killed by SIGBUS."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards / "dukemtmc", shards / "dukemtmc")
+    for name in ("cuhk03", "msmt17v1", "market1501"):
+        (shards / name).symlink_to(synthetic_shards / name)
+    run = Live([sys.executable, str(ROOT / "train.py"),
+                *tiny_run(shards, tmp_path / "logs", "--iters", "200", loader=loader)])
+    try:
+        run.wait_for("first iteration done")
+        for tar in (shards / "dukemtmc").glob("*.tar"):
+            os.truncate(tar, 1024)  # what a disk or a copy that failed can leave
+        assert run.finish(240) == 4, run.output
+    finally:
+        run.close()
+    last = run.output.strip().splitlines()[-1]
+    assert re.fullmatch(rf"train\.py: error: {shards / 'dukemtmc'}/\S+\.tar:\S+: .*", last), run.output
+    assert "Traceback" not in run.output and "Bus error" not in run.output, run.output
 
 
 def test_evaluate_needs_only_the_target(synthetic_shards, trained, tmp_path, capsys):

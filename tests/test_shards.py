@@ -81,7 +81,7 @@ def test_write_then_read_back(raw, tmp_path):
         members = [name for tar in reader.tars for name in tarfile.open(tar).getnames()]
         assert members == [f"{r.key}{e}" for r in records for e in (Path(r.path).suffix, ".json")]
         clone = pickle.loads(pickle.dumps(reader))
-        assert not clone._maps and clone.read(len(records) - 1) == reader.read(len(records) - 1)
+        assert not clone._files and clone.read(len(records) - 1) == reader.read(len(records) - 1)
         assert reader.location(0) == f"{d / (split + '-000000.tar')}:{records[0].key}"
     assert shards.verify_dataset(d) == []
 

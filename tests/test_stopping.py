@@ -45,10 +45,10 @@ def gone_within(pids: list[int], seconds: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def kill_and_expect_no_leftover(run: Live, tree: list[int]) -> None:
-    """SIGKILL the command: every process of ``tree`` it started must be gone within 5 s."""
+def kill_and_expect_no_leftover(run: Live, tree: list[int], seconds: float = 5) -> None:
+    """SIGKILL the command: every process of ``tree`` it started must be gone within ``seconds``."""
     os.kill(run.proc.pid, signal.SIGKILL)
-    left = gone_within(tree, 5)
+    left = gone_within(tree, seconds)
     assert not left, [cmdline(p) for p in left]
 
 
@@ -124,6 +124,25 @@ def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_s
         kill_and_expect_no_leftover(run, tree)
     finally:
         reap(run, tree)
+
+
+def test_killing_torchrun_ends_its_trainers_and_their_workers(synthetic_shards, tmp_path):
+    """SIGKILL to torchrun gives it no chance to stop its trainers: they notice that their
+    launcher has gone and stop as on SIGTERM (ended by an alarm when that takes too long), all
+    within 10 s, their workers with them; latest.pth, if any, is a whole checkpoint."""
+    logs = tmp_path / "logs"
+    run = Live(torchrun(2, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200")))
+    tree: list[int] = []
+    try:
+        run.wait_for("first iteration done")
+        tree = descendants(run.proc.pid)
+        assert len(children(run.proc.pid)) == 2 and len(tree) > 2, [cmdline(p) for p in tree]
+        kill_and_expect_no_leftover(run, tree, seconds=10)
+    finally:
+        reap(run, tree)
+    assert "the launcher (pid" in run.output, run.output
+    if (logs / "latest.pth").exists():  # saved at the stop (the usual case), never half-written
+        assert load_checkpoint(logs / "latest.pth")["iteration"] >= 1
 
 
 def test_a_killed_shard_build_leaves_no_worker_behind(synthetic_data, tmp_path):
