@@ -132,7 +132,8 @@ def test_the_plot_frames_its_points_with_whole_epochs(epochs):
     """One evaluation is a point in a readable frame (the probe saw ticks 0.945..1.050 around it)."""
     import matplotlib.pyplot as plt
 
-    history = [{"epoch": e, "t/mAP": 0.2 + 0.005 * e, "t/rank1": 0.4 + 0.005 * e} for e in range(1, epochs + 1)]
+    history = [{"epoch": e, "t/mAP": 0.2 + 0.005 * e, "t/rank1": 0.4 + 0.005 * e}
+               for e in range(1, epochs + 1)]
     fig = plot_history(history, ["t"], "title")
     ax = fig.axes[0]
     lo, hi = ax.get_xlim()
