@@ -23,7 +23,7 @@ from PIL import Image
 from engine.checkpoint import EVAL_PARTS, CheckpointError, read_checkpoint
 from engine.device import DEVICES, DeviceError, resolve_device
 from engine.evaluate import extract_features
-from engine.flags import at_least
+from engine.flags import WORKERS, at_least, default_workers
 from engine.optim import amp_dtype, autocast
 from engine.run import NETWORK_KEYS
 from model.resnet import build_model
@@ -99,9 +99,9 @@ def add_extraction_flags(p) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=128, help="images per forward (default: 128)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA when there is a GPU (with autocast), else the CPU")
-    p.add_argument("--workers", type=at_least(0), default=4,
-                   help="data worker processes that read and decode the images (default: 4; 0: in this "
-                        "process)")
+    p.add_argument("--workers", type=at_least(0), default=default_workers(),
+                   help=f"data worker processes that read and decode the images (default: {WORKERS}, or the "
+                        f"cores available when fewer, here {default_workers()}; 0: in this process)")
     p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
                    help="decoding as in train.py: DALI (GPU decode on CUDA), or PIL + torchvision; auto "
                         "takes DALI when installed. Each gives the features evaluation gives with the same "

@@ -8,11 +8,21 @@ from __future__ import annotations
 import argparse
 import copy
 from datetime import timedelta
+import os
 from pathlib import Path
 
 from engine.device import DEVICES
 from engine.usage import UsageError
 from model.groups import BN_IMPLS
+
+WORKERS = 4  # data worker processes per rank by default, where as many cores are available
+
+
+def default_workers() -> int:
+    """WORKERS, capped at the cores this process may run on: more workers than cores only make
+    them wait (and torch warns about it for every loader)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(WORKERS, cores)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -112,7 +122,9 @@ def add_data_flags(d) -> None:
     d.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
                    help="DALI GPU pipeline, or the PIL/torchvision DataLoader; auto takes DALI when "
                         "installed")
-    d.add_argument("-j", "--workers", type=at_least(0), default=4, help="data worker processes per rank")
+    d.add_argument("-j", "--workers", type=at_least(0), default=default_workers(),
+                   help=f"data worker processes per rank (by default {WORKERS}, or the cores available when "
+                        "fewer)")
     d.add_argument("--height", type=at_least(1), default=256, help="input height")
     d.add_argument("--width", type=at_least(1), default=128, help="input width")
     d.add_argument("--pad", type=at_least(0), default=None,

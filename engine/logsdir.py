@@ -12,6 +12,11 @@ from engine.usage import UsageError
 RUN_FILES = ("latest.pth", "best.pth", "metrics.jsonl", "metrics.png")  # what a run writes in --logs-dir
 
 
+def is_run_file(name: str) -> bool:
+    """A file a run writes in its --logs-dir: RUN_FILES and TensorBoard's event files."""
+    return name in RUN_FILES or name.startswith("events.out.")
+
+
 @dataclass
 class LogsDir:
     """The run's --logs-dir, locked for the run's lifetime (rank 0 holds it); ``stale`` are the
@@ -49,7 +54,7 @@ def claim_logs_dir(path: Path, resume: bool, overwrite: bool) -> LogsDir:
     except OSError as e:
         raise UsageError(f"--logs-dir {path}: cannot create or write this folder ({e.strerror or e})") \
             from None
-    found = sorted(p for p in path.iterdir() if p.name in RUN_FILES or p.name.startswith("events.out."))
+    found = sorted(p for p in path.iterdir() if is_run_file(p.name))
     if found and not (resume or overwrite):
         lock.close()
         names = ", ".join(p.name for p in found)

@@ -14,6 +14,7 @@ from engine.checkpoint import (RESUME_KEYS, CheckpointError, config_differences,
                                read_torch_file)
 from engine.config import RunConfig
 from engine.device import DeviceError, resolve_device
+from engine.flags import WORKERS
 from engine.optim import amp_dtype
 from engine.usage import UsageError, checked
 from model.groups import make_layout
@@ -139,6 +140,9 @@ def build_missing(args, missing: list[str]) -> None:
 
 
 def loader_config(args, cfg: RunConfig, dist_info: du.DistInfo) -> LoaderConfig:
+    if args.workers < WORKERS and "workers" not in getattr(args, "given", ()):
+        log.info("-j/--workers %d: the default %d data workers per rank, capped at the %d cores available",
+                 args.workers, WORKERS, args.workers)
     try:
         kind = select_loader(args.loader)
     except ImportError as e:

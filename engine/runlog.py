@@ -86,32 +86,50 @@ class RunLog:
 
 def save_plot(history: list[dict], targets: list[str], path: Path, title: str) -> None:
     """mAP (solid) and rank-1 (dashed) on each target over epochs, as a PNG beside metrics.jsonl."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_history(history, targets, title)
+    if fig is None:
+        return
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_history(history: list[dict], targets: list[str], title: str):
+    """The figure :func:`save_plot` writes (None before any evaluation). The axes are the data's
+    with a margin: whole epochs half an epoch either side, percentages 5 points either side within
+    0..100, so that one evaluation is a point in a readable frame, not at the centre of ticks
+    0.95..1.05."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    if not any(f"{t}/mAP" in h for h in history for t in targets):
-        return
+    rows = {t: [h for h in history if f"{t}/mAP" in h] for t in targets}
+    if not any(rows.values()):
+        return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs, values = [], []
     for i, t in enumerate(targets):
-        rows = [h for h in history if f"{t}/mAP" in h]
-        epochs = [h["epoch"] for h in rows]
-        ax.plot(epochs, [100 * h[f"{t}/mAP"] for h in rows], marker="o", color=f"C{i}", label=f"{t} mAP")
-        ax.plot(epochs, [100 * h[f"{t}/rank1"] for h in rows], marker="s", ls="--", color=f"C{i}",
-                label=f"{t} rank-1")
+        x = [h["epoch"] for h in rows[t]]
+        maps, rank1 = [100 * h[f"{t}/mAP"] for h in rows[t]], [100 * h[f"{t}/rank1"] for h in rows[t]]
+        ax.plot(x, maps, marker="o", color=f"C{i}", label=f"{t} mAP")
+        ax.plot(x, rank1, marker="s", ls="--", color=f"C{i}", label=f"{t} rank-1")
+        epochs += x
+        values += maps + rank1
+    ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 5))
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel("%")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""The learning-rate schedule, checkpoints and the second-forward shuffle plan."""
+"""The learning-rate schedule, checkpoints, the second-forward shuffle plan and the metrics plot."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ import torch
 from engine.checkpoint import (EVAL_PARTS, config_differences, load_checkpoint, read_checkpoint,
                                save_checkpoint)
 from engine.optim import build_scheduler, warmup_multistep
+from engine.runlog import plot_history
 from engine.step import shuffle_plan
 
 
@@ -124,3 +125,21 @@ def test_shuffle_plan_routes_every_source_row(world):
     assert perm.tolist() != list(range(n * world))
     assert torch.equal(shuffle_plan(sizes, world, 0, seed=5, epoch=2, it=7).perm, perm)
     assert not torch.equal(shuffle_plan(sizes, world, 0, 5, 2, 8).perm, perm)
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 70])
+def test_the_plot_frames_its_points_with_whole_epochs(epochs):
+    """One evaluation is a point in a readable frame (the probe saw ticks 0.945..1.050 around it)."""
+    import matplotlib.pyplot as plt
+
+    history = [{"epoch": e, "t/mAP": 0.2 + 0.005 * e, "t/rank1": 0.4 + 0.005 * e}
+               for e in range(1, epochs + 1)]
+    fig = plot_history(history, ["t"], "title")
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    plt.close(fig)
+    assert (lo, hi) == (0.5, epochs + 0.5)
+    assert ticks and all(float(t).is_integer() and 1 <= t <= epochs for t in ticks), ticks
+    assert ax.get_ylim() == pytest.approx((20 + 0.5 - 5, 40 + 0.5 * epochs + 5))
+    assert plot_history([{"epoch": 1, "loss": 1.0}], ["t"], "title") is None  # nothing evaluated yet

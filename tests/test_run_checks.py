@@ -271,6 +271,22 @@ def test_evaluate_needs_only_the_target(synthetic_shards, trained, tmp_path, cap
     assert "arch: checkpoint 'resnet18', now 'resnet50'" in line
 
 
+def test_the_default_workers_fit_the_cores_and_say_so_once(synthetic_shards, trained):
+    """On a machine with fewer cores than the default -j 4 (here one, by CPU affinity), the
+    default is the core count, said once; torch's warning about more workers than cores (printed
+    by every loader) does not appear."""
+    code = ("import os, runpy, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    argv = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained), "-d", "market1501",
+            "--device", "cpu", "--loader", "torch", "--test-batch-size", "64"]
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "train.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert out.count("-j/--workers 1: the default 4 data workers per rank, capped at the 1 cores") == 1, out
+    assert "worker processes in total" not in out, out
+
+
 def test_a_refusal_under_torchrun_is_one_line_and_heads_its_report(tmp_path):
     proc = subprocess.run(torchrun(2, str(ROOT / "train.py"), "--iters", "0"), cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

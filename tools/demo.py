@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.device import DEVICES, DeviceError, resolve_device
-from engine.logsdir import RUN_FILES
+from engine.logsdir import RUN_FILES, is_run_file
 from pipeline.build import build_shards
 from pipeline.files import write_atomic
 from pipeline.runlock import LOCK_NAME
@@ -88,11 +88,11 @@ def plan_run_folder(run: Path, train_flags: list[str]) -> RunFolder:
 
 def _run_file(name: str) -> bool:
     """A file train.py writes in its logs dir (a temporary one left by a kill included)."""
-    return (name in RUN_FILES or name.startswith("events.out.")
-            or any(name.startswith(f".{f}.tmp") for f in RUN_FILES))
+    return is_run_file(name) or any(name.startswith(f".{f}.tmp") for f in RUN_FILES)
 
 
 def mark_run_folder(run: Path, train_flags: list[str], finished: bool) -> None:
+    """The demo's mark in ``run`` (see :func:`plan_run_folder`), written before and after the run."""
     run.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"made_by": "tools/demo.py", "flags": train_flags, "finished": finished}, indent=1)
     write_atomic(run / DEMO_MARK, lambda tmp: tmp.write_text(text + "\n"))
