@@ -175,7 +175,7 @@ class _SharedGroupNorm(torch.autograd.Function):
         shape = [1, 1, -1] + [1] * (xf.dim() - 3)
         w, b = weight.to(xf.dtype).view(shape), bias.to(xf.dtype).view(shape)
         ctx.save_for_backward(x, mean, invstd, w)
-        ctx.k, ctx.split, ctx.count = k, group, xf[0].numel() // xf.shape[2] * len(parts)
+        ctx.k, ctx.split, ctx.count = k, split, xf[0].numel() // xf.shape[2] * len(parts)
         scale = invstd * w
         rows = (k, xf.shape[1])  # per-row scale and shift: the output is a new tensor, not a view
         y = torch.addcmul((b - mean * scale).expand(*rows, *scale.shape[2:]).flatten(0, 1), x,
