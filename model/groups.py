@@ -103,8 +103,9 @@ BN_IMPLS = ("group-norm", "batch-norm")
 
 def resolve_bn_impl(name: str, device: torch.device) -> str:
     """The implementation of local groups that ``--bn-impl name`` runs on ``device``: ``auto`` is
-    ``group-norm`` on a CPU, where it was measured fastest, and ``batch-norm`` on CUDA, where it
-    avoids GroupNorm's fp32 NCHW copies (to be settled by ``make gpu-check``'s step times)."""
+    ``group-norm`` on a CPU (one kernel a layer, which keeps channels_last and fp32 there), and
+    ``batch-norm`` on CUDA, where it avoids GroupNorm's fp32 NCHW copies under autocast, until
+    ``make gpu-check``'s step times of both settle it (docs/design.md)."""
     if name == "auto":
         return "group-norm" if device.type == "cpu" else "batch-norm"
     if name not in BN_IMPLS:
