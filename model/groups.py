@@ -23,8 +23,9 @@ same arithmetic laid out for different devices (``--bn-impl``; :func:`resolve_bn
 - ``group-norm``: one native kernel per layer. A batch [K*m, C, H, W] viewed as [K, C, m*H, W] is
   a GroupNorm input with one channel per group, and GroupNorm's statistics per (sample, group)
   are then exactly BatchNorm's per (row group, channel); for a channels_last batch that view
-  costs no copy. Fast on a CPU; on CUDA, GroupNorm runs in fp32 under autocast and in NCHW, so a
-  bf16 channels_last batch would be copied there and back.
+  costs no copy. The fewest operations; on CUDA, GroupNorm runs in fp32 under autocast and in NCHW, so a
+  bf16 channels_last batch would be copied there and back. Inputs without a spatial map (the
+  neck's [B, C], 1x1 maps) take the per-group kernels below.
 - ``batch-norm``: one native ``F.batch_norm`` per group over ``x.split(m)`` (views, channels_last
   kept) and one ``cat``: stays in the training dtype and memory format, at K calls per layer.
 
