@@ -156,8 +156,8 @@ def add_model_flags(m) -> None:
                         "spans several); 1 = whole-batch statistics")
     m.add_argument("--bn-impl", choices=("auto", *BN_IMPLS), default="auto",
                    help="how the statistics groups are computed (the same result): group-norm = one "
-                        "GroupNorm kernel per layer over a view of the batch (fast on CPU), batch-norm = one "
-                        "BatchNorm kernel per group (stays in bf16 and channels_last on CUDA); auto = "
+                        "GroupNorm kernel per layer over a view of the batch (fewest operations), batch-norm "
+                        "= one BatchNorm kernel per group (stays in bf16 and channels_last on CUDA); auto = "
                         "group-norm on CPU, batch-norm on CUDA")
     m.add_argument("--rho", type=real_in(0), default=3.0, help="UBS style range (mean +- rho * std)")
     m.add_argument("--temp", type=real_in(0, low_open=True), default=0.05,

@@ -23,8 +23,9 @@ same arithmetic laid out for different devices (``--bn-impl``; :func:`resolve_bn
 - ``group-norm``: one native kernel per layer. A batch [K*m, C, H, W] viewed as [K, C, m*H, W] is
   a GroupNorm input with one channel per group, and GroupNorm's statistics per (sample, group)
   are then exactly BatchNorm's per (row group, channel); for a channels_last batch that view
-  costs no copy. Fast on a CPU; on CUDA, GroupNorm runs in fp32 under autocast and in NCHW, so a
-  bf16 channels_last batch would be copied there and back.
+  costs no copy. The fewest operations; on CUDA, GroupNorm runs in fp32 under autocast and in NCHW, so a
+  bf16 channels_last batch would be copied there and back. Inputs without a spatial map (the
+  neck's [B, C], 1x1 maps) take the per-group kernels below.
 - ``batch-norm``: one native ``F.batch_norm`` per group over ``x.split(m)`` (views, channels_last
   kept) and one ``cat``: stays in the training dtype and memory format, at K calls per layer.
 
@@ -103,8 +104,9 @@ BN_IMPLS = ("group-norm", "batch-norm")
 
 def resolve_bn_impl(name: str, device: torch.device) -> str:
     """The implementation of local groups that ``--bn-impl name`` runs on ``device``: ``auto`` is
-    ``group-norm`` on a CPU, where it was measured fastest, and ``batch-norm`` on CUDA, where it
-    avoids GroupNorm's fp32 NCHW copies (to be settled by ``make gpu-check``'s step times)."""
+    ``group-norm`` on a CPU (one kernel a layer, which keeps channels_last and fp32 there), and
+    ``batch-norm`` on CUDA, where it avoids GroupNorm's fp32 NCHW copies under autocast, until
+    ``make gpu-check``'s step times of both settle it (docs/design.md)."""
     if name == "auto":
         return "group-norm" if device.type == "cpu" else "batch-norm"
     if name not in BN_IMPLS:
@@ -175,7 +177,7 @@ class _SharedGroupNorm(torch.autograd.Function):
         shape = [1, 1, -1] + [1] * (xf.dim() - 3)
         w, b = weight.to(xf.dtype).view(shape), bias.to(xf.dtype).view(shape)
         ctx.save_for_backward(x, mean, invstd, w)
-        ctx.k, ctx.split, ctx.count = k, group, xf[0].numel() // xf.shape[2] * len(parts)
+        ctx.k, ctx.split, ctx.count = k, split, xf[0].numel() // xf.shape[2] * len(parts)
         scale = invstd * w
         rows = (k, xf.shape[1])  # per-row scale and shift: the output is a new tensor, not a view
         y = torch.addcmul((b - mean * scale).expand(*rows, *scale.shape[2:]).flatten(0, 1), x,

@@ -1,14 +1,16 @@
 """Backbone: shapes, last stride, stem, per-source BatchNorm, style placement, weight loading
 (statistics groups in detail: tests/test_groups.py)."""
 import copy
+from dataclasses import fields
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from engine.config import RunConfig
 from model import resnet
-from model.groups import make_layout
+from model.groups import make_layout, resolve_bn_impl
 from model.resnet import build_model
 
 
@@ -232,3 +234,15 @@ def test_imagenet_weights_from_cache_or_clear_error(tmp_path, monkeypatch):
     torch.save(src.state_dict(), cached / name)
     m = build_model("resnet18", pretrained="imagenet")
     assert torch.equal(m.conv1.weight, src.conv1.weight)
+
+
+def test_bn_impl_choice():
+    """--bn-impl auto: group-norm on a CPU, batch-norm on CUDA; a run records the setting but a
+    resume does not compare it (it changes how the groups are computed, not what); an unknown
+    name is refused."""
+    assert resolve_bn_impl("auto", torch.device("cpu")) == "group-norm"
+    assert resolve_bn_impl("auto", torch.device("cuda", 0)) == "batch-norm"
+    assert resolve_bn_impl("batch-norm", torch.device("cpu")) == "batch-norm"
+    assert "bn_impl" in {f.name for f in fields(RunConfig)} and "bn_impl" not in RunConfig.resume_keys()
+    with pytest.raises(ValueError, match="bn_impl must be one of group-norm, batch-norm, got 'fused'"):
+        build_model("resnet18", bn_impl="fused")
