@@ -85,7 +85,8 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
                                   runlog=run.runlog, log_every=args.log_every,
                                   resumed_losses=run.state.epoch_losses if first else [],
                                   checkpoint_path=run.logs.path / "latest.pth",
-                                  started=run.started if first else None)
+                                  started=run.started if first else None,
+                                  resumed_seconds=run.state.epoch_seconds if first else None)
             if res.stop_signal:
                 return run.stopped(epoch, res)
             run.end_epoch(epoch, res)

@@ -169,15 +169,15 @@ class Run:
         du.broadcast_state(st.model, buffers_only=True)
         row = {"epoch": epoch + 1, "loss": float(res.losses[res.first:].mean()),
                "lr": st.optimizer.param_groups[0]["lr"],
-               "images_per_s": res.done * 3 * cfg.batch_size / res.seconds, "time_s": res.seconds}
+               "images_per_s": res.timed * 3 * cfg.batch_size / res.seconds, "time_s": res.seconds}
         st.history.append(row)
-        self.checkpoint(epoch + 1, 0, res.losses)  # before the evaluation: a failed one loses nothing
+        self.checkpoint(epoch + 1, 0, res)  # before the evaluation: a failed one loses nothing
         if (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == cfg.epochs:
             self.evaluate(epoch, row)
             is_best = "mAP" in row and row["mAP"] > st.best_map
             if is_best:
                 st.best_map = row["mAP"]
-            self.checkpoint(epoch + 1, 0, res.losses)  # with the evaluation's result
+            self.checkpoint(epoch + 1, 0, res)  # with the evaluation's result
             if is_best and self.dist.is_main:
                 copy_checkpoint(self.logs.path / "latest.pth", self.logs.path / "best.pth")
         self.runlog.epoch(row, st.history)
@@ -200,18 +200,20 @@ class Run:
             row["eval_error"] = "; ".join(errors)
         row["eval_s"] = time.perf_counter() - t1
 
-    def checkpoint(self, epoch: int, iteration: int, losses: torch.Tensor) -> None:
-        """latest.pth (rank 0) at (epoch, iteration), with the epoch's losses before it."""
+    def checkpoint(self, epoch: int, iteration: int, res: EpochResult) -> None:
+        """latest.pth (rank 0) at (epoch, iteration), with the epoch's losses before it and
+        their time."""
         st = self.state
         st.epoch, st.iteration = epoch, iteration
         if self.dist.is_main:
-            st.epoch_losses = losses[:iteration].tolist()
+            st.epoch_losses = res.losses[:iteration].tolist()
+            st.epoch_seconds = res.seconds if iteration else 0.0
             save_checkpoint(st.state_dict(), self.logs.path / "latest.pth")
 
     def stopped(self, epoch: int, res: EpochResult) -> RunResult:
         """Every rank stops here at the same iteration; none exits before latest.pth is written
         (torchrun ends the others as soon as one exits with a non-zero code)."""
-        self.checkpoint(epoch, res.stopped_after, res.losses)
+        self.checkpoint(epoch, res.stopped_after, res)
         du.barrier()
         signum = res.stop_signal
         if self.dist.is_main:
