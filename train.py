@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     try:
         return train(args, cfg, dist_info).exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint now
+        if dist_info.is_main:
+            latest = args.logs_dir / "latest.pth"
+            kept = f"{latest} holds the last saved checkpoint" if latest.is_file() else "no checkpoint was saved"
+            print(f"train.py: interrupted twice: stopped at once; {kept}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except ShardError as e:  # a shard or image that failed while training
         error: RunError = DataError(str(e))
     except RunError as e:
@@ -96,8 +102,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the run could take a stop signal: nothing was saved
         if os.environ.get("RANK", "0") == "0":
-            print("train.py: interrupted twice: stopped at once; latest.pth holds the last saved checkpoint",
-                  file=sys.stderr)
+            print("train.py: interrupted: stopped at once", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

@@ -76,6 +76,13 @@ class TrainState:
         self.epoch_seconds = None if seconds is None else float(seconds)
 
 
+def position(epoch: int, iteration: int) -> str:
+    """A checkpoint's (epoch, iteration) as users read them, the same in every message: epochs
+    count from 1 and ``iteration`` iterations of the next epoch are done, so (0, 11) is "epoch 1,
+    iteration 11" and (2, 0) "the end of epoch 2"."""
+    return f"epoch {epoch + 1}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write `state` to `path` atomically: a crash leaves the previous file intact."""
     path = Path(path)

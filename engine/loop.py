@@ -137,5 +137,7 @@ def check_health(losses: torch.Tensor, checked: int, it: int, memories: list, de
             m.raise_refused()
         except ValueError as e:
             problems.append(f"epoch {epoch + 1}, iterations {checked + 1}-{it + 1}: {e}")
+    kept = (f"the last good checkpoint ({checkpoint_path}) is kept" if checkpoint_path.is_file()
+            else "no checkpoint had been saved yet")
     raise NonFiniteLoss("; ".join(problems or ["another rank stopped on non-finite values"])
-                        + f": training stopped; the last good checkpoint ({checkpoint_path}) is kept")
+                        + f": training stopped; {kept}")

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from engine import distributed as du
-from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_checkpoint, read_checkpoint, \
-    save_checkpoint
+from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_checkpoint, position, \
+    read_checkpoint, save_checkpoint
 from engine.config import RunConfig
 from engine.evaluate import EvalOptions, evaluate_target, init_memories_in_one_pass
 from engine.logsdir import LogsDir, claim_logs_dir
@@ -99,9 +99,12 @@ class Run:
             raise UsageError(f"--resume {self.args.resume}: its states do not fit this run "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if not 0 <= ckpt["iteration"] < self.cfg.iters or ckpt["epoch"] < 0:
-            raise UsageError(f"--resume {self.args.resume}: epoch {ckpt['epoch']}, iteration "
-                             f"{ckpt['iteration']} is not a position in a run of {self.cfg.iters} "
-                             "iterations per epoch")
+            raise UsageError(f"--resume {self.args.resume}: {position(ckpt['epoch'], ckpt['iteration'])} "
+                             f"is not a position in a run of {self.cfg.iters} iterations per epoch")
+        if ckpt["epoch"] + (ckpt["iteration"] > 0) > self.cfg.epochs:
+            raise UsageError(f"--resume {self.args.resume} is at {position(ckpt['epoch'], ckpt['iteration'])}, "
+                             f"past --epochs {self.cfg.epochs}: nothing would be trained (raise --epochs to "
+                             "continue it; --evaluate evaluates it)")
 
     def check_memories(self) -> None:
         """A resumed run's memories must be one [classes, features] matrix per source, as the
@@ -133,7 +136,8 @@ class Run:
         else:
             for mem, centers in zip(st.memories, self.ckpt["memories"]):
                 mem.centers.copy_(centers)
-            log.info("resumed from %s (epoch %d, iteration %d)", self.args.resume, st.epoch, st.iteration)
+            log.info("resumed from %s at %s%s", self.args.resume, position(st.epoch, st.iteration),
+                     ": all --epochs are done, nothing left to train" if st.epoch == cfg.epochs else "")
         self.ckpt = None  # its tensors are copied; free them
         self.trainer = Trainer(wrap_network(st.model, self.dist, self.args.compile), st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
         self.runlog = RunLog(self.logs.path if self.dist.is_main else None, cfg.targets, cfg.epochs,
@@ -217,9 +221,8 @@ class Run:
         du.barrier()
         signum = res.stop_signal
         if self.dist.is_main:
-            print(f"train.py: stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, iteration "
-                  f"{res.stopped_after}: checkpoint saved; resume with: --resume "
-                  f"{self.logs.path / 'latest.pth'}",
+            print(f"train.py: stopped by {signal.Signals(signum).name} at {position(epoch, res.stopped_after)}: "
+                  f"checkpoint saved; resume with: --resume {self.logs.path / 'latest.pth'}",
                   file=sys.stderr, flush=True)
         return RunResult(128 + signum, self.state.history, self.state.model, self.state.memories)
 

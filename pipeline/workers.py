@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from multiprocessing import resource_tracker
 from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -69,7 +70,13 @@ def starting_workers() -> Iterator[None]:
     across fork and exec, so every thread of a worker has them blocked from its start and a
     signal cannot kill a worker before :func:`become_worker` has run. ``__main__`` is hidden
     from spawned children (see the module docstring); the workers' callbacks must then be
-    defined in importable modules, never in a script."""
+    defined in importable modules, never in a script.
+
+    multiprocessing's resource tracker is started first: starting it (with the first spawned
+    child) unblocks SIGINT and SIGTERM in the calling thread, which would undo the block for
+    every child spawned after it (a Ctrl-C while a DALI worker imports DALI killed it with a
+    traceback, and the pipeline waited for it for ever)."""
+    resource_tracker.ensure_running()
     main = sys.modules["__main__"]
     hidden = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
