@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint now
         if dist_info.is_main:
             latest = args.logs_dir / "latest.pth"
-            kept = f"{latest} holds the last saved checkpoint" if latest.is_file() else "no checkpoint was saved"
+            kept = (f"{latest} holds the last saved checkpoint" if latest.is_file()
+                    else "no checkpoint was saved")
             print(f"train.py: interrupted twice: stopped at once; {kept}", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     except ShardError as e:  # a shard or image that failed while training

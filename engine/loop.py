@@ -3,8 +3,9 @@
 The step never waits for the device: the losses stay on it, and every ``log_every`` iterations
 (and at the epoch's end, and on a stop) they are averaged over the ranks (each rank's loss is
 that of its part of the batch; the mean is the whole batch's, as on one rank) and one read-back
-checks them and the memories' refused updates on every rank at once. After every iteration the ranks agree on a stop request
-(:class:`engine.stopping.StopRequest`), so all stop after the same iteration.
+checks them and the memories' refused updates on every rank at once. After every iteration the
+ranks agree on a stop request (:class:`engine.stopping.StopRequest`), so all stop after the same
+iteration.
 """
 from __future__ import annotations
 

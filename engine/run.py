@@ -102,9 +102,10 @@ class Run:
             raise UsageError(f"--resume {self.args.resume}: {position(ckpt['epoch'], ckpt['iteration'])} "
                              f"is not a position in a run of {self.cfg.iters} iterations per epoch")
         if ckpt["epoch"] + (ckpt["iteration"] > 0) > self.cfg.epochs:
-            raise UsageError(f"--resume {self.args.resume} is at {position(ckpt['epoch'], ckpt['iteration'])}, "
-                             f"past --epochs {self.cfg.epochs}: nothing would be trained (raise --epochs to "
-                             "continue it; --evaluate evaluates it)")
+            at = position(ckpt["epoch"], ckpt["iteration"])
+            raise UsageError(f"--resume {self.args.resume} is at {at}, past --epochs {self.cfg.epochs}: "
+                             "nothing would be trained (raise --epochs to continue it; --evaluate "
+                             "evaluates it)")
 
     def check_memories(self) -> None:
         """A resumed run's memories must be one [classes, features] matrix per source, as the
@@ -221,9 +222,9 @@ class Run:
         du.barrier()
         signum = res.stop_signal
         if self.dist.is_main:
-            print(f"train.py: stopped by {signal.Signals(signum).name} at {position(epoch, res.stopped_after)}: "
-                  f"checkpoint saved; resume with: --resume {self.logs.path / 'latest.pth'}",
-                  file=sys.stderr, flush=True)
+            name, at = signal.Signals(signum).name, position(epoch, res.stopped_after)
+            print(f"train.py: stopped by {name} at {at}: checkpoint saved; resume with: --resume "
+                  f"{self.logs.path / 'latest.pth'}", file=sys.stderr, flush=True)
         return RunResult(128 + signum, self.state.history, self.state.model, self.state.memories)
 
     def finish(self) -> RunResult:

@@ -91,11 +91,12 @@ def test_positions_read_as_the_stop_line_says_them():
 
 def test_a_nonfinite_loss_names_a_checkpoint_only_when_there_is_one(tmp_path):
     memories = [MemoryClassifier(4, 3)]
-    args = (torch.tensor([1.0, float("nan")]), 0, 1, memories, torch.device("cpu"), 0, tmp_path / "latest.pth")
+    latest = tmp_path / "latest.pth"
+    args = (torch.tensor([1.0, float("nan")]), 0, 1, memories, torch.device("cpu"), 0, latest)
     with pytest.raises(NonFiniteLoss, match="iteration 2: training stopped; no checkpoint had been saved yet$"):
         check_health(*args)
-    (tmp_path / "latest.pth").write_bytes(b"")
-    with pytest.raises(NonFiniteLoss, match=rf"the last good checkpoint \({tmp_path / 'latest.pth'}\) is kept"):
+    latest.write_bytes(b"")
+    with pytest.raises(NonFiniteLoss, match=rf"the last good checkpoint \({latest}\) is kept"):
         check_health(*args)
 
 

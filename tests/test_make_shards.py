@@ -35,7 +35,8 @@ def test_unknown_dataset_is_named_with_the_valid_ones(tmp_path, capsys):
                           "--datasets", "market,dukemtmc"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("make_shards.py: error: --datasets: unknown name(s) market") and err.count("\n") == 1
+    assert err.startswith("make_shards.py: error: --datasets: unknown name(s) market")
+    assert err.count("\n") == 1
     assert all(n in err for n in DATASETS)
 
 

@@ -211,8 +211,8 @@ child.kill()
 child.join()
 print(blocked)
 """
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     blocked = int(out.stdout)
     assert blocked & (1 << signal.SIGINT - 1) and blocked & (1 << signal.SIGTERM - 1), hex(blocked)

@@ -148,7 +148,8 @@ def test_good_configurations_pass(world):
     """The refusals are not too eager: the published settings, whole-batch statistics, and (on
     one rank, where its groups need no lining up) the configuration refused on 2 ranks above."""
     cases = [GOOD, [*GOOD, "-b", "64"], [*GOOD, "-b", "64", "--bn-groups", "1"],
-             [*GOOD, "--evaluate", "--resume", "x.pth"], [*GOOD, "--height", "8", "--width", "4", "--update-style"],
+             [*GOOD, "--evaluate", "--resume", "x.pth"],
+             [*GOOD, "--height", "8", "--width", "4", "--update-style"],
              [*GOOD, "--height", "4", "--width", "2"]]  # without the style module, any size trains
     if world == 1:
         cases.append([*GOOD, "-b", "24", "--bn-groups", "3"])
