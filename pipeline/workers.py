@@ -83,7 +83,30 @@ def starting_workers() -> Iterator[None]:
     main.__dict__.pop("__file__", None)
     main.__spec__ = None
     try:
-        yield
+        with _deferring_stop_signals():
+            yield
     finally:
         main.__dict__.update(hidden)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+@contextmanager
+def _deferring_stop_signals() -> Iterator[None]:
+    """Python's handlers of the stop signals run in the main thread even while it blocks them,
+    as soon as another thread (a pool's manager, a progress bar's monitor) takes the signal:
+    a KeyboardInterrupt in the middle of a child's start left it half-fed (an ``EOFError``
+    traceback from the child). Meanwhile a stop signal is only noted, and raised again after."""
+    # Handlers can only be set from the main thread, and one set outside Python not restored.
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal,
+                                                                                  STOP_SIGNALS):
+        yield
+        return
+    noted: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(noted):
+            signal.raise_signal(s)
