@@ -12,6 +12,7 @@ weights and checkpoint files); a refusal is one line, `train.py: error: ...`, an
 SIGTERM or SIGINT (Ctrl-C), sent to torchrun or to a trainer, stops every rank within two
 iterations: latest.pth is saved at the last finished iteration and one line says how to resume
 (exit code 128 + the signal); a second Ctrl-C stops at once, keeping the last checkpoint.
+Trainers whose torchrun died stop as on SIGTERM (engine.stopping.follow_launcher).
 """
 from __future__ import annotations
 
