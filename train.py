@@ -12,6 +12,7 @@ weights and checkpoint files); a refusal is one line, `train.py: error: ...`, an
 SIGTERM or SIGINT (Ctrl-C), sent to torchrun or to a trainer, stops every rank within two
 iterations: latest.pth is saved at the last finished iteration and one line says how to resume
 (exit code 128 + the signal); a second Ctrl-C stops at once, keeping the last checkpoint.
+Trainers whose torchrun died stop as on SIGTERM (engine.stopping.follow_launcher).
 """
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     try:
         return train(args, cfg, dist_info).exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint now
+        if dist_info.is_main:
+            latest = args.logs_dir / "latest.pth"
+            kept = (f"{latest} holds the last saved checkpoint" if latest.is_file()
+                    else "no checkpoint was saved")
+            print(f"train.py: interrupted twice: stopped at once; {kept}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except ShardError as e:  # a shard or image that failed while training
         error: RunError = DataError(str(e))
     except WriteError as e:  # a checkpoint or log the disk had no room for
@@ -88,7 +96,8 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
                                   runlog=run.runlog, log_every=args.log_every,
                                   resumed_losses=run.state.epoch_losses if first else [],
                                   checkpoint_path=run.logs.path / "latest.pth",
-                                  started=run.started if first else None)
+                                  started=run.started if first else None,
+                                  resumed_seconds=run.state.epoch_seconds if first else None)
             if res.stop_signal:
                 return run.stopped(epoch, res)
             run.end_epoch(epoch, res)
@@ -98,8 +107,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the run could take a stop signal: nothing was saved
         if os.environ.get("RANK", "0") == "0":
-            print("train.py: interrupted twice: stopped at once; latest.pth holds the last saved checkpoint",
-                  file=sys.stderr)
+            print("train.py: interrupted: stopped at once", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

@@ -37,7 +37,8 @@ class TrainState:
     style draws are functions of (seed, epoch, iteration, rank) (``pipeline.seeds``), so
     (epoch, iteration) is their whole state. ``memories`` are the memory classifiers (their
     ``centers`` are saved); ``epoch_losses`` the losses of the epoch's iterations before
-    ``iteration`` (a mid-epoch resume reports the whole epoch's mean loss)."""
+    ``iteration`` and ``epoch_seconds`` their time (a mid-epoch resume reports the whole epoch's
+    mean loss, time and speed; None: a checkpoint of an earlier release, without the time)."""
 
     config: dict
     model: torch.nn.Module
@@ -50,6 +51,7 @@ class TrainState:
     best_map: float = -1.0
     history: list[dict] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
+    epoch_seconds: float | None = None
 
     def state_dict(self) -> dict:
         """The checkpoint file's dict (keys and order as train.py always wrote them)."""
@@ -57,7 +59,7 @@ class TrainState:
                 "model": self.model.state_dict(), "memories": [m.centers for m in self.memories],
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "best_map": self.best_map, "history": self.history,
-                "epoch_losses": self.epoch_losses}
+                "epoch_losses": self.epoch_losses, "epoch_seconds": self.epoch_seconds}
 
     def load_state_dict(self, ckpt: dict) -> None:
         """The states and position of a checkpoint dict (:func:`read_checkpoint`); the memories'
@@ -70,6 +72,15 @@ class TrainState:
         self.epoch, self.iteration = ckpt["epoch"], ckpt["iteration"]
         self.best_map, self.history = ckpt["best_map"], list(ckpt["history"])
         self.epoch_losses = [float(x) for x in ckpt.get("epoch_losses", [])][:self.iteration]
+        seconds = ckpt.get("epoch_seconds")
+        self.epoch_seconds = None if seconds is None else float(seconds)
+
+
+def position(epoch: int, iteration: int) -> str:
+    """A checkpoint's (epoch, iteration) as users read them, the same in every message: epochs
+    count from 1 and ``iteration`` iterations of the next epoch are done, so (0, 11) is "epoch 1,
+    iteration 11" and (2, 0) "the end of epoch 2"."""
+    return f"epoch {epoch + 1}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -1,9 +1,11 @@
 """The iterations of one epoch and their health checks.
 
 The step never waits for the device: the losses stay on it, and every ``log_every`` iterations
-(and at the epoch's end, and on a stop) one read-back checks them and the memories' refused
-updates on every rank at once. After every iteration the ranks agree on a stop request
-(:class:`engine.stopping.StopRequest`), so all stop after the same iteration.
+(and at the epoch's end, and on a stop) they are averaged over the ranks (each rank's loss is
+that of its part of the batch; the mean is the whole batch's, as on one rank) and one read-back
+checks them and the memories' refused updates on every rank at once. After every iteration the
+ranks agree on a stop request (:class:`engine.stopping.StopRequest`), so all stop after the same
+iteration.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from engine import distributed as du
 from engine.runlog import RunLog
@@ -30,9 +33,11 @@ class NonFiniteLoss(Divergence):
 
 @dataclass
 class EpochResult:
-    """One epoch's iterations on this rank: ``losses`` (on the device, one per iteration; those
-    from ``first`` on count in the epoch's mean), how many ran here and for how long, and the
-    stop signal all ranks agreed on after iteration ``stopped_after`` (0: none)."""
+    """One epoch's iterations on this rank: ``losses`` (on the device, one per iteration, the
+    whole batch's once averaged at a log point; those from ``first`` on count in the epoch's
+    mean), how many ran here, the ``seconds`` that ``timed`` iterations took (with a resumed
+    epoch's earlier ones), and the stop signal all ranks agreed on after iteration
+    ``stopped_after`` (0: none)."""
 
     losses: torch.Tensor
     first: int
@@ -40,6 +45,7 @@ class EpochResult:
     seconds: float
     stop_signal: int = 0
     stopped_after: int = 0
+    timed: int = 0
 
 
 @dataclass
@@ -58,16 +64,19 @@ class Trainer:
 
 def train_one_epoch(t: Trainer, loader, epoch: int, start: int, *, stop: StopRequest, runlog: RunLog,
                     log_every: int, resumed_losses: list[float], checkpoint_path: Path,
-                    started: float | None = None) -> EpochResult:
+                    started: float | None = None, resumed_seconds: float | None = None) -> EpochResult:
     """Iterations ``start``.. of ``epoch``; ends early when the ranks agree on a stop request.
-    ``resumed_losses``: a mid-epoch checkpoint's losses of iterations before ``start``;
-    ``started``: when set-up began (the first iteration's time is logged)."""
+    ``resumed_losses``, ``resumed_seconds``: a mid-epoch checkpoint's losses of iterations
+    before ``start`` and the time they took; ``started``: when set-up began (the first
+    iteration's time is logged)."""
     cfg, device = t.cfg, t.dist.device
     t.net.train()
     res = EpochResult(torch.zeros(cfg.iters, device=device), start, 0, 0.0)
     if start and len(resumed_losses) == start:  # resumed mid-epoch: the earlier losses
         res.losses[:start] = torch.tensor(resumed_losses)
         res.first = 0
+        if resumed_seconds is not None:  # (checkpoints of earlier releases carried no time)
+            res.seconds, res.timed = resumed_seconds, start
     batches = loader.epoch(epoch, start=start)
     runlog.start_epoch(epoch, start, cfg.iters)
     t0, checked = time.perf_counter(), start
@@ -78,6 +87,7 @@ def train_one_epoch(t: Trainer, loader, epoch: int, start: int, *, stop: StopReq
             log.info("first iteration done, %.1f s after set-up began", time.monotonic() - started)
         res.stop_signal = stop.agreed()
         if (it + 1) % log_every == 0 or it + 1 == cfg.iters or res.stop_signal:
+            mean_over_ranks(res.losses[checked: it + 1])
             check_health(res.losses, checked, it, t.memories, device, epoch, checkpoint_path)
             runlog.advance(it + 1, res.losses[it], res.done * 3 * cfg.batch_size / (time.perf_counter() - t0))
             checked = it + 1
@@ -85,8 +95,17 @@ def train_one_epoch(t: Trainer, loader, epoch: int, start: int, *, stop: StopReq
             res.stopped_after = it + 1
             break
     runlog.end_bar()
-    res.seconds = time.perf_counter() - t0
+    res.seconds += time.perf_counter() - t0
+    res.timed += res.done
     return res
+
+
+def mean_over_ranks(values: torch.Tensor) -> None:
+    """``values`` (on the device, in place) averaged over the ranks: one all-reduce."""
+    world = du.world_size()
+    if world > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world
 
 
 def one_iteration(t: Trainer, batch, epoch: int, it: int) -> torch.Tensor:
@@ -119,5 +138,7 @@ def check_health(losses: torch.Tensor, checked: int, it: int, memories: list, de
             m.raise_refused()
         except ValueError as e:
             problems.append(f"epoch {epoch + 1}, iterations {checked + 1}-{it + 1}: {e}")
+    kept = (f"the last good checkpoint ({checkpoint_path}) is kept" if checkpoint_path.is_file()
+            else "no checkpoint had been saved yet")
     raise NonFiniteLoss("; ".join(problems or ["another rank stopped on non-finite values"])
-                        + f": training stopped; the last good checkpoint ({checkpoint_path}) is kept")
+                        + f": training stopped; {kept}")

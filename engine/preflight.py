@@ -60,6 +60,11 @@ def check_flags(args, cfg: RunConfig, world: int) -> None:
             raise UsageError(f"-d {name}: the target is also a source; it must stay unseen")
     if len(set(cfg.sources)) != 3:
         raise UsageError(f"sources {cfg.sources}: the three sources must differ")
+    if cfg.mode == "il" and -(-cfg.height // 4) * -(-cfg.width // 4) < 2:
+        raise UsageError(f"--height {cfg.height} --width {cfg.width}: too small for --update-style, whose "
+                         "style module takes each image's statistics over layer1's feature map (a quarter "
+                         "of the input's height and width): it needs two positions at least (e.g. --height "
+                         "8 --width 4)")
     if cfg.pad >= min(cfg.height, cfg.width):
         raise UsageError(f"--pad {cfg.pad} must be smaller than the input ({cfg.height}x{cfg.width}): "
                          "the crop would hold no part of the image")
@@ -130,7 +135,7 @@ def build_missing(args, missing: list[str]) -> None:
     try:
         build_shards(args.data_dir, args.shards, missing)
     except (ShardError, ValueError, OSError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
+        print(f"make_shards.py: error: {e}", file=sys.stderr)
         skip = ""  # --skip-bad helps with bad images only (a layout or name problem needs a fix)
         if isinstance(e, BadImage):
             skip = (f"; to skip bad images, build them with python tools/make_shards.py --data-dir "

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from engine import distributed as du
-from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_checkpoint, read_checkpoint, \
-    save_checkpoint
+from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_checkpoint, position, \
+    read_checkpoint, save_checkpoint
 from engine.config import RunConfig
 from engine.evaluate import EvalOptions, evaluate_target, init_memories_in_one_pass
 from engine.logsdir import LogsDir, claim_logs_dir
@@ -100,9 +100,13 @@ class Run:
             raise UsageError(f"--resume {self.args.resume}: its states do not fit this run "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if not 0 <= ckpt["iteration"] < self.cfg.iters or ckpt["epoch"] < 0:
-            raise UsageError(f"--resume {self.args.resume}: epoch {ckpt['epoch']}, iteration "
-                             f"{ckpt['iteration']} is not a position in a run of {self.cfg.iters} "
-                             "iterations per epoch")
+            raise UsageError(f"--resume {self.args.resume}: {position(ckpt['epoch'], ckpt['iteration'])} "
+                             f"is not a position in a run of {self.cfg.iters} iterations per epoch")
+        if ckpt["epoch"] + (ckpt["iteration"] > 0) > self.cfg.epochs:
+            at = position(ckpt["epoch"], ckpt["iteration"])
+            raise UsageError(f"--resume {self.args.resume} is at {at}, past --epochs {self.cfg.epochs}: "
+                             "nothing would be trained (raise --epochs to continue it; --evaluate "
+                             "evaluates it)")
 
     def check_memories(self) -> None:
         """A resumed run's memories must be one [classes, features] matrix per source, as the
@@ -134,7 +138,8 @@ class Run:
         else:
             for mem, centers in zip(st.memories, self.ckpt["memories"]):
                 mem.centers.copy_(centers)
-            log.info("resumed from %s (epoch %d, iteration %d)", self.args.resume, st.epoch, st.iteration)
+            log.info("resumed from %s at %s%s", self.args.resume, position(st.epoch, st.iteration),
+                     ": all --epochs are done, nothing left to train" if st.epoch == cfg.epochs else "")
         self.ckpt = None  # its tensors are copied; free them
         self.trainer = Trainer(wrap_network(st.model, self.dist, self.args.compile), st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
         self.runlog = RunLog(self.logs.path if self.dist.is_main else None, cfg.targets, cfg.epochs,
@@ -170,15 +175,15 @@ class Run:
         du.broadcast_state(st.model, buffers_only=True)
         row = {"epoch": epoch + 1, "loss": float(res.losses[res.first:].mean()),
                "lr": st.optimizer.param_groups[0]["lr"],
-               "images_per_s": res.done * 3 * cfg.batch_size / res.seconds, "time_s": res.seconds}
+               "images_per_s": res.timed * 3 * cfg.batch_size / res.seconds, "time_s": res.seconds}
         st.history.append(row)
-        self.checkpoint(epoch + 1, 0, res.losses)  # before the evaluation: a failed one loses nothing
+        self.checkpoint(epoch + 1, 0, res)  # before the evaluation: a failed one loses nothing
         if (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == cfg.epochs:
             self.evaluate(epoch, row)
             is_best = "mAP" in row and row["mAP"] > st.best_map
             if is_best:
                 st.best_map = row["mAP"]
-            self.checkpoint(epoch + 1, 0, res.losses)  # with the evaluation's result
+            self.checkpoint(epoch + 1, 0, res)  # with the evaluation's result
             if is_best and self.dist.is_main:
                 copy_checkpoint(self.logs.path / "latest.pth", self.logs.path / "best.pth")
         self.runlog.epoch(row, st.history)
@@ -201,25 +206,26 @@ class Run:
             row["eval_error"] = "; ".join(errors)
         row["eval_s"] = time.perf_counter() - t1
 
-    def checkpoint(self, epoch: int, iteration: int, losses: torch.Tensor) -> None:
-        """latest.pth (rank 0) at (epoch, iteration), with the epoch's losses before it."""
+    def checkpoint(self, epoch: int, iteration: int, res: EpochResult) -> None:
+        """latest.pth (rank 0) at (epoch, iteration), with the epoch's losses before it and
+        their time."""
         st = self.state
         st.epoch, st.iteration = epoch, iteration
         if self.dist.is_main:
-            st.epoch_losses = losses[:iteration].tolist()
+            st.epoch_losses = res.losses[:iteration].tolist()
+            st.epoch_seconds = res.seconds if iteration else 0.0
             save_checkpoint(st.state_dict(), self.logs.path / "latest.pth")
 
     def stopped(self, epoch: int, res: EpochResult) -> RunResult:
         """Every rank stops here at the same iteration; none exits before latest.pth is written
         (torchrun ends the others as soon as one exits with a non-zero code)."""
-        self.checkpoint(epoch, res.stopped_after, res.losses)
+        self.checkpoint(epoch, res.stopped_after, res)
         du.barrier()
         signum = res.stop_signal
         if self.dist.is_main:
-            print(f"train.py: stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, iteration "
-                  f"{res.stopped_after}: checkpoint saved; resume with: --resume "
-                  f"{self.logs.path / 'latest.pth'}",
-                  file=sys.stderr, flush=True)
+            name, at = signal.Signals(signum).name, position(epoch, res.stopped_after)
+            print(f"train.py: stopped by {name} at {at}: checkpoint saved; resume with: --resume "
+                  f"{self.logs.path / 'latest.pth'}", file=sys.stderr, flush=True)
         return RunResult(128 + signum, self.state.history, self.state.model, self.state.memories)
 
     def finish(self) -> RunResult:

@@ -37,8 +37,8 @@ def _watch_launcher(launcher: int) -> None:
         time.sleep(_LAUNCHER_POLL_S)
     if os.environ.get("RANK", "0") == "0":
         try:
-            print(f"train.py: the launcher (pid {launcher}) has gone: stopping as on SIGTERM", file=sys.stderr,
-                  flush=True)
+            print(f"train.py: the launcher (pid {launcher}) has gone: stopping as on SIGTERM",
+                  file=sys.stderr, flush=True)
         except OSError:  # its terminal or pipe went with it
             pass
     signal.alarm(LAUNCHER_GRACE_S)  # then SIGALRM's default action ends the process, whatever it does

@@ -9,8 +9,8 @@ each tar with the index DALI's WebDataset reader takes (the text ``wds2idx`` wri
 loaders decode by content. Format 1 stored CUHK03 arrays as JPEG; its shards are refused
 with a message to rebuild. The manifest is written last, so a folder without one is an
 unfinished build. Tars are byte-for-byte reproducible (fixed mtime/owner/mode, record order),
-so a rebuild gives the same sha256. :class:`SplitReader` reads samples at random through the
-index offsets into a memory-mapped tar, which is what the identity sampler needs.
+so a rebuild gives the same sha256. :class:`SplitReader` reads samples at random at the
+index offsets into the tars (``os.pread``), which is what the identity sampler needs.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from multiprocessing import resource_tracker
 from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -69,14 +70,43 @@ def starting_workers() -> Iterator[None]:
     across fork and exec, so every thread of a worker has them blocked from its start and a
     signal cannot kill a worker before :func:`become_worker` has run. ``__main__`` is hidden
     from spawned children (see the module docstring); the workers' callbacks must then be
-    defined in importable modules, never in a script."""
+    defined in importable modules, never in a script.
+
+    multiprocessing's resource tracker is started first: starting it (with the first spawned
+    child) unblocks SIGINT and SIGTERM in the calling thread, which would undo the block for
+    every child spawned after it (a Ctrl-C while a DALI worker imports DALI killed it with a
+    traceback, and the pipeline waited for it for ever)."""
+    resource_tracker.ensure_running()
     main = sys.modules["__main__"]
     hidden = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     main.__dict__.pop("__file__", None)
     main.__spec__ = None
     try:
-        yield
+        with _deferring_stop_signals():
+            yield
     finally:
         main.__dict__.update(hidden)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+@contextmanager
+def _deferring_stop_signals() -> Iterator[None]:
+    """Python's handlers of the stop signals run in the main thread even while it blocks them,
+    as soon as another thread (a pool's manager, a progress bar's monitor) takes the signal:
+    a KeyboardInterrupt in the middle of a child's start left it half-fed (an ``EOFError``
+    traceback from the child). Meanwhile a stop signal is only noted, and raised again after."""
+    # Handlers can only be set from the main thread, and one set outside Python not restored.
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal,
+                                                                                  STOP_SIGNALS):
+        yield
+        return
+    noted: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(noted):
+            signal.raise_signal(s)

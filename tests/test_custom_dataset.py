@@ -163,6 +163,6 @@ def test_bad_layouts_are_refused_in_one_line(tmp_path, capsys, layout, flag, mes
     capsys.readouterr()
     assert make_shards.main(["--custom", flag.format(own=own), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("make_shards: error: --custom ") and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("make_shards.py: error: --custom ") and len(err.strip().splitlines()) == 1, err
     assert message.format(own=own) in err
     assert not out.exists()  # nothing written, not even the folder

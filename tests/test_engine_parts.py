@@ -1,4 +1,5 @@
-"""The learning-rate schedule, checkpoints, the second-forward shuffle plan and the metrics plot."""
+"""The learning-rate schedule, checkpoints (and how messages name their positions), the loop's
+health check, the second-forward shuffle plan and the metrics plot."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import (EVAL_PARTS, config_differences, load_checkpoint, read_checkpoint,
+from engine.checkpoint import (EVAL_PARTS, config_differences, load_checkpoint, position, read_checkpoint,
                                save_checkpoint)
+from engine.loop import NonFiniteLoss, check_health
 from engine.optim import build_scheduler, warmup_multistep
 from engine.runlog import plot_history
 from engine.step import shuffle_plan
+from model.memory import MemoryClassifier
 
 
 def test_warmup_multistep_matches_published_schedule():
@@ -79,6 +82,23 @@ def test_checkpoints_of_earlier_releases_read_as_they_were_trained(tmp_path):
     assert state["config"]["pad"] == 10 and "target" not in state["config"]
     assert state["history"][0]["market1501/mAP"] == 0.25 and state["history"][0]["market1501/rank1"] == 0.5
     assert config_differences(state["config"], {**state["config"], "pad": 5}) == ["pad: checkpoint 10, now 5"]
+
+
+def test_positions_read_as_the_stop_line_says_them():
+    """(epoch, iteration) of a checkpoint in users' numbering, one for every message."""
+    assert position(0, 11) == "epoch 1, iteration 11"
+    assert position(2, 0) == "the end of epoch 2"
+
+
+def test_a_nonfinite_loss_names_a_checkpoint_only_when_there_is_one(tmp_path):
+    memories = [MemoryClassifier(4, 3)]
+    latest = tmp_path / "latest.pth"
+    args = (torch.tensor([1.0, float("nan")]), 0, 1, memories, torch.device("cpu"), 0, latest)
+    with pytest.raises(NonFiniteLoss, match="iteration 2: training stopped; no checkpoint had been saved yet$"):
+        check_health(*args)
+    latest.write_bytes(b"")
+    with pytest.raises(NonFiniteLoss, match=rf"the last good checkpoint \({latest}\) is kept"):
+        check_health(*args)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

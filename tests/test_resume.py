@@ -20,8 +20,9 @@ FLAGS = ("--epochs", "2", "--iters", "3")
 
 
 @pytest.fixture(scope="module")
-def runs(synthetic_shards, tmp_path_factory) -> tuple[Path, Path, str]:
-    """The uninterrupted run, and the stopped-then-resumed one with the stopped run's output."""
+def runs(synthetic_shards, tmp_path_factory) -> tuple[Path, Path, str, float]:
+    """The uninterrupted run, and the stopped-then-resumed one with the stopped run's output and
+    the time its checkpoint says the stopped epoch had taken."""
     whole, part = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("part")
     assert train.main(small_run(synthetic_shards, whole, *FLAGS)) == 0
     args = small_run(synthetic_shards, part, *FLAGS)
@@ -48,11 +49,11 @@ def runs(synthetic_shards, tmp_path_factory) -> tuple[Path, Path, str]:
     ckpt = load_checkpoint(part / "latest.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 1) and ckpt["history"] == []
     assert train.main([*args, "--resume", str(part / "latest.pth")]) == 0
-    return whole, part, out
+    return whole, part, out, ckpt["epoch_seconds"]
 
 
 def test_resumed_run_evaluates_as_the_uninterrupted_one(runs):
-    whole, part, _ = runs
+    whole, part, *_ = runs
     a, b = history(whole), history(part)
     assert [r["epoch"] for r in b] == [1, 2]
     for ra, rb in zip(a, b, strict=True):
@@ -65,7 +66,7 @@ def test_resumed_run_evaluates_as_the_uninterrupted_one(runs):
 def test_resumed_run_ends_with_the_same_state(runs):
     """Weights, running statistics, memories and Adam's moments after 6 iterations: equal up to
     rounding (the same arithmetic in the same order; tolerances only for safety)."""
-    whole, part, _ = runs
+    whole, part, *_ = runs
     a, b = load_checkpoint(whole / "latest.pth"), load_checkpoint(part / "latest.pth")
     assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"]) == (2, 0)
     for name, t in a["model"].items():
@@ -81,8 +82,17 @@ def test_resumed_run_ends_with_the_same_state(runs):
 
 def test_interrupted_epoch_logs_the_loss_of_all_its_iterations(runs):
     """The checkpoint carries the losses of its epoch's iterations before the stop."""
-    whole, part, _ = runs
+    whole, part, *_ = runs
     assert history(part)[0]["loss"] == pytest.approx(history(whole)[0]["loss"], rel=1e-5)
+
+
+def test_interrupted_epoch_logs_the_time_and_speed_of_all_its_iterations(runs):
+    """The checkpoint carries the time of its epoch's iterations before the stop: the resumed
+    epoch's time_s holds it, and images_per_s counts all 3 iterations' images (3 x 3 x 16)."""
+    part, seconds = runs[1], runs[3]
+    row = history(part)[0]
+    assert 0 < seconds < row["time_s"]
+    assert row["images_per_s"] == pytest.approx(3 * 3 * 16 / row["time_s"], rel=1e-9)
 
 
 def test_a_run_resumed_at_an_epochs_end_repeats_the_uninterrupted_one(runs, synthetic_shards, tmp_path):

@@ -97,6 +97,24 @@ def test_unusable_files_are_refused_naming_them(synthetic_shards, trained, tmp_p
         assert f"--resume {path}" in line and why in line, line
 
 
+def test_nothing_to_train_and_sizes_too_small_are_refused_before_any_work(synthetic_shards, trained, tmp_path,
+                                                                          capsys):
+    """A checkpoint past --epochs would train nothing; a size the style module cannot take is
+    refused before --overwrite deletes the folder's run."""
+    ckpt = load_checkpoint(trained)
+    for epoch, iteration, at in [(2, 0, "the end of epoch 2"), (1, 2, "epoch 2, iteration 2")]:
+        path = tmp_path / f"at_{epoch}_{iteration}.pth"
+        torch.save({**ckpt, "epoch": epoch, "iteration": iteration}, path)
+        line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "a", "--resume", str(path)))
+        assert f"--resume {path} is at {at}, past --epochs 1: nothing would be trained" in line, line
+    logs = tmp_path / "run"
+    logs.mkdir()
+    shutil.copy(trained, logs / "latest.pth")
+    line = refusal(capsys, tiny_run(synthetic_shards, logs, "--height", "4", "--width", "2", "--overwrite"))
+    assert "--height 4 --width 2: too small for --update-style" in line
+    assert (logs / "latest.pth").read_bytes() == trained.read_bytes()
+
+
 def test_logs_dir_must_be_a_writable_folder(synthetic_shards, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")

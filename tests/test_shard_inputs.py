@@ -80,9 +80,9 @@ def test_a_garbage_mat_file_is_one_line(synthetic_data, tmp_path, capsys):
     shutil.copytree(synthetic_data / "cuhk03", raw / "cuhk03")
     config = raw / "cuhk03" / "cuhk03_new_protocol_config_detected.mat"
     config.write_bytes(b"MATLAB 5.0 MAT-file".ljust(128, b" ") + bytes(range(256)) * 4)
-    assert make_shards.main(["--data-dir", str(raw), "--out", str(tmp_path / "shards")]) == 1
+    assert make_shards.main(["--data-dir", str(raw), "--out", str(tmp_path / "shards")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("make_shards: error: ") and f"{config}: not readable as a MATLAB v5 file" in err
+    assert err.startswith("make_shards.py: error: ") and f"{config}: not readable as a MATLAB v5 file" in err
     assert "Traceback" not in err
 
 
@@ -106,7 +106,7 @@ def test_two_builds_into_one_folder(raw_market, tmp_path, capsys):
     out = tmp_path / "shards"
     out.mkdir()
     with hold_folder(out):  # this process is the first build
-        assert build(raw_market, out) == 1
+        assert build(raw_market, out) == 2
     assert "is in use by another process" in capsys.readouterr().err
     assert build(raw_market, out) == 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -158,3 +159,60 @@ def test_a_killed_shard_build_leaves_no_worker_behind(synthetic_data, tmp_path):
         kill_and_expect_no_leftover(run, tree)
     finally:
         reap(run, tree)
+
+
+def test_ctrl_c_on_a_shard_build_is_one_line(synthetic_data, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the build and its workers."""
+    run = Live([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--data-dir", str(synthetic_data),
+                "--out", str(tmp_path / "shards"), "--workers", "2", "--shard-size", "8"])
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len([p for p in descendants(run.proc.pid) if "spawn_main" in cmdline(p)]) < 2:
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.output
+            time.sleep(0.02)
+        tree = descendants(run.proc.pid)
+        os.killpg(run.proc.pid, signal.SIGINT)
+        assert run.finish(120) == 128 + signal.SIGINT, run.output
+    finally:
+        reap(run, tree)
+    assert run.lines[-1].startswith("make_shards.py: interrupted: the datasets already complete are kept")
+    assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output, run.output
+
+
+def test_a_second_ctrl_c_names_no_checkpoint_that_is_not_there(synthetic_shards, tmp_path):
+    logs = tmp_path / "logs"
+    run = Live([sys.executable, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200",
+                                                                   workers=0)])
+    try:
+        run.wait_for("initialising memories")  # before the first iteration, so before any checkpoint
+        run.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # the first one is taken (a stop at the next iteration) before the second comes
+        run.proc.send_signal(signal.SIGINT)
+        assert run.finish(120) == 128 + signal.SIGINT, run.output
+    finally:
+        run.close()
+    assert run.lines[-1].strip() == "train.py: interrupted twice: stopped at once; no checkpoint was saved"
+    assert "Traceback" not in run.output and not (logs / "latest.pth").exists()
+
+
+def test_spawned_workers_have_the_stop_signals_blocked_from_birth():
+    """A DALI worker or a build's worker (spawned) imports for a while before it can take stop
+    signals itself; until then they must stay blocked, or a Ctrl-C kills it with a traceback."""
+    script = """
+import multiprocessing, time
+from pipeline.workers import starting_workers
+with starting_workers():
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(30,))
+    child.start()
+with open(f"/proc/{child.pid}/status") as f:
+    blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+child.kill()
+child.join()
+print(blocked)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    blocked = int(out.stdout)
+    assert blocked & (1 << signal.SIGINT - 1) and blocked & (1 << signal.SIGTERM - 1), hex(blocked)

@@ -33,15 +33,22 @@ def history(logs: Path) -> list[dict]:
     return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_process_gloo_run_keeps_ranks_identical(synthetic_shards, tmp_path):
-    result = tmp_path / "result.json"
+@pytest.fixture(scope="module")
+def two_ranks(synthetic_shards, tmp_path_factory) -> dict:
+    """tests/dist_train_check.py's result of a 4-iteration run on 2 gloo ranks."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    result = tmp / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "dist_train_check.py"), str(result),
-           *small_run(synthetic_shards, tmp_path / "logs", "--iters", "4")]
+           *small_run(synthetic_shards, tmp / "logs", "--iters", "4")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(result.read_text())
+    return json.loads(result.read_text())
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(two_ranks):
+    res = two_ranks
     assert res["world"] == 2 and res["exit_code"] == 0
     assert res["weights_max_diff"] == 0.0
     assert res["memories_max_diff"] == 0.0
@@ -49,6 +56,13 @@ def test_two_process_gloo_run_keeps_ranks_identical(synthetic_shards, tmp_path):
     # order 1 would mean the start was not train.py's initialisation).
     assert 1e-5 < res["weights_change"] < 0.05, res["weights_change"]
     assert 0.0 <= res["history"][-1]["mAP"] <= 1.0
+
+
+def test_the_logged_loss_is_the_whole_batchs_on_any_number_of_ranks(two_ranks, synthetic_shards, tmp_path):
+    """Each rank's loss is that of its half of the batch; the epoch's logged loss is the whole
+    batch's, as one process logs it (equal up to the rounding of 4 fp32 Adam steps)."""
+    assert train.main(small_run(synthetic_shards, tmp_path, "--iters", "4")) == 0
+    assert two_ranks["history"][0]["loss"] == pytest.approx(history(tmp_path)[0]["loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("mode", [[], ["--baseline", "fb"]], ids=["fbf", "fb"])

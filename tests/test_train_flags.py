@@ -121,6 +121,9 @@ GOOD = [*SOURCES, "-b", "16", "--pretrained", "none"]
     (["-b", "24", "--bn-groups", "3"], 2, "--bn-groups 3 with -b 24 on 2 rank.*groups of 8 rows do not line up"),
     (["--evaluate"], 1, "--evaluate needs --resume CHECKPOINT"),
     (["--evaluate", "--resume", "x.pth", "-d", "cuhk_sysu"], 1, "it can only be a source"),
+    (["--height", "4", "--width", "2", "--update-style"], 1,
+     "--height 4 --width 2: too small for --update-style.*two positions at least"),
+    (["--height", "4", "--width", "4", "--update-style"], 1, "--height 4 --width 4: too small"),
 ])
 def test_every_refusal_of_check_flags(flags, world, message):
     assert re.search(message, _refusal([*GOOD, *flags], world))
@@ -145,7 +148,9 @@ def test_good_configurations_pass(world):
     """The refusals are not too eager: the published settings, whole-batch statistics, and (on
     one rank, where its groups need no lining up) the configuration refused on 2 ranks above."""
     cases = [GOOD, [*GOOD, "-b", "64"], [*GOOD, "-b", "64", "--bn-groups", "1"],
-             [*GOOD, "--evaluate", "--resume", "x.pth"]]
+             [*GOOD, "--evaluate", "--resume", "x.pth"],
+             [*GOOD, "--height", "8", "--width", "4", "--update-style"],
+             [*GOOD, "--height", "4", "--width", "2"]]  # without the style module, any size trains
     if world == 1:
         cases.append([*GOOD, "-b", "24", "--bn-groups", "3"])
     for flags in cases:

@@ -13,10 +13,15 @@ tools/visualize_ranks.py).
 Datasets whose shards are already complete are skipped, so an interrupted run can simply be
 started again; a dataset whose raw files changed since its shards were built (the manifest
 records their count, sizes and names) is rebuilt. One build at a time writes into OUT.
+
+Errors are one line, ``make_shards.py: error: ...``, naming the flag, file or image, with exit
+code 2; --verify exits 1 when it finds a problem; Ctrl-C stops at once (exit code 130), keeping
+the datasets already complete.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -25,12 +30,19 @@ from pipeline.build import PUBLISHED_COUNTS, CustomSetError, build_shards, count
 from pipeline.records import DATASETS
 
 _REPO = Path(__file__).resolve().parents[1]
+PROG = "make_shards.py"
 
 __all__ = ["main", "PUBLISHED_COUNTS", "count_differences"]  # the last two live in pipeline.build
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, as every other error of this tool (argparse would print the usage first)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path,
                    help="raw datasets, laid out as DATA/<name>/<folder> (README, 'Datasets'); "
                         "not needed with --verify")
@@ -77,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.custom = custom_folders(args.custom)
         return verify(args) if args.verify else build(args)
-    except CustomSetError as e:  # a --custom that cannot work: refused before anything is written
-        print(f"make_shards: error: {e}", file=sys.stderr)
+    except (shards.ShardError, ValueError, OSError) as e:  # CustomSetError (a ValueError) included
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except (shards.ShardError, ValueError, OSError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted: the datasets already complete are kept; the same command goes on "
+              "from there", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def custom_folders(flags: list[str]) -> dict[str, Path]:
@@ -102,8 +115,8 @@ def custom_folders(flags: list[str]) -> dict[str, Path]:
 def verify(args: argparse.Namespace) -> int:
     names = args.datasets or [n for n in DATASETS if (args.out / n).is_dir()] + shards.custom_sets(args.out)
     if not names:
-        print(f"make_shards: error: no dataset folders in {args.out}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: error: no dataset folders in {args.out}", file=sys.stderr)
+        return 2
     failed = 0
     for name in names:
         problems = shards.verify_dataset(args.out / name)
