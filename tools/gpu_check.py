@@ -112,7 +112,8 @@ def profile(quick: bool, workers: int) -> Profile:
             parity=("-a", "resnet18", "--height", "64", "--width", "32", "--num-ids", "2", "--workers", w,
                     "--sources", "dukemtmc,cuhk03,msmt17v1", "--eval", ""),
             model=("--repeats", "3", "--warmup", "1", "--style-shape", "8", "16", "16", "8", "--batch", "32",
-                   "--features", "128", "--classes", "200"),
+                   "--features", "128", "--classes", "200", "-a", "resnet18", "--bn-groups", "4", "--bn-rows",
+                   "24", "--bn-size", "32", "32"),
             ops=("--arch", "resnet18", "--bn-groups", "4"),
             lanes=2, limit_s=150, budget_s=360)
     return Profile(
