@@ -17,7 +17,9 @@ $(VENV)/.installed: setup.cfg setup.py | $(BIN)/activate
 
 install: $(VENV)/.installed
 
+# Lint first (ruff.toml: pycodestyle and pyflakes, 110 columns), then the whole suite.
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 demo: install

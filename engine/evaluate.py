@@ -47,7 +47,8 @@ def extract_features(model, loader, device: torch.device, amp_dtype, flip: bool 
     return gather_varying_rows(local)
 
 
-def evaluate_target(model, loader, device: torch.device, amp_dtype, options: EvalOptions = EvalOptions()) -> dict:
+def evaluate_target(model, loader, device: torch.device, amp_dtype,
+                    options: EvalOptions = EvalOptions()) -> dict:
     """mAP and CMC of the target's query against its gallery (Market-1501 protocol)."""
     feats = extract_features(model, loader, device, amp_dtype, flip=options.flip)
     bad = int((~torch.isfinite(feats).all(dim=1)).sum())

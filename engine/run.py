@@ -141,7 +141,8 @@ class Run:
             log.info("resumed from %s at %s%s", self.args.resume, position(st.epoch, st.iteration),
                      ": all --epochs are done, nothing left to train" if st.epoch == cfg.epochs else "")
         self.ckpt = None  # its tensors are copied; free them
-        self.trainer = Trainer(wrap_network(st.model, self.dist, self.args.compile), st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
+        net = wrap_network(st.model, self.dist, self.args.compile)
+        self.trainer = Trainer(net, st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
         self.runlog = RunLog(self.logs.path if self.dist.is_main else None, cfg.targets, cfg.epochs,
                              f"{cfg.mode.upper()}: {'+'.join(cfg.sources)} -> {', '.join(cfg.targets)}",
                              progress=not self.args.no_progress)

@@ -68,7 +68,8 @@ class ShufflePlan:
         if device.type == "cuda":
             flat = flat.pin_memory()
         parts = iter(flat.to(device, non_blocking=True).split([len(t) for t in tensors]))
-        moved = {n: ([next(parts) for _ in v] if isinstance(v, list) else next(parts)) for n, v in groups.items()}
+        moved = {n: ([next(parts) for _ in v] if isinstance(v, list) else next(parts))
+                 for n, v in groups.items()}
         return dataclasses.replace(self, **moved)
 
 

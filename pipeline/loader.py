@@ -17,8 +17,8 @@ from pipeline.reading import (EvalRows, Rows, SourceSet, TrainPlan, check_header
                               round_sizes, split_rows)
 
 __all__ = ["LOADERS", "LoaderConfig", "TrainBatch", "EvalLoader", "select_loader", "build_train_loader",
-           "build_eval_loader", "build_file_loader", "to_device", "EvalRows", "Rows", "SourceSet", "TrainPlan", "check_header",
-           "decode_rgb", "round_sizes", "split_rows"]
+           "build_eval_loader", "build_file_loader", "to_device", "EvalRows", "Rows", "SourceSet",
+           "TrainPlan", "check_header", "decode_rgb", "round_sizes", "split_rows"]
 log = logging.getLogger(__name__)
 
 

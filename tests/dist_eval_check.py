@@ -1,5 +1,6 @@
 """Run by tests/test_evaluation.py under torchrun: feature extraction, the target evaluation
-(plain, re-ranked, and with flipped images and query expansion) and memory initialisation, each rank reading its own part of the rows;
+(plain, re-ranked, and with flipped images and query expansion) and memory initialisation, each rank
+reading its own part of the rows;
 rank 0 saves the results and every rank's memory.
 
     torchrun --nproc_per_node N tests/dist_eval_check.py SHARDS RESULT.pt
@@ -21,7 +22,8 @@ from pipeline.loader import LoaderConfig, build_eval_loader  # noqa: E402
 
 TARGET, SOURCE = "market1501", "dukemtmc"
 # The evaluations compared: the published protocol, and each test-time option.
-CASES = {"plain": EvalOptions(), "rerank": EvalOptions(rerank=True), "flip_aqe": EvalOptions(flip=True, aqe=4)}
+CASES = {"plain": EvalOptions(), "rerank": EvalOptions(rerank=True),
+         "flip_aqe": EvalOptions(flip=True, aqe=4)}
 
 
 def case_model() -> ReIDNet:
@@ -40,7 +42,8 @@ def case_model() -> ReIDNet:
 
 def case_config(rank: int, world: int) -> LoaderConfig:
     """64x32 images in batches of 40: on 2 ranks the parts are uneven and end in partial batches."""
-    return LoaderConfig(height=64, width=32, workers=0, loader="torch", test_batch_size=40, rank=rank, world=world)
+    return LoaderConfig(height=64, width=32, workers=0, loader="torch", test_batch_size=40, rank=rank,
+                        world=world)
 
 
 def run_case(shards: Path, rank: int, world: int) -> dict:

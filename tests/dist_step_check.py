@@ -33,8 +33,8 @@ def main() -> int:
         plan = shuffle_plan(sizes, info.world, info.rank, seed=3, epoch=0, it=it, shuffle=mode != "fb",
                             labels=per_source)
         torch.manual_seed(10 + it)
-        train_step(net, memories, images[mine], labels[mine], sizes, opt, build_scaler(torch.device("cpu"), None),
-                   None, mode, plan)
+        train_step(net, memories, images[mine], labels[mine], sizes, opt,
+                   build_scaler(torch.device("cpu"), None), None, mode, plan)
     if info.rank == 0:
         torch.save(step_case.state(model, memories), result)
     du.cleanup()

@@ -31,7 +31,8 @@ def run(groups: int, impl: str, memory_format: torch.memory_format, backend: str
         plan = shuffle_plan(step_case.SIZES, 1, 0, seed=3, epoch=0, it=it, labels=per_source)
         torch.manual_seed(10 + it)
         losses.append(train_step(net, memories, images.contiguous(memory_format=memory_format), labels,
-                                 step_case.SIZES, opt, build_scaler(torch.device("cpu"), None), None, "il", plan))
+                                 step_case.SIZES, opt, build_scaler(torch.device("cpu"), None), None, "il",
+                                 plan))
     return step_case.state(model, memories), torch.stack(losses)
 
 

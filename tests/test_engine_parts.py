@@ -94,7 +94,8 @@ def test_a_nonfinite_loss_names_a_checkpoint_only_when_there_is_one(tmp_path):
     memories = [MemoryClassifier(4, 3)]
     latest = tmp_path / "latest.pth"
     args = (torch.tensor([1.0, float("nan")]), 0, 1, memories, torch.device("cpu"), 0, latest)
-    with pytest.raises(NonFiniteLoss, match="iteration 2: training stopped; no checkpoint had been saved yet$"):
+    with pytest.raises(NonFiniteLoss,
+                       match="iteration 2: training stopped; no checkpoint had been saved yet$"):
         check_health(*args)
     latest.write_bytes(b"")
     with pytest.raises(NonFiniteLoss, match=rf"the last good checkpoint \({latest}\) is kept"):

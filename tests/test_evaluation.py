@@ -164,10 +164,10 @@ def test_extract_features_keeps_the_mode_and_the_row_order(synthetic_shards, one
     mode is evaluated in eval mode and handed back in training mode."""
     model = case_model().train()
     cfg = dataclasses.replace(case_config(0, 1), test_batch_size=7)
-    feats = extract_features(model, build_eval_loader(synthetic_shards, TARGET, "test", cfg), torch.device("cpu"),
-                             None)
+    feats = extract_features(model, build_eval_loader(synthetic_shards, TARGET, "test", cfg),
+                             torch.device("cpu"), None)
     assert model.training
     torch.testing.assert_close(feats, one_rank["features"], rtol=1e-5, atol=1e-6)
-    res = evaluate_target(model, build_eval_loader(synthetic_shards, TARGET, "test", cfg), torch.device("cpu"),
-                          None)
+    res = evaluate_target(model, build_eval_loader(synthetic_shards, TARGET, "test", cfg),
+                          torch.device("cpu"), None)
     assert res["mAP"] == pytest.approx(one_rank["plain_mAP"], abs=1e-6)

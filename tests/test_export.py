@@ -67,7 +67,8 @@ def test_torchscript_matches_pytorch(checkpoint, reference, tmp_path):
 def test_bad_checkpoint_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_text("nope")
-    assert export.main(["--checkpoint", str(bad), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 2
+    out = str(tmp_path / "m.pt")
+    assert export.main(["--checkpoint", str(bad), "--format", "torchscript", "--out", out]) == 2
     err = capsys.readouterr().err
     assert err.startswith("export.py: error: --checkpoint ") and "bad.pth" in err and err.count("\n") == 1
     assert not (tmp_path / "m.pt").exists()

@@ -50,7 +50,8 @@ def eval_query_features(checkpoint, synthetic_shards) -> torch.Tensor:
     """The query rows' features as evaluation computes them (engine.evaluate on the eval loader)."""
     model, cfg = network_from_checkpoint(checkpoint)
     model = model.to(memory_format=torch.channels_last)
-    lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader="torch", test_batch_size=64)
+    lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader="torch",
+                        test_batch_size=64)
     loader = build_eval_loader(synthetic_shards, TARGET, "test", lcfg)
     feats = extract_features(model, loader, torch.device("cpu"), None)
     return feats[torch.as_tensor(loader.is_query)]
@@ -103,7 +104,8 @@ def read_out(out: Path) -> tuple[np.ndarray, list[str]]:
     return np.load(out / "features.npy"), (out / "images.txt").read_text().splitlines()
 
 
-def test_tool_folder_glob_and_list_agree(checkpoint, image_folder, query, eval_query_features, tmp_path, capsys):
+def test_tool_folder_glob_and_list_agree(checkpoint, image_folder, query, eval_query_features, tmp_path,
+                                         capsys):
     listing = tmp_path / "list.txt"
     names = sorted(str(p) for p in image_folder.rglob("*.*"))
     listing.write_text("\n".join(names) + "\n")
@@ -138,17 +140,18 @@ def test_tool_reads_a_shard_split(checkpoint, synthetic_shards, query, eval_quer
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_tool_loaders_give_their_evaluation_features(loader, checkpoint, synthetic_shards, image_folder, tmp_path,
-                                                     capsys):
+def test_tool_loaders_give_their_evaluation_features(loader, checkpoint, synthetic_shards, image_folder,
+                                                     tmp_path, capsys):
     """--loader dali|torch, worker processes, --flip-test: image files and a shard split give the
     features evaluation computes with that loader (and --flip-test) on the target's query rows."""
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
     model, cfg = network_from_checkpoint(checkpoint)
-    lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader=loader, test_batch_size=64)
+    lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader=loader,
+                        test_batch_size=64)
     target = build_eval_loader(synthetic_shards, TARGET, "test", lcfg)
-    expected = extract_features(model.to(memory_format=torch.channels_last), target, torch.device("cpu"), None,
-                                flip=True)[torch.as_tensor(target.is_query)].numpy()
+    expected = extract_features(model.to(memory_format=torch.channels_last), target, torch.device("cpu"),
+                                None, flip=True)[torch.as_tensor(target.is_query)].numpy()
     common = ["--checkpoint", str(checkpoint), "--loader", loader, "--workers", "2", "--flip-test",
               "--batch-size", "16"]
     for spec in (["--images", str(image_folder)], ["--shards", str(synthetic_shards), "-d", TARGET]):
@@ -169,13 +172,13 @@ def test_tool_refuses_in_one_line(checkpoint, image_folder, tmp_path, capsys):
     bad.write_bytes(b"garbage")
     listing = tmp_path / "list.txt"
     listing.write_text(f"{next(image_folder.rglob('*.*'))}\n{tmp_path / 'nowhere.jpg'}\n")
+    ckpt = ["--checkpoint", str(checkpoint)]
     cases = [(["--checkpoint", str(garbage), "--images", str(image_folder)], "garbage.pth"),
              (["--checkpoint", str(tmp_path / "none.pth"), "--images", str(image_folder)], "none.pth"),
              (["--checkpoint", str(checkpoint), "--images", str(empty)], "no .jpg/.jpeg/.png"),
-             (["--checkpoint", str(checkpoint), "--images", str(tmp_path / "x" / "*.jpg")], "matches no files"),
+             ([*ckpt, "--images", str(tmp_path / "x" / "*.jpg")], "matches no files"),
              (["--checkpoint", str(checkpoint), "--images", str(broken)], bad.name),
-             (["--checkpoint", str(checkpoint), "--images", str(broken), "--loader", "torch", "--workers", "1"],
-              bad.name),
+             ([*ckpt, "--images", str(broken), "--loader", "torch", "--workers", "1"], bad.name),
              (["--checkpoint", str(checkpoint), "--images", str(listing)], "nowhere.jpg")]
     for args, needle in cases:
         out = tmp_path / "out"

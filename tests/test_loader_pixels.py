@@ -59,15 +59,16 @@ def pixel_shards(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for k, name in enumerate(SOURCES):
         splits, n = DatasetSplits(name), 0
-        for split, pids, per_pid in (("train", TRAIN_PIDS, 3), ("query", TEST_PIDS, 1), ("gallery", TEST_PIDS, 3)):
+        for split, pids, per_pid in (("train", TRAIN_PIDS, 3), ("query", TEST_PIDS, 1),
+                                     ("gallery", TEST_PIDS, 3)):
             for pid in pids:
                 for i in range(per_pid):
                     ext = "png" if k == 1 and n % 2 else "jpg"
                     path = raw / name / f"{split}_{pid}_{i}.{ext}"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(picture(code(k, pid), n, rng)).save(path, quality=95)
-                    splits.split(split).append(Record(f"{split}_{pid}_{i}", pid, i % 2, name, split, path.name,
-                                                      str(path)))
+                    splits.split(split).append(Record(f"{split}_{pid}_{i}", pid, i % 2, name, split,
+                                                      path.name, str(path)))
                     n += 1
         shards.write_dataset(splits, out, progress=False)
     return out
@@ -136,7 +137,8 @@ def test_dali_and_pil_training_pixels_agree_per_pixel(batches, world):
                                                                 batches["torch", world, rank], strict=True):
             np.testing.assert_array_equal(dali_labels, pil_labels)
             diff = (dali - pil).abs()
-            assert diff.max() <= TOLERANCE + 1e-3, f"rank {rank}: {int((diff > TOLERANCE).sum())} pixels differ"
+            differ = int((diff > TOLERANCE).sum())
+            assert diff.max() <= TOLERANCE + 1e-3, f"rank {rank}: {differ} pixels differ"
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -145,7 +147,8 @@ def test_each_rank_holds_its_slice_of_the_one_rank_batch(batches, loader):
     for (whole, whole_labels, sizes), *parts in zip(batches[loader, 1, 0], batches[loader, 2, 0],
                                                     batches[loader, 2, 1], strict=True):
         per_rank = [(p.split(s), np.split(lab, np.cumsum(s)[:-1])) for p, lab, s in parts]
-        for k, (pixels, labels) in enumerate(zip(whole.split(sizes), np.split(whole_labels, np.cumsum(sizes)[:-1]))):
+        whole_parts = zip(whole.split(sizes), np.split(whole_labels, np.cumsum(sizes)[:-1]))
+        for k, (pixels, labels) in enumerate(whole_parts):
             torch.testing.assert_close(torch.cat([p[k] for p, _ in per_rank]), pixels, rtol=0, atol=1e-3)
             np.testing.assert_array_equal(np.concatenate([lab[k] for _, lab in per_rank]), labels)
 

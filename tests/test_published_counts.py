@@ -73,11 +73,12 @@ MARKET = {"train": (5, 3), "query": (3, 2), "gallery": (5, 3), "mix": (11, 5)}
 def write_duke(data: Path) -> None:
     """DukeMTMC-reID with two people seen only in the gallery (pids 5000, 5003)."""
     base = data / "dukemtmc" / "DukeMTMC-reID"
-    _files(base / "bounding_box_train", ["0001_c2_f0046182.jpg", "0001_c6_f0150215.jpg", "0003_c8_f0074511.jpg",
-                                         "0003_c1_f0044158.jpg"])
+    _files(base / "bounding_box_train", ["0001_c2_f0046182.jpg", "0001_c6_f0150215.jpg",
+                                         "0003_c8_f0074511.jpg", "0003_c1_f0044158.jpg"])
     _files(base / "query", ["0005_c2_f0046985.jpg", "0008_c7_f0117062.jpg"])
-    _files(base / "bounding_box_test", ["0005_c5_f0051341.jpg", "0008_c3_f0090215.jpg", "0008_c4_f0093145.jpg",
-                                        "5000_c1_f0071242.jpg", "5003_c7_f0128390.jpg", "5003_c8_f0116922.jpg"])
+    _files(base / "bounding_box_test", ["0005_c5_f0051341.jpg", "0008_c3_f0090215.jpg",
+                                        "0008_c4_f0093145.jpg", "5000_c1_f0071242.jpg",
+                                        "5003_c7_f0128390.jpg", "5003_c8_f0116922.jpg"])
 
 
 DUKE = {"train": (4, 2), "query": (2, 2), "gallery": (6, 4), "mix": (12, 6)}
@@ -91,7 +92,8 @@ def write_msmt(data: Path) -> None:
                   "0001/0001_000_12_0303noon_0481_0.jpg 1", "0001/0001_001_15_0303noon_0501_2.jpg 1"],
         "val": ["0000/0000_002_07_0303afternoon_0007_0.jpg 0", "0002/0002_000_03_0113morning_0893_1.jpg 2"],
         "query": ["0000/0000_000_01_0303afternoon_0004_0.jpg 0", "0001/0001_000_09_0114noon_0011_0.jpg 1"],
-        "gallery": ["0000/0000_001_02_0303afternoon_0024_0.jpg 0", "0000/0000_002_11_0303afternoon_0044_1.jpg 0",
+        "gallery": ["0000/0000_001_02_0303afternoon_0024_0.jpg 0",
+                    "0000/0000_002_11_0303afternoon_0044_1.jpg 0",
                     "0001/0001_001_04_0114noon_0078_0.jpg 1", "0004/0004_000_10_0114noon_0301_0.jpg 4"],
     }
     for name, lines in lists.items():
@@ -165,8 +167,8 @@ FIXTURES = {"market1501": (write_market, MARKET), "dukemtmc": (write_duke, DUKE)
 
 def _counts(splits) -> dict[str, tuple[int, int]]:
     out = {s: (len(splits.split(s)), len({r.pid for r in splits.split(s)})) for s in SPLITS}
-    labels = [lab for lab in mix_labels([(r.dataset, r.split, r.pid) for s in SPLITS for r in splits.split(s)])
-              if lab >= 0]
+    rows = [(r.dataset, r.split, r.pid) for s in SPLITS for r in splits.split(s)]
+    labels = [lab for lab in mix_labels(rows) if lab >= 0]
     out["mix"] = (len(labels), len(set(labels)))
     return out
 
@@ -199,7 +201,8 @@ def test_fields_read_from_the_names_and_lists(described_data):
     cuhk = parse("cuhk03", described_data)
     assert [(r.pid, r.camid) for r in cuhk.query] == [(2, 0), (2, 1), (3, 0)]
     with h5py.File(cuhk.gallery[1].path, "r") as f:  # 2_001_2_10: pixel value 10 * image + person
-        assert np.all(f[cuhk.gallery[1].h5_ref][()].T == 101) and f[cuhk.gallery[1].h5_ref].shape == (3, 10, 20)
+        ref = cuhk.gallery[1].h5_ref
+        assert np.all(f[ref][()].T == 101) and f[ref].shape == (3, 10, 20)
 
 
 def _full_market(data: Path) -> None:

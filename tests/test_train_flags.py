@@ -118,7 +118,8 @@ GOOD = [*SOURCES, "-b", "16", "--pretrained", "none"]
     (["-b", "18"], 1, "-b 18 must be a multiple of --num-instances 4"),
     (["-b", "16"], 3, r"-b 16 \(global per source\) must divide over 3 ranks"),
     (["-b", "16", "--bn-groups", "3"], 1, "--bn-groups 3 with -b 16 on 1 rank"),
-    (["-b", "24", "--bn-groups", "3"], 2, "--bn-groups 3 with -b 24 on 2 rank.*groups of 8 rows do not line up"),
+    (["-b", "24", "--bn-groups", "3"], 2,
+     "--bn-groups 3 with -b 24 on 2 rank.*groups of 8 rows do not line up"),
     (["--evaluate"], 1, "--evaluate needs --resume CHECKPOINT"),
     (["--evaluate", "--resume", "x.pth", "-d", "cuhk_sysu"], 1, "it can only be a source"),
     (["--height", "4", "--width", "2", "--update-style"], 1,
@@ -176,7 +177,8 @@ def test_refusal_is_one_line_and_exit_code_2(capsys):
     assert train.main([*GOOD, "-d", "viper"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert err[0].startswith("train.py: error: -d 'viper': unknown dataset; choose from " + ", ".join(DATASETS))
+    assert err[0].startswith("train.py: error: -d 'viper': unknown dataset; choose from "
+                             + ", ".join(DATASETS))
 
 
 # ------------------------------------------------------------------------------ autocast on a CPU

@@ -82,8 +82,9 @@ def test_features_from_extract_give_identical_pictures(checkpoint, synthetic_sha
                              "--split", split, "--out", str(feats / split), "--device", "cpu",
                              "--no-progress"]) == 0
     out = tmp_path / "ranks"
-    code = vr.main(["--features", str(feats), "--shards", str(synthetic_shards), "-d", TARGET, "--out", str(out),
-                    "--num-queries", str(NUM_QUERIES), "--topk", str(TOPK), "--no-progress"])
+    code = vr.main(["--features", str(feats), "--shards", str(synthetic_shards), "-d", TARGET,
+                    "--out", str(out), "--num-queries", str(NUM_QUERIES), "--topk", str(TOPK),
+                    "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert [p.name for p in pngs(out)] == [p.name for p in pngs(drawn)]
     for a, b in zip(pngs(out), pngs(drawn)):

@@ -16,8 +16,8 @@ showing them all with their query keys; each file is written under a temporary n
 
 Features of a large target can be extracted once with tools/extract.py and given with --features:
 
-    python tools/extract.py --checkpoint CKPT --shards shards -d market1501 --split query --out feats/query
-    python tools/extract.py --checkpoint CKPT --shards shards -d market1501 --split gallery --out feats/gallery
+    python tools/extract.py --checkpoint CKPT --shards shards -d market1501 --split query --out feats/q
+    python tools/extract.py --checkpoint CKPT --shards shards -d market1501 --split gallery --out feats/g
     python tools/visualize_ranks.py --features feats --shards shards -d market1501 --out ranks/
 
 (FEATURES/query/ and FEATURES/gallery/ each hold features.npy, images.txt, pids.npy, camids.npy;
