@@ -111,13 +111,18 @@ def test_two_builds_into_one_folder(raw_market, tmp_path, capsys):
     assert build(raw_market, out) == 0
 
 
-def test_train_data_dir_with_a_bad_image_says_how_to_skip_it(raw_market, synthetic_shards, tmp_path, capsys):
-    bad = sorted((raw_market / MARKET / "query").iterdir())[0]
-    bad.write_bytes(b"\xff\xd8\xff" + bytes(200))  # a JPEG header, then nothing decodable
-    shards = tmp_path / "shards"
+def sources_beside(synthetic_shards: Path, shards: Path) -> Path:
+    """A shards folder holding the three sources' shards (links), without market1501's."""
     shards.mkdir()
     for name in ("dukemtmc", "cuhk03", "msmt17v1"):
         (shards / name).symlink_to(synthetic_shards / name)
+    return shards
+
+
+def test_train_data_dir_with_a_bad_image_says_how_to_skip_it(raw_market, synthetic_shards, tmp_path, capsys):
+    bad = sorted((raw_market / MARKET / "query").iterdir())[0]
+    bad.write_bytes(b"\xff\xd8\xff" + bytes(200))  # a JPEG header, then nothing decodable
+    shards = sources_beside(synthetic_shards, tmp_path / "shards")
     capsys.readouterr()
     assert train.main([*tiny_run(shards, tmp_path / "logs"), "--data-dir", str(raw_market)]) == 2
     err = capsys.readouterr().err
@@ -131,10 +136,7 @@ def test_train_data_dir_with_a_misnamed_image_does_not_advise_skip_bad(raw_marke
     """--skip-bad skips images that do not decode; a name the layout refuses needs a rename."""
     query = raw_market / MARKET / "query"
     shutil.copy(sorted(query.iterdir())[0], query / "0001_c9s1_000001_01.jpg")  # camera 9 of 6
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    for name in ("dukemtmc", "cuhk03", "msmt17v1"):
-        (shards / name).symlink_to(synthetic_shards / name)
+    shards = sources_beside(synthetic_shards, tmp_path / "shards")
     capsys.readouterr()
     assert train.main([*tiny_run(shards, tmp_path / "logs"), "--data-dir", str(raw_market)]) == 2
     err = capsys.readouterr().err

@@ -146,16 +146,26 @@ def test_killing_torchrun_ends_its_trainers_and_their_workers(synthetic_shards, 
         assert load_checkpoint(logs / "latest.pth")["iteration"] >= 1
 
 
+def shard_build(synthetic_data: Path, out: Path) -> Live:
+    """tools/make_shards.py started as a command, with its 2 worker processes."""
+    return Live([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--data-dir", str(synthetic_data),
+                 "--out", str(out), "--workers", "2", "--shard-size", "8"])
+
+
+def workers_started(run: Live) -> list[int]:
+    """Waits until the build's 2 spawned workers run; its process tree then."""
+    deadline = time.monotonic() + 120
+    while len([p for p in descendants(run.proc.pid) if "spawn_main" in cmdline(p)]) < 2:
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.output
+        time.sleep(0.02)
+    return descendants(run.proc.pid)
+
+
 def test_a_killed_shard_build_leaves_no_worker_behind(synthetic_data, tmp_path):
-    run = Live([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--data-dir", str(synthetic_data),
-                "--out", str(tmp_path / "shards"), "--workers", "2", "--shard-size", "8"])
+    run = shard_build(synthetic_data, tmp_path / "shards")
     tree: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while len([p for p in descendants(run.proc.pid) if "spawn_main" in cmdline(p)]) < 2:
-            assert run.proc.poll() is None and time.monotonic() < deadline, run.output
-            time.sleep(0.02)
-        tree = descendants(run.proc.pid)
+        tree = workers_started(run)
         kill_and_expect_no_leftover(run, tree)
     finally:
         reap(run, tree)
@@ -163,15 +173,10 @@ def test_a_killed_shard_build_leaves_no_worker_behind(synthetic_data, tmp_path):
 
 def test_ctrl_c_on_a_shard_build_is_one_line(synthetic_data, tmp_path):
     """Ctrl-C reaches the terminal's whole process group: the build and its workers."""
-    run = Live([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--data-dir", str(synthetic_data),
-                "--out", str(tmp_path / "shards"), "--workers", "2", "--shard-size", "8"])
+    run = shard_build(synthetic_data, tmp_path / "shards")
     tree: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while len([p for p in descendants(run.proc.pid) if "spawn_main" in cmdline(p)]) < 2:
-            assert run.proc.poll() is None and time.monotonic() < deadline, run.output
-            time.sleep(0.02)
-        tree = descendants(run.proc.pid)
+        tree = workers_started(run)
         os.killpg(run.proc.pid, signal.SIGINT)
         assert run.finish(120) == 128 + signal.SIGINT, run.output
     finally:

@@ -6,8 +6,8 @@
 #   tools/fetch_dali.sh [PYTHON_VERSION [DIR [CUDA_MAJOR]]]     # defaults: 3.12 .whl 13
 #
 # Copy DIR (the repository's .whl/, git-ignored) to the GPU machine with the repository; there
-# tools/gpu_check.py runs `pip install --no-index --no-deps --target .dali DIR/*.whl` once and
-# puts .dali/ on PYTHONPATH. CUDA_MAJOR 12 fetches the DALI build for CUDA 12 drivers instead.
+# tools/gpu_check.py runs `pip install --no-index --no-deps --target .dali-site DIR/*.whl` once and
+# puts .dali-site/ on PYTHONPATH. CUDA_MAJOR 12 fetches the DALI build for CUDA 12 drivers instead.
 set -euo pipefail
 
 py=${1:-3.12}; dir=${2:-.whl}; cuda=${3:-13}

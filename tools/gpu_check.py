@@ -57,7 +57,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WHEELS, DALI_TARGET = REPO / ".whl", REPO / ".dali"  # tools/fetch_dali.sh's folder; where it is installed
+# tools/fetch_dali.sh's folder, and where its wheels are installed (not .dali/, which holds the parts
+# of an offline_wheels.sh transfer where one was made)
+WHEELS, DALI_TARGET = REPO / ".whl", REPO / ".dali-site"
 
 # In the order they run, the most wanted figures first (a spent --budget skips the last ones).
 BN_IMPLS = ("group-norm", "batch-norm")  # model.groups.BN_IMPLS (this tool imports no torch)
