@@ -27,6 +27,7 @@ from engine.usage import UsageError, checked
 from model.groups import resolve_bn_impl
 from model.memory import MemoryClassifier
 from pipeline.loader import build_eval_loader, build_train_loader
+from pipeline.shards import ShardError
 
 log = logging.getLogger("train")
 # What --evaluate takes from the checkpoint rather than from the flags:
@@ -191,13 +192,17 @@ class Run:
 
     def evaluate(self, epoch: int, row: dict) -> None:
         """Every target in turn; a failed one is reported and recorded (``eval_error``), the others
-        go on, and the run's own columns (what best.pth follows) wait for an evaluation of all."""
+        go on, and the run's own columns (what best.pth follows) wait for an evaluation of all. A
+        target's shard that cannot be read ends the run as a source's does (after the epoch's
+        checkpoint)."""
         t1 = time.perf_counter()
         results, errors = {}, []
         for name, loader in self.target_loaders.items():
             try:
                 results[name] = evaluate_target(self.state.model, loader, self.device, self.dtype,
                                                 EvalOptions.from_args(self.args))
+            except ShardError:  # the data failed: the run ends (exit code 4), latest.pth is saved
+                raise
             except ValueError as e:  # e.g. non-finite features: the run goes on, its checkpoint is saved
                 errors.append(f"{name}: {e}")
                 log.error("epoch %d: evaluation on %s failed: %s; training goes on (latest.pth is saved)",
