@@ -29,3 +29,15 @@ def synthetic_shards(synthetic_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     make_shards.main(["--data-dir", str(synthetic_data), "--out", str(out), "--workers", "2"])
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(synthetic_shards, tmp_path_factory) -> Path:
+    """latest.pth of a one-iteration train.py run (tests/runs.py's small run), trained once for every
+    module that needs a checkpoint (extract, export, visualize_ranks, the GPU tests)."""
+    import train
+    from tests.runs import small_run
+
+    logs = tmp_path_factory.mktemp("trained")
+    assert train.main(small_run(synthetic_shards, logs, "--iters", "1")) == 0
+    return logs / "latest.pth"

@@ -15,7 +15,7 @@ from PIL import Image
 import engine.run
 import train
 from pipeline import shards
-from tests.test_train import small_run
+from tests.runs import small_run
 from tools import extract, make_shards
 
 MARKET = Path("market1501") / "Market-1501-v15.09.15"

@@ -15,7 +15,8 @@ from engine.flags import train_parser
 from engine.usage import UsageError
 
 from tests.dist_gpu_paths_check import TIMEOUT_S
-from tests.live import ROOT, torchrun
+from tests.live import torchrun
+from tests.runs import ROOT
 
 
 def test_two_ranks_wait_broadcast_and_keep_their_buckets(tmp_path):

@@ -21,8 +21,7 @@ from pipeline.loader import SourceSet, build_eval_loader, decode_rgb
 from pipeline.shards import SplitReader
 from pipeline import transforms
 from tests.dist_eval_check import CASES, SOURCE, TARGET, case_config, case_model, run_case
-from tests.test_metrics import literal_market
-from tests.test_rerank import standard_re_ranking
+from tests.oracles import literal_market, squared_euclidean, standard_re_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,10 +39,6 @@ def split_ids(synthetic_shards) -> tuple[np.ndarray, ...]:
     return q.pids, g.pids, q.camids, g.camids
 
 
-def _squared_euclidean(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    return (torch.cdist(a.double(), b.double()) ** 2).float().numpy()
-
-
 def test_query_is_ranked_against_the_gallery(one_rank, split_ids):
     """The loader lists the query first, then the gallery: evaluate_target must rank the query
     rows against the gallery rows. The case is asymmetric (the gallery has more images per
@@ -51,11 +46,11 @@ def test_query_is_ranked_against_the_gallery(one_rank, split_ids):
     by far more than the tolerance of the comparison."""
     feats, nq = one_rank["features"], len(split_ids[0])
     qf, gf = feats[:nq], feats[nq:]
-    cmc, mAP = literal_market(_squared_euclidean(qf, gf), *split_ids)
+    cmc, mAP = literal_market(squared_euclidean(qf, gf), *split_ids)
     assert one_rank["plain_mAP"] == pytest.approx(mAP, abs=1e-6)
     np.testing.assert_allclose(one_rank["plain_cmc"].numpy(), cmc, atol=1e-6)
     q_pids, g_pids, q_cams, g_cams = split_ids
-    _, swapped = literal_market(_squared_euclidean(gf, qf), g_pids, q_pids, g_cams, q_cams)
+    _, swapped = literal_market(squared_euclidean(gf, qf), g_pids, q_pids, g_cams, q_cams)
     assert abs(swapped - mAP) > 1e-3, (swapped, mAP)
 
 
@@ -64,7 +59,7 @@ def test_reranked_target_matches_the_standard_function(one_rank, split_ids):
     squared Euclidean blocks of the extracted features, then the literal protocol."""
     feats, nq = one_rank["features"], len(split_ids[0])
     qf, gf = feats[:nq], feats[nq:]
-    blocks = [_squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
+    blocks = [squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
     cmc, mAP = literal_market(standard_re_ranking(*blocks), *split_ids)
     assert one_rank["rerank_mAP"] == pytest.approx(mAP, abs=1e-4)
     np.testing.assert_allclose(one_rank["rerank_cmc"].numpy(), cmc, atol=1e-6)
@@ -97,7 +92,7 @@ def test_flip_test_and_query_expansion_follow_their_definitions(synthetic_shards
     assert float((dist[:, 4] - dist[:, 3]).min()) > 1e-5
     nearest = order[:, :4]
     qf = F.normalize(qf + gf[nearest].sum(1), dim=1)
-    cmc, mAP = literal_market(_squared_euclidean(qf, gf), *split_ids)
+    cmc, mAP = literal_market(squared_euclidean(qf, gf), *split_ids)
     assert one_rank["flip_aqe_mAP"] == pytest.approx(mAP, abs=1e-6)
     np.testing.assert_allclose(one_rank["flip_aqe_cmc"].numpy(), cmc, atol=1e-6)
     assert abs(one_rank["flip_aqe_mAP"] - one_rank["plain_mAP"]) > 1e-3  # the options did change the result

@@ -13,7 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.live import ROOT
+from tests.runs import ROOT
 from tools import gpu_check
 
 TABLES = (

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from engine.checkpoint import load_checkpoint
-from tests.live import ROOT, Live, cmdline
-from tests.test_stopping import gone_within
+from tests.live import Live, cmdline, gone_within
+from tests.runs import ROOT
 from tools import leave_one_out
 from tools.leave_one_out import read_jsonl
 from tools.rank_memory import descendants

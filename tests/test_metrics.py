@@ -6,23 +6,7 @@ import pytest
 import torch
 
 from engine.metrics import benchmark_eval, evaluate_features, evaluate_rank, pairwise_distance
-
-
-def literal_market(dist, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """The protocol written out plainly: one query at a time, a stable argsort of its row."""
-    all_cmc, all_ap = [], []
-    for i in range(len(q_pids)):
-        order = np.argsort(dist[i], kind="stable")
-        remove = (g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])
-        hits = (g_pids[order] == q_pids[i])[~remove].astype(np.float64)
-        if not hits.any():
-            continue
-        cmc = np.minimum(hits.cumsum(), 1.0)
-        cmc = np.concatenate([cmc, np.ones(max(0, max_rank - len(cmc)))])[:max_rank]
-        all_cmc.append(cmc)
-        precision = hits.cumsum() / np.arange(1, len(hits) + 1)
-        all_ap.append((precision * hits).sum() / hits.sum())
-    return np.mean(all_cmc, axis=0), float(np.mean(all_ap))
+from tests.oracles import literal_market
 
 
 def make_ids(rng, nq, ng, num_ids, num_cams):

@@ -23,14 +23,15 @@ import train
 from engine.checkpoint import load_checkpoint
 from engine.evaluate import init_memories_in_one_pass
 from pipeline.files import WriteError, write_atomic
-from tests.live import ROOT, Live, tiny_run, torchrun
+from tests.live import Live, torchrun
+from tests.runs import ROOT, small_run
 
 
 @pytest.fixture(scope="module")
 def trained(synthetic_shards, tmp_path_factory) -> Path:
     """latest.pth of a finished one-epoch IL run (resnet18 at 64x32)."""
     logs = tmp_path_factory.mktemp("trained")
-    assert train.main(tiny_run(synthetic_shards, logs, workers=0)) == 0
+    assert train.main(small_run(synthetic_shards, logs, workers=0)) == 0
     return logs / "latest.pth"
 
 
@@ -59,13 +60,13 @@ def refusal(capsys, argv: list[str]) -> str:
     (["-b", "18"], "multiple of --num-instances"),
 ])
 def test_bad_flags_are_refused_in_one_line(synthetic_shards, tmp_path, capsys, flags, named):
-    line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "logs", *flags))
+    line = refusal(capsys, small_run(synthetic_shards, tmp_path / "logs", *flags))
     assert named in line
     assert not (tmp_path / "logs").exists()
 
 
 def test_apex_and_cuda_are_checked_before_any_work(synthetic_shards, tmp_path, capsys):
-    argv = tiny_run(synthetic_shards, tmp_path / "logs")
+    argv = small_run(synthetic_shards, tmp_path / "logs")
     if not torch.cuda.is_available():
         assert "--device cuda: torch sees no CUDA device" in refusal(capsys, [*argv, "--device", "cuda"])
     try:
@@ -77,7 +78,7 @@ def test_apex_and_cuda_are_checked_before_any_work(synthetic_shards, tmp_path, c
 def test_unusable_files_are_refused_naming_them(synthetic_shards, trained, tmp_path, capsys):
     garbage = tmp_path / "weights.pth"
     garbage.write_bytes(os.urandom(4096))
-    line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "a", "--pretrained", str(garbage)))
+    line = refusal(capsys, small_run(synthetic_shards, tmp_path / "a", "--pretrained", str(garbage)))
     assert f"--pretrained {garbage} cannot be read as weights" in line and "weights_only=False" not in line
 
     ckpt = load_checkpoint(trained)
@@ -92,7 +93,7 @@ def test_unusable_files_are_refused_naming_them(synthetic_shards, trained, tmp_p
         torch.save(state, tmp_path / name)
         cases[tmp_path / name] = why
     for path, why in cases.items():
-        line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "b", "--epochs", "2",
+        line = refusal(capsys, small_run(synthetic_shards, tmp_path / "b", "--epochs", "2",
                                         "--resume", str(path)))
         assert f"--resume {path}" in line and why in line, line
 
@@ -105,12 +106,12 @@ def test_nothing_to_train_and_sizes_too_small_are_refused_before_any_work(synthe
     for epoch, iteration, at in [(2, 0, "the end of epoch 2"), (1, 2, "epoch 2, iteration 2")]:
         path = tmp_path / f"at_{epoch}_{iteration}.pth"
         torch.save({**ckpt, "epoch": epoch, "iteration": iteration}, path)
-        line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "a", "--resume", str(path)))
+        line = refusal(capsys, small_run(synthetic_shards, tmp_path / "a", "--resume", str(path)))
         assert f"--resume {path} is at {at}, past --epochs 1: nothing would be trained" in line, line
     logs = tmp_path / "run"
     logs.mkdir()
     shutil.copy(trained, logs / "latest.pth")
-    line = refusal(capsys, tiny_run(synthetic_shards, logs, "--height", "4", "--width", "2", "--overwrite"))
+    line = refusal(capsys, small_run(synthetic_shards, logs, "--height", "4", "--width", "2", "--overwrite"))
     assert "--height 4 --width 2: too small for --update-style" in line
     assert (logs / "latest.pth").read_bytes() == trained.read_bytes()
 
@@ -118,17 +119,17 @@ def test_nothing_to_train_and_sizes_too_small_are_refused_before_any_work(synthe
 def test_logs_dir_must_be_a_writable_folder(synthetic_shards, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert f"--logs-dir {a_file} is a file" in refusal(capsys, tiny_run(synthetic_shards, a_file))
-    assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, a_file / "logs"))
-    assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, Path("/proc/il-logs")))
+    assert f"--logs-dir {a_file} is a file" in refusal(capsys, small_run(synthetic_shards, a_file))
+    assert "cannot create or write" in refusal(capsys, small_run(synthetic_shards, a_file / "logs"))
+    assert "cannot create or write" in refusal(capsys, small_run(synthetic_shards, Path("/proc/il-logs")))
 
 
 def test_a_path_component_too_long_for_any_file_system_is_refused(synthetic_shards, tmp_path, capsys):
     long = tmp_path / ("x" * 256)
-    for flag, argv in (("--logs-dir", tiny_run(synthetic_shards, long / "logs")),
-                       ("--shards", tiny_run(long, tmp_path / "logs")),
-                       ("--resume", tiny_run(synthetic_shards, tmp_path / "logs", "--resume", str(long))),
-                       ("--resume", tiny_run(synthetic_shards, tmp_path / "logs", "--evaluate", "--resume",
+    for flag, argv in (("--logs-dir", small_run(synthetic_shards, long / "logs")),
+                       ("--shards", small_run(long, tmp_path / "logs")),
+                       ("--resume", small_run(synthetic_shards, tmp_path / "logs", "--resume", str(long))),
+                       ("--resume", small_run(synthetic_shards, tmp_path / "logs", "--evaluate", "--resume",
                                              str(long / "latest.pth")))):
         line = refusal(capsys, argv)
         assert line.startswith(f"train.py: error: {flag} {long}") and "256 bytes long" in line, line
@@ -179,7 +180,7 @@ def test_a_full_disk_while_saving_ends_in_one_line_and_keeps_the_checkpoint(synt
     logs = small_disk(200) / "logs"
     logs.mkdir()
     shutil.copyfile(trained, logs / "latest.pth")
-    argv = tiny_run(synthetic_shards, logs, "--epochs", "2", "--eval-every", "0", "--resume",
+    argv = small_run(synthetic_shards, logs, "--epochs", "2", "--eval-every", "0", "--resume",
                     str(logs / "latest.pth"))
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
@@ -197,22 +198,22 @@ def test_a_logs_dir_holds_one_run(synthetic_shards, tmp_path, capsys):
     """While a run writes into a logs dir, a second run there is refused; a stopped run's folder
     is refused without --resume or --overwrite; --overwrite starts afresh."""
     logs = tmp_path / "logs"
-    first = Live([sys.executable, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200",
+    first = Live([sys.executable, str(ROOT / "train.py"), *small_run(synthetic_shards, logs, "--iters", "200",
                                                                     workers=0)])
     try:
         first.wait_for("first iteration done")
-        line = refusal(capsys, tiny_run(synthetic_shards, logs))
+        line = refusal(capsys, small_run(synthetic_shards, logs))
         assert f"is in use by another process (pid {first.proc.pid})" in line
         first.proc.send_signal(signal.SIGTERM)
         assert first.finish(120) == 128 + signal.SIGTERM, first.output
     finally:
         first.close()
     before = (logs / "latest.pth").read_bytes()
-    line = refusal(capsys, tiny_run(synthetic_shards, logs))
+    line = refusal(capsys, small_run(synthetic_shards, logs))
     assert "holds another run (latest.pth)" in line and f"--resume {logs / 'latest.pth'}" in line
     assert (logs / "latest.pth").read_bytes() == before
 
-    assert train.main(tiny_run(synthetic_shards, logs, "--overwrite", workers=0)) == 0
+    assert train.main(small_run(synthetic_shards, logs, "--overwrite", workers=0)) == 0
     rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1] and load_checkpoint(logs / "latest.pth")["epoch"] == 1
 
@@ -232,7 +233,7 @@ def test_a_target_that_cannot_be_evaluated_is_refused_before_any_work(synthetic_
     assert make_shards.main(["--data-dir", str(raw), "--out", str(shards)]) == 0
     for name in ("dukemtmc", "cuhk03", "msmt17v1"):
         (shards / name).symlink_to(synthetic_shards / name)
-    line = refusal(capsys, tiny_run(shards, tmp_path / "logs"))
+    line = refusal(capsys, small_run(shards, tmp_path / "logs"))
     assert "-d market1501: no query image has a gallery image of its identity" in line
 
 
@@ -244,7 +245,7 @@ def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, t
     ckpt = load_checkpoint(trained)
     ckpt["model"]["neck.running_var"][:] = float("nan")
     torch.save(ckpt, logs / "latest.pth")
-    assert train.main(tiny_run(synthetic_shards, logs, "--epochs", "2", "--resume", str(logs / "latest.pth"),
+    assert train.main(small_run(synthetic_shards, logs, "--epochs", "2", "--resume", str(logs / "latest.pth"),
                                workers=0)) == 0
     log = capsys.readouterr().err
     assert "epoch 2: evaluation on market1501 failed" in log and "not finite" in log, log
@@ -264,7 +265,7 @@ def test_a_shard_truncated_during_the_run_ends_it_naming_the_shard(synthetic_sha
     for name in ("cuhk03", "msmt17v1", "market1501"):
         (shards / name).symlink_to(synthetic_shards / name)
     run = Live([sys.executable, str(ROOT / "train.py"),
-                *tiny_run(shards, tmp_path / "logs", "--iters", "200", loader=loader)])
+                *small_run(shards, tmp_path / "logs", "--iters", "200", loader=loader)])
     try:
         run.wait_for("first iteration done")
         for tar in (shards / "dukemtmc").glob("*.tar"):

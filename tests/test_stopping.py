@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from engine.checkpoint import load_checkpoint
-from tests.live import ROOT, Live, alive, cmdline, maps_library, tiny_run, torchrun
+from tests.live import Live, alive, cmdline, gone_within, maps_library, torchrun
+from tests.runs import ROOT, small_run
 from tools.rank_memory import children, descendants, pss_bytes
 
 STOP_LINE = re.compile(r"stopped by (SIG\w+) at epoch (\d+), iteration (\d+).*--resume (\S+)")
@@ -36,14 +37,6 @@ def assert_no_trainer_traceback(out: str) -> None:
         assert exception.startswith("torch.distributed.elastic."), out
     for sign in ("DataLoader worker", "Worker data receiving", "KeyboardInterrupt", "Error in"):
         assert sign not in out, out
-
-
-def gone_within(pids: list[int], seconds: float) -> list[int]:
-    """The pids still alive after waiting up to ``seconds`` for them to end."""
-    deadline = time.monotonic() + seconds
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 def kill_and_expect_no_leftover(run: Live, tree: list[int], seconds: float = 5) -> None:
@@ -73,7 +66,7 @@ def test_a_stop_signal_saves_the_last_iteration_and_says_how_to_resume(
         pytest.importorskip("nvidia.dali")
     logs = tmp_path / "logs"
     run = Live(torchrun(2, str(ROOT / "train.py"),
-                        *tiny_run(synthetic_shards, logs, "--iters", "200", loader=loader, workers=2)))
+                        *small_run(synthetic_shards, logs, "--iters", "200", loader=loader, workers=2)))
     try:
         run.wait_for("first iteration done")
         trainers = {rank_of(p): p for p in children(run.proc.pid)}
@@ -107,7 +100,7 @@ def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_s
         pytest.importorskip("nvidia.dali")
     workers = 4 if loader == "dali" else 2
     run = Live([sys.executable, str(ROOT / "train.py"),
-                *tiny_run(synthetic_shards, tmp_path / "logs", "--iters", "200", loader=loader,
+                *small_run(synthetic_shards, tmp_path / "logs", "--iters", "200", loader=loader,
                           workers=workers)])
     tree: list[int] = []
     try:
@@ -132,7 +125,7 @@ def test_killing_torchrun_ends_its_trainers_and_their_workers(synthetic_shards, 
     launcher has gone and stop as on SIGTERM (ended by an alarm when that takes too long), all
     within 10 s, their workers with them; latest.pth, if any, is a whole checkpoint."""
     logs = tmp_path / "logs"
-    run = Live(torchrun(2, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200")))
+    run = Live(torchrun(2, str(ROOT / "train.py"), *small_run(synthetic_shards, logs, "--iters", "200")))
     tree: list[int] = []
     try:
         run.wait_for("first iteration done")
@@ -187,7 +180,7 @@ def test_ctrl_c_on_a_shard_build_is_one_line(synthetic_data, tmp_path):
 
 def test_a_second_ctrl_c_names_no_checkpoint_that_is_not_there(synthetic_shards, tmp_path):
     logs = tmp_path / "logs"
-    run = Live([sys.executable, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200",
+    run = Live([sys.executable, str(ROOT / "train.py"), *small_run(synthetic_shards, logs, "--iters", "200",
                                                                    workers=0)])
     try:
         run.wait_for("initialising memories")  # before the first iteration, so before any checkpoint

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +14,7 @@ import torch
 import train
 from engine.checkpoint import load_checkpoint
 from engine.metrics import METRICS
-
-ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["--dataset_src1", "dukemtmc", "--dataset_src2", "cuhk03", "--dataset_src3", "msmt17v1",
-           "-d", "market1501"]
-
-
-def small_run(shards: Path, logs: Path, *extra: str, loader: str = "torch") -> list[str]:
-    """A configuration small enough for 2 CPU cores: resnet18 at 64x32, 4 ids x 4 per source."""
-    return ["--shards", str(shards), "--logs-dir", str(logs), *SOURCES, "-a", "resnet18",
-            "--pretrained", "none", "--height", "64", "--width", "32", "-b", "16", "--iters", "3",
-            "--epochs", "1", "--workers", "1", "--test-batch-size", "64", "--loader", loader,
-            "--device", "cpu", "--no-progress", "--update-style", *extra]
-
-
-def history(logs: Path) -> list[dict]:
-    return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+from tests.runs import ROOT, history, small_run
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,8 @@ from pipeline.runlock import LOCK_NAME
 from pipeline.shards import SplitReader
 from pipeline.transforms import (FLIP_P, PAD, augment_params, default_pad, normalize, train_pixels,
                                  train_transform)
-from tests.test_evaluation import _squared_euclidean
-from tests.test_metrics import literal_market
-from tests.test_rerank import standard_re_ranking
-from tests.test_train import SOURCES, history, small_run
+from tests.oracles import literal_market, squared_euclidean, standard_re_ranking
+from tests.runs import SOURCES, history, small_run
 
 CPU = torch.device("cpu")
 
@@ -80,7 +78,7 @@ def test_eval_every_0_reranks_at_the_end_only(flag_runs):
     q, g = (SplitReader(shards / "market1501", s) for s in ("query", "gallery"))
     ids = (q.pids, g.pids, q.camids, g.camids)
     qf, gf = feats[:len(q)], feats[len(q):]
-    blocks = [_squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
+    blocks = [squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
     _, reranked = literal_market(standard_re_ranking(*blocks), *ids)
     _, plain = literal_market(blocks[0], *ids)
     assert rows[1]["mAP"] == pytest.approx(reranked, abs=1e-4)
