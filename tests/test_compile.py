@@ -37,7 +37,8 @@ def run(groups: int, impl: str, memory_format: torch.memory_format, backend: str
 
 @pytest.mark.parametrize("backend, groups, impl, channels_last", [
     ("aot_eager", 4, "group-norm", False), ("aot_eager", 1, "group-norm", True),
-    ("inductor", 4, "group-norm", True), ("inductor", 1, "batch-norm", True)])
+    pytest.param("inductor", 4, "group-norm", True, marks=pytest.mark.slow),
+    pytest.param("inductor", 1, "batch-norm", True, marks=pytest.mark.slow)])
 def test_compiled_iterations_match_eager(backend, groups, impl, channels_last):
     """Loss, weights, running statistics, ``num_batches_tracked`` and memories of two compiled IL
     iterations are the eager ones; the step compiles into two graphs (the first forward, and the

@@ -43,6 +43,7 @@ def custom(synthetic_data, synthetic_shards, tmp_path_factory) -> tuple[Path, Pa
     return out, own
 
 
+@pytest.mark.slow
 def test_a_custom_folder_converts_trains_as_a_source_and_evaluates_as_a_target(custom, synthetic_shards,
                                                                                tmp_path, monkeypatch, capsys):
     out, own = custom

@@ -37,6 +37,7 @@ def gpu_machine_env(tmp_path: Path) -> dict[str, str]:
             "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [
     ["train.py"],
     ["tools/benchmark.py", "ops"],
@@ -56,6 +57,7 @@ def test_auto_refuses_gpus_that_torch_cannot_use(tmp_path, command):
     assert not (tmp_path / "check").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_cpu_is_taken_as_asked_on_such_a_machine(tmp_path, synthetic_shards):
     """--device cpu trains there (a tiny run to its end)."""
     done = subprocess.run([sys.executable, "train.py", *small_run(synthetic_shards, tmp_path / "logs")],

@@ -19,6 +19,7 @@ from tests.live import torchrun
 from tests.runs import ROOT
 
 
+@pytest.mark.slow
 def test_two_ranks_wait_broadcast_and_keep_their_buckets(tmp_path):
     proc = subprocess.run(torchrun(2, str(ROOT / "tests" / "dist_gpu_paths_check.py"), str(tmp_path)),
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,

@@ -115,6 +115,7 @@ def test_memories_start_as_each_identitys_mean_feature(synthetic_shards, one_ran
     torch.testing.assert_close(one_rank["centers"], F.normalize(means, dim=1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_ranks_evaluate_as_one(synthetic_shards, one_rank, tmp_path):
     """Each rank extracts its contiguous part (uneven: 205 rows) and the parts are gathered in
     rank order: features, plain and re-ranked results, and every rank's memory equal 1 rank's."""

@@ -19,6 +19,7 @@ from tools import export, extract, visualize_ranks
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 @pytest.mark.parametrize("amp", ["auto", "fp16"])
 def test_train_on_cuda(synthetic_shards, tmp_path, loader, amp):

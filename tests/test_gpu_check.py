@@ -13,8 +13,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.runs import ROOT
 from tools import gpu_check
+
+pytestmark = pytest.mark.slow  # each test runs tools/gpu_check.py
 
 TABLES = (
     "Data preparation: synthetic set",

@@ -16,6 +16,8 @@ import train
 from engine.checkpoint import load_checkpoint
 from tests.runs import ROOT, history, small_run
 
+pytestmark = pytest.mark.slow  # each test trains (train.main or train.py)
+
 FLAGS = ("--epochs", "2", "--iters", "3")
 
 

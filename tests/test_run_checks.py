@@ -27,14 +27,6 @@ from tests.live import Live, torchrun
 from tests.runs import ROOT, small_run
 
 
-@pytest.fixture(scope="module")
-def trained(synthetic_shards, tmp_path_factory) -> Path:
-    """latest.pth of a finished one-epoch IL run (resnet18 at 64x32)."""
-    logs = tmp_path_factory.mktemp("trained")
-    assert train.main(small_run(synthetic_shards, logs, workers=0)) == 0
-    return logs / "latest.pth"
-
-
 def refusal(capsys, argv: list[str]) -> str:
     """The one line train.main refuses ``argv`` with (exit code 2), before any work."""
     capsys.readouterr()
@@ -75,15 +67,15 @@ def test_apex_and_cuda_are_checked_before_any_work(synthetic_shards, tmp_path, c
         assert "--apex: NVIDIA apex is not installed" in refusal(capsys, [*argv, "--apex"])
 
 
-def test_unusable_files_are_refused_naming_them(synthetic_shards, trained, tmp_path, capsys):
+def test_unusable_files_are_refused_naming_them(synthetic_shards, trained_checkpoint, tmp_path, capsys):
     garbage = tmp_path / "weights.pth"
     garbage.write_bytes(os.urandom(4096))
     line = refusal(capsys, small_run(synthetic_shards, tmp_path / "a", "--pretrained", str(garbage)))
     assert f"--pretrained {garbage} cannot be read as weights" in line and "weights_only=False" not in line
 
-    ckpt = load_checkpoint(trained)
+    ckpt = load_checkpoint(trained_checkpoint)
     cut = tmp_path / "cut.pth"
-    cut.write_bytes(trained.read_bytes()[: trained.stat().st_size // 2])
+    cut.write_bytes(trained_checkpoint.read_bytes()[: trained_checkpoint.stat().st_size // 2])
     cases = {cut: "truncated or damaged", tmp_path: "is a folder, expected a checkpoint file"}
     more_classes = [torch.zeros(len(m) + 1, m.shape[1]) for m in ckpt["memories"]]
     for name, state, why in [("no_config.pth", {"model": ckpt["model"]}, "it lacks config"),
@@ -98,11 +90,11 @@ def test_unusable_files_are_refused_naming_them(synthetic_shards, trained, tmp_p
         assert f"--resume {path}" in line and why in line, line
 
 
-def test_nothing_to_train_and_sizes_too_small_are_refused_before_any_work(synthetic_shards, trained, tmp_path,
-                                                                          capsys):
+def test_nothing_to_train_and_sizes_too_small_are_refused_before_any_work(
+        synthetic_shards, trained_checkpoint, tmp_path, capsys):
     """A checkpoint past --epochs would train nothing; a size the style module cannot take is
     refused before --overwrite deletes the folder's run."""
-    ckpt = load_checkpoint(trained)
+    ckpt = load_checkpoint(trained_checkpoint)
     for epoch, iteration, at in [(2, 0, "the end of epoch 2"), (1, 2, "epoch 2, iteration 2")]:
         path = tmp_path / f"at_{epoch}_{iteration}.pth"
         torch.save({**ckpt, "epoch": epoch, "iteration": iteration}, path)
@@ -110,10 +102,10 @@ def test_nothing_to_train_and_sizes_too_small_are_refused_before_any_work(synthe
         assert f"--resume {path} is at {at}, past --epochs 1: nothing would be trained" in line, line
     logs = tmp_path / "run"
     logs.mkdir()
-    shutil.copy(trained, logs / "latest.pth")
+    shutil.copy(trained_checkpoint, logs / "latest.pth")
     line = refusal(capsys, small_run(synthetic_shards, logs, "--height", "4", "--width", "2", "--overwrite"))
     assert "--height 4 --width 2: too small for --update-style" in line
-    assert (logs / "latest.pth").read_bytes() == trained.read_bytes()
+    assert (logs / "latest.pth").read_bytes() == trained_checkpoint.read_bytes()
 
 
 def test_logs_dir_must_be_a_writable_folder(synthetic_shards, tmp_path, capsys):
@@ -171,15 +163,16 @@ def test_write_atomic_names_a_full_disk_and_keeps_the_old_file(small_disk):
     assert [p.name for p in disk.iterdir()] == ["a.bin"] and (disk / "a.bin").read_bytes() == b"old"
 
 
-def test_a_full_disk_while_saving_ends_in_one_line_and_keeps_the_checkpoint(synthetic_shards, trained,
-                                                                             small_disk):
+@pytest.mark.slow
+def test_a_full_disk_while_saving_ends_in_one_line_and_keeps_the_checkpoint(synthetic_shards,
+                                                                             trained_checkpoint, small_disk):
     """--logs-dir on a 200 MiB tmpfs holding a one-epoch run's latest.pth (about 135 MB: resnet18
     with Adam's moments), resumed for a second epoch, whose checkpoint does not fit: exit 4, one
     line naming latest.pth and "no space left", no traceback (the data workers' either), the first
     checkpoint intact."""
     logs = small_disk(200) / "logs"
     logs.mkdir()
-    shutil.copyfile(trained, logs / "latest.pth")
+    shutil.copyfile(trained_checkpoint, logs / "latest.pth")
     argv = small_run(synthetic_shards, logs, "--epochs", "2", "--eval-every", "0", "--resume",
                     str(logs / "latest.pth"))
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True,
@@ -194,6 +187,7 @@ def test_a_full_disk_while_saving_ends_in_one_line_and_keeps_the_checkpoint(synt
     assert not [p.name for p in logs.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_a_logs_dir_holds_one_run(synthetic_shards, tmp_path, capsys):
     """While a run writes into a logs dir, a second run there is refused; a stopped run's folder
     is refused without --resume or --overwrite; --overwrite starts afresh."""
@@ -237,12 +231,14 @@ def test_a_target_that_cannot_be_evaluated_is_refused_before_any_work(synthetic_
     assert "-d market1501: no query image has a gallery image of its identity" in line
 
 
-def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, trained, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, trained_checkpoint, tmp_path,
+                                                              capsys):
     """Non-finite running statistics give NaN evaluation features: the epoch's checkpoint is
     saved before the evaluation, the failure is logged and recorded, and training continues."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    ckpt = load_checkpoint(trained)
+    ckpt = load_checkpoint(trained_checkpoint)
     ckpt["model"]["neck.running_var"][:] = float("nan")
     torch.save(ckpt, logs / "latest.pth")
     assert train.main(small_run(synthetic_shards, logs, "--epochs", "2", "--resume", str(logs / "latest.pth"),
@@ -254,6 +250,7 @@ def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, t
     assert load_checkpoint(logs / "latest.pth")["epoch"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_a_shard_truncated_during_the_run_ends_it_naming_the_shard(synthetic_shards, tmp_path, loader):
     """Whatever the loader, a source's shards cut short while the run reads them end it with exit
@@ -278,9 +275,9 @@ def test_a_shard_truncated_during_the_run_ends_it_naming_the_shard(synthetic_sha
     assert "Traceback" not in run.output and "Bus error" not in run.output, run.output
 
 
-def test_evaluate_needs_only_the_target(synthetic_shards, trained, tmp_path, capsys):
-    only = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained), "--device", "cpu",
-            "--workers", "0", "--loader", "torch", "--test-batch-size", "64"]
+def test_evaluate_needs_only_the_target(synthetic_shards, trained_checkpoint, tmp_path, capsys):
+    only = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained_checkpoint),
+            "--device", "cpu", "--workers", "0", "--loader", "torch", "--test-batch-size", "64"]
     assert train.main([*only, "-d", "market1501"]) == 0
     out = capsys.readouterr()
     assert out.out.splitlines()[1].split()[0] == "market1501" and "was a source" not in out.err
@@ -290,14 +287,15 @@ def test_evaluate_needs_only_the_target(synthetic_shards, trained, tmp_path, cap
     assert "arch: checkpoint 'resnet18', now 'resnet50'" in line
 
 
-def test_the_default_workers_fit_the_cores_and_say_so_once(synthetic_shards, trained):
+@pytest.mark.slow
+def test_the_default_workers_fit_the_cores_and_say_so_once(synthetic_shards, trained_checkpoint):
     """On a machine with fewer cores than the default -j 4 (here one, by CPU affinity), the
     default is the core count, said once; torch's warning about more workers than cores (printed
     by every loader) does not appear."""
     code = ("import os, runpy, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    argv = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained), "-d", "market1501",
-            "--device", "cpu", "--loader", "torch", "--test-batch-size", "64"]
+    argv = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained_checkpoint),
+            "-d", "market1501", "--device", "cpu", "--loader", "torch", "--test-batch-size", "64"]
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "train.py"), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -306,6 +304,7 @@ def test_the_default_workers_fit_the_cores_and_say_so_once(synthetic_shards, tra
     assert "worker processes in total" not in out, out
 
 
+@pytest.mark.slow
 def test_a_refusal_under_torchrun_is_one_line_and_heads_its_report(tmp_path):
     proc = subprocess.run(torchrun(2, str(ROOT / "train.py"), "--iters", "0"), cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

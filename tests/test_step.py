@@ -80,6 +80,7 @@ def test_statistics_groups_change_the_result():
     assert not torch.allclose(four["buffer.bn1.running_var"], one["buffer.bn1.running_var"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, mode, groups, impl", [
     (2, "il", 4, "group-norm"), (2, "il", 4, "batch-norm"), (4, "il", 4, "group-norm"),
     (4, "il", 4, "batch-norm"), (2, "il", 1, "group-norm"), (4, "il", 2, "group-norm"),

@@ -54,6 +54,7 @@ def reap(run: Live, tree: list[int]) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader, signum, to", [
     ("dali", signal.SIGTERM, "torchrun"),
     ("torch", signal.SIGINT, "torchrun"),
@@ -90,6 +91,7 @@ def test_a_stop_signal_saves_the_last_iteration_and_says_how_to_resume(
     assert not gone_within(everything, 5), [cmdline(p) for p in everything if alive(p)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_shards, tmp_path, loader):
     """SIGKILL (or the out-of-memory killer) gives the trainer no chance to stop its workers:
@@ -120,6 +122,7 @@ def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_s
         reap(run, tree)
 
 
+@pytest.mark.slow
 def test_killing_torchrun_ends_its_trainers_and_their_workers(synthetic_shards, tmp_path):
     """SIGKILL to torchrun gives it no chance to stop its trainers: they notice that their
     launcher has gone and stop as on SIGTERM (ended by an alarm when that takes too long), all
@@ -178,6 +181,7 @@ def test_ctrl_c_on_a_shard_build_is_one_line(synthetic_data, tmp_path):
     assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output, run.output
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_names_no_checkpoint_that_is_not_there(synthetic_shards, tmp_path):
     logs = tmp_path / "logs"
     run = Live([sys.executable, str(ROOT / "train.py"), *small_run(synthetic_shards, logs, "--iters", "200",

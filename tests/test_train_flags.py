@@ -56,6 +56,7 @@ def flag_runs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     return {"shards": shards, "eager": root / "eager", "compiled": root / "compiled"}
 
 
+@pytest.mark.slow
 def test_data_dir_builds_the_missing_shards(flag_runs):
     """--data-dir builds the four datasets the run needs (not CUHK-SYSU) into the empty --shards."""
     needed = ["cuhk03", "dukemtmc", "market1501", "msmt17v1"]
@@ -63,6 +64,7 @@ def test_data_dir_builds_the_missing_shards(flag_runs):
     assert all((flag_runs["shards"] / name / "manifest.json").is_file() for name in needed)
 
 
+@pytest.mark.slow
 def test_eval_every_0_reranks_at_the_end_only(flag_runs):
     """--eval-every 0 evaluates after the last epoch only; --rerank makes that evaluation the
     standard k-reciprocal re-ranking of the final model's features, then the literal protocol."""
@@ -85,6 +87,7 @@ def test_eval_every_0_reranks_at_the_end_only(flag_runs):
     assert abs(reranked - plain) > 1e-3
 
 
+@pytest.mark.slow
 def test_compile_trains_as_eager(flag_runs):
     """The compiled run's losses and final (re-ranked) evaluation are the eager run's."""
     eager, compiled = history(flag_runs["eager"]), history(flag_runs["compiled"])
