@@ -1,7 +1,8 @@
 """engine/evaluate.py end to end on real shards and a real (untrained) ResNet-18: the target's
 query is ranked against its gallery and not the other way round, plain and re-ranked results
 equal the literal protocol and the standard re-ranking, memories start as each identity's mean
-feature, and 2 gloo ranks give what 1 rank gives. Plus pairwise_distance against torch.cdist."""
+feature (also when start-up reads the three sources in one pass), and 2 gloo ranks give what 1 rank
+gives."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.evaluate import evaluate_target, extract_features
-from engine.metrics import pairwise_distance
+from engine.evaluate import evaluate_target, extract_features, init_memories_in_one_pass
 from pipeline.loader import SourceSet, build_eval_loader, decode_rgb
 from pipeline.shards import SplitReader
 from pipeline import transforms
@@ -136,25 +136,6 @@ def test_two_ranks_evaluate_as_one(synthetic_shards, one_rank, tmp_path):
         torch.testing.assert_close(centers, one_rank["centers"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_pairwise_distance_equals_cdist(dtype):
-    """Squared Euclidean and cosine (1 - cos) distances, in fp32 whatever the input, against
-    torch.cdist in float64 on the same (fp32-rounded) values."""
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(37, 19, generator=g) * 3 + 1).to(dtype)
-    y = (torch.randn(53, 19, generator=g) * 3).to(dtype)
-    x64, y64 = x.float().double(), y.float().double()
-    d = pairwise_distance(x, y)
-    assert d.dtype == torch.float32 and d.shape == (37, 53)
-    want = torch.cdist(x64, y64) ** 2
-    torch.testing.assert_close(d.double(), want, rtol=1e-5, atol=1e-4)
-    cos = pairwise_distance(x, y, metric="cosine")
-    want_cos = torch.cdist(F.normalize(x64, dim=1), F.normalize(y64, dim=1)) ** 2 / 2  # |a - b|^2 = 2 - 2 cos
-    torch.testing.assert_close(cos.double(), want_cos, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="metric"):
-        pairwise_distance(x, y, metric="l1")
-
-
 def test_extract_features_keeps_the_mode_and_the_row_order(synthetic_shards, one_rank):
     """Rows come back in the loader's order whatever the batch size, and a model in training
     mode is evaluated in eval mode and handed back in training mode."""
@@ -167,3 +148,26 @@ def test_extract_features_keeps_the_mode_and_the_row_order(synthetic_shards, one
     res = evaluate_target(model, build_eval_loader(synthetic_shards, TARGET, "test", cfg),
                           torch.device("cpu"), None)
     assert res["mAP"] == pytest.approx(one_rank["plain_mAP"], abs=1e-6)
+
+
+def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
+    """Start-up reads the three sources' mix sets with one loader (one pool of workers, not
+    three) and starts each memory exactly as engine.evaluate.init_memories does per source."""
+    from engine.evaluate import init_memories
+    from model.memory import MemoryClassifier
+    from model.resnet import build_model
+    from pipeline.loader import LoaderConfig, build_eval_loader
+
+    cfg = LoaderConfig(height=64, width=32, workers=0, loader="torch", test_batch_size=64)
+    sources = ["dukemtmc", "cuhk03", "msmt17v1"]
+    torch.manual_seed(0)
+    model = build_model("resnet18").to(memory_format=torch.channels_last)
+    mix = build_eval_loader(synthetic_shards, sources, "mix", cfg)
+    alone = [build_eval_loader(synthetic_shards, s, "mix", cfg) for s in sources]
+    assert len(mix) == sum(len(a) for a in alone)
+    classes = [int(a.labels.max()) + 1 for a in alone]
+    one, each = ([MemoryClassifier(model.num_features, n) for n in classes] for _ in range(2))
+    init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
+    init_memories(model, alone, each, torch.device("cpu"), None)
+    for a, b in zip(one, each):
+        torch.testing.assert_close(a.centers, b.centers, rtol=1e-5, atol=1e-6)

@@ -21,7 +21,6 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint
-from engine.evaluate import init_memories_in_one_pass
 from pipeline.files import WriteError, write_atomic
 from tests.live import Live, torchrun
 from tests.runs import ROOT, small_run
@@ -326,26 +325,3 @@ def test_make_clean_keeps_results(tmp_path):
     subprocess.run(["make", "clean"], cwd=tmp_path, check=True, capture_output=True)
     assert all(p.is_file() for p in kept)
     assert not any(p.parent.exists() for p in removed)
-
-
-def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
-    """Start-up reads the three sources' mix sets with one loader (one pool of workers, not
-    three) and starts each memory exactly as engine.evaluate.init_memories does per source."""
-    from engine.evaluate import init_memories
-    from model.memory import MemoryClassifier
-    from model.resnet import build_model
-    from pipeline.loader import LoaderConfig, build_eval_loader
-
-    cfg = LoaderConfig(height=64, width=32, workers=0, loader="torch", test_batch_size=64)
-    sources = ["dukemtmc", "cuhk03", "msmt17v1"]
-    torch.manual_seed(0)
-    model = build_model("resnet18").to(memory_format=torch.channels_last)
-    mix = build_eval_loader(synthetic_shards, sources, "mix", cfg)
-    alone = [build_eval_loader(synthetic_shards, s, "mix", cfg) for s in sources]
-    assert len(mix) == sum(len(a) for a in alone)
-    classes = [int(a.labels.max()) + 1 for a in alone]
-    one, each = ([MemoryClassifier(model.num_features, n) for n in classes] for _ in range(2))
-    init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
-    init_memories(model, alone, each, torch.device("cpu"), None)
-    for a, b in zip(one, each):
-        torch.testing.assert_close(a.centers, b.centers, rtol=1e-5, atol=1e-6)
