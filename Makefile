@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 # The loop while working: the suite less the tests marked `slow` (those that start train.py's real
-# training, torchrun, the GPU check or inductor); every module is still exercised.
+# training, torchrun, the GPU check or torch.compile); every module is still exercised.
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow" tests

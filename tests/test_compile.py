@@ -17,6 +17,8 @@ from engine.optim import build_scaler
 from engine.step import shuffle_plan, train_step
 from tests import step_case
 
+pytestmark = pytest.mark.slow  # torch.compile: 10 to 20 s a case with aot_eager, up to 2 min with inductor
+
 
 def run(groups: int, impl: str, memory_format: torch.memory_format, backend: str | None):
     """step_case's IL iterations, the network compiled with ``backend`` (None: eager)."""
@@ -37,8 +39,7 @@ def run(groups: int, impl: str, memory_format: torch.memory_format, backend: str
 
 @pytest.mark.parametrize("backend, groups, impl, channels_last", [
     ("aot_eager", 4, "group-norm", False), ("aot_eager", 1, "group-norm", True),
-    pytest.param("inductor", 4, "group-norm", True, marks=pytest.mark.slow),
-    pytest.param("inductor", 1, "batch-norm", True, marks=pytest.mark.slow)])
+    ("inductor", 4, "group-norm", True), ("inductor", 1, "batch-norm", True)])
 def test_compiled_iterations_match_eager(backend, groups, impl, channels_last):
     """Loss, weights, running statistics, ``num_batches_tracked`` and memories of two compiled IL
     iterations are the eager ones; the step compiles into two graphs (the first forward, and the
