@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 # torch and torchvision come from pip's usual resolution; DALI's CPU-only mode runs in CI.
 EXTRAS  ?= test,dali
 
-.PHONY: demo test bench gpu-check install clean
+.PHONY: demo test test-fast bench gpu-check install clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# The loop while working: the suite less the tests marked `slow` (those that start train.py's real
+# training, torchrun, the GPU check or torch.compile); every module is still exercised.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: install
 	$(BIN)/python tools/demo.py --out logs/demo

@@ -8,20 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["--dataset_src1", "dukemtmc", "--dataset_src2", "cuhk03", "--dataset_src3", "msmt17v1",
-           "-d", "market1501"]
-
-
-def tiny_run(shards: Path, logs: Path, *extra: str, loader: str = "torch",
-             workers: int = 1) -> list[str]:
-    """train.py flags of a run small enough for 2 CPU cores (resnet18 at 64x32, 4 ids x 4 per source)."""
-    return ["--shards", str(shards), "--logs-dir", str(logs), *SOURCES, "-a", "resnet18", "--pretrained",
-            "none", "--height", "64", "--width", "32", "-b", "16", "--iters", "3", "--epochs", "1",
-            "--workers", str(workers), "--test-batch-size", "64", "--loader", loader, "--device", "cpu",
-            "--no-progress", "--update-style", *extra]
+from tests.runs import ROOT
 
 
 class Live:
@@ -76,6 +64,14 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def gone_within(pids: list[int], seconds: float) -> list[int]:
+    """The pids still alive after waiting up to ``seconds`` for them to end."""
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
 
 
 def cmdline(pid: int) -> str:

@@ -61,3 +61,10 @@ def state(model: torch.nn.Module, memories: list[MemoryClassifier]) -> dict[str,
     out.update({f"buffer.{n}": b.clone() for n, b in model.named_buffers()})
     out.update({f"memory.{j}": m.centers.clone() for j, m in enumerate(memories)})
     return out
+
+
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-7, atol=1e-9,
+                                   msg=lambda m, name=name: f"{name}: {m}")

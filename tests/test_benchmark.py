@@ -20,6 +20,7 @@ def results(folder) -> list[dict]:
     return json.loads((folder / "benchmark.json").read_text())["results"]
 
 
+@pytest.mark.slow
 def test_step_across_process_counts(tmp_path, capsys, monkeypatch):
     wrapped, wrap = [], network.wrap_network  # the one-process runs wrap their network as train.py does
     monkeypatch.setattr(network, "wrap_network", lambda *a, **k: wrapped.append(a[0]) or wrap(*a, **k))
@@ -33,6 +34,7 @@ def test_step_across_process_counts(tmp_path, capsys, monkeypatch):
     assert [type(m.style).__name__ for m in wrapped] == ["UBS", "LiteralUBS"]  # fast, then reference
 
 
+@pytest.mark.slow
 def test_train_loaders_and_eval(synthetic_data, synthetic_shards, tmp_path, capsys):
     data = ["--shards", str(synthetic_shards), "--data-dir", str(synthetic_data), "--workers", "1"]
     assert benchmark.main(["train", "--impl", "both", *TINY, *data, "--out", str(tmp_path / "t")]) == 0

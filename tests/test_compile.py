@@ -16,7 +16,8 @@ from torch._dynamo.utils import counters
 from engine.optim import build_scaler
 from engine.step import shuffle_plan, train_step
 from tests import step_case
-from tests.test_step import assert_same_state
+
+pytestmark = pytest.mark.slow  # torch.compile: 10 to 20 s a case with aot_eager, up to 2 min with inductor
 
 
 def run(groups: int, impl: str, memory_format: torch.memory_format, backend: str | None):
@@ -52,4 +53,4 @@ def test_compiled_iterations_match_eager(backend, groups, impl, channels_last):
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 2
     torch.testing.assert_close(losses, want_losses, rtol=1e-9, atol=0)
-    assert_same_state(got, want)
+    step_case.assert_same_state(got, want)

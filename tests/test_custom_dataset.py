@@ -15,7 +15,7 @@ from PIL import Image
 import engine.run
 import train
 from pipeline import shards
-from tests.test_train import small_run
+from tests.runs import small_run
 from tools import extract, make_shards
 
 MARKET = Path("market1501") / "Market-1501-v15.09.15"
@@ -43,6 +43,7 @@ def custom(synthetic_data, synthetic_shards, tmp_path_factory) -> tuple[Path, Pa
     return out, own
 
 
+@pytest.mark.slow
 def test_a_custom_folder_converts_trains_as_a_source_and_evaluates_as_a_target(custom, synthetic_shards,
                                                                                tmp_path, monkeypatch, capsys):
     out, own = custom

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from engine.device import DeviceError, listed_gpus, resolve_device
-from tests.live import ROOT, tiny_run
+from tests.runs import ROOT, small_run
 
 LISTING = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)\nGPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n"
 BUILD = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
@@ -37,6 +37,7 @@ def gpu_machine_env(tmp_path: Path) -> dict[str, str]:
             "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [
     ["train.py"],
     ["tools/benchmark.py", "ops"],
@@ -56,9 +57,10 @@ def test_auto_refuses_gpus_that_torch_cannot_use(tmp_path, command):
     assert not (tmp_path / "check").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_cpu_is_taken_as_asked_on_such_a_machine(tmp_path, synthetic_shards):
     """--device cpu trains there (a tiny run to its end)."""
-    done = subprocess.run([sys.executable, "train.py", *tiny_run(synthetic_shards, tmp_path / "logs")],
+    done = subprocess.run([sys.executable, "train.py", *small_run(synthetic_shards, tmp_path / "logs")],
                           cwd=ROOT, env=gpu_machine_env(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and (tmp_path / "logs" / "best.pth").is_file(), done.stderr[-2000:]

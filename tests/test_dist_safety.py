@@ -15,9 +15,11 @@ from engine.flags import train_parser
 from engine.usage import UsageError
 
 from tests.dist_gpu_paths_check import TIMEOUT_S
-from tests.live import ROOT, torchrun
+from tests.live import torchrun
+from tests.runs import ROOT
 
 
+@pytest.mark.slow
 def test_two_ranks_wait_broadcast_and_keep_their_buckets(tmp_path):
     proc = subprocess.run(torchrun(2, str(ROOT / "tests" / "dist_gpu_paths_check.py"), str(tmp_path)),
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,

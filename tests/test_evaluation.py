@@ -1,7 +1,8 @@
 """engine/evaluate.py end to end on real shards and a real (untrained) ResNet-18: the target's
 query is ranked against its gallery and not the other way round, plain and re-ranked results
 equal the literal protocol and the standard re-ranking, memories start as each identity's mean
-feature, and 2 gloo ranks give what 1 rank gives. Plus pairwise_distance against torch.cdist."""
+feature (also when start-up reads the three sources in one pass), and 2 gloo ranks give what 1 rank
+gives."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,14 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.evaluate import evaluate_target, extract_features
-from engine.metrics import pairwise_distance
+from engine.evaluate import evaluate_target, extract_features, init_memories_in_one_pass
 from pipeline.loader import SourceSet, build_eval_loader, decode_rgb
 from pipeline.shards import SplitReader
 from pipeline import transforms
 from tests.dist_eval_check import CASES, SOURCE, TARGET, case_config, case_model, run_case
-from tests.test_metrics import literal_market
-from tests.test_rerank import standard_re_ranking
+from tests.oracles import literal_market, squared_euclidean, standard_re_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,10 +39,6 @@ def split_ids(synthetic_shards) -> tuple[np.ndarray, ...]:
     return q.pids, g.pids, q.camids, g.camids
 
 
-def _squared_euclidean(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    return (torch.cdist(a.double(), b.double()) ** 2).float().numpy()
-
-
 def test_query_is_ranked_against_the_gallery(one_rank, split_ids):
     """The loader lists the query first, then the gallery: evaluate_target must rank the query
     rows against the gallery rows. The case is asymmetric (the gallery has more images per
@@ -51,11 +46,11 @@ def test_query_is_ranked_against_the_gallery(one_rank, split_ids):
     by far more than the tolerance of the comparison."""
     feats, nq = one_rank["features"], len(split_ids[0])
     qf, gf = feats[:nq], feats[nq:]
-    cmc, mAP = literal_market(_squared_euclidean(qf, gf), *split_ids)
+    cmc, mAP = literal_market(squared_euclidean(qf, gf), *split_ids)
     assert one_rank["plain_mAP"] == pytest.approx(mAP, abs=1e-6)
     np.testing.assert_allclose(one_rank["plain_cmc"].numpy(), cmc, atol=1e-6)
     q_pids, g_pids, q_cams, g_cams = split_ids
-    _, swapped = literal_market(_squared_euclidean(gf, qf), g_pids, q_pids, g_cams, q_cams)
+    _, swapped = literal_market(squared_euclidean(gf, qf), g_pids, q_pids, g_cams, q_cams)
     assert abs(swapped - mAP) > 1e-3, (swapped, mAP)
 
 
@@ -64,7 +59,7 @@ def test_reranked_target_matches_the_standard_function(one_rank, split_ids):
     squared Euclidean blocks of the extracted features, then the literal protocol."""
     feats, nq = one_rank["features"], len(split_ids[0])
     qf, gf = feats[:nq], feats[nq:]
-    blocks = [_squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
+    blocks = [squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
     cmc, mAP = literal_market(standard_re_ranking(*blocks), *split_ids)
     assert one_rank["rerank_mAP"] == pytest.approx(mAP, abs=1e-4)
     np.testing.assert_allclose(one_rank["rerank_cmc"].numpy(), cmc, atol=1e-6)
@@ -97,7 +92,7 @@ def test_flip_test_and_query_expansion_follow_their_definitions(synthetic_shards
     assert float((dist[:, 4] - dist[:, 3]).min()) > 1e-5
     nearest = order[:, :4]
     qf = F.normalize(qf + gf[nearest].sum(1), dim=1)
-    cmc, mAP = literal_market(_squared_euclidean(qf, gf), *split_ids)
+    cmc, mAP = literal_market(squared_euclidean(qf, gf), *split_ids)
     assert one_rank["flip_aqe_mAP"] == pytest.approx(mAP, abs=1e-6)
     np.testing.assert_allclose(one_rank["flip_aqe_cmc"].numpy(), cmc, atol=1e-6)
     assert abs(one_rank["flip_aqe_mAP"] - one_rank["plain_mAP"]) > 1e-3  # the options did change the result
@@ -120,6 +115,7 @@ def test_memories_start_as_each_identitys_mean_feature(synthetic_shards, one_ran
     torch.testing.assert_close(one_rank["centers"], F.normalize(means, dim=1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_ranks_evaluate_as_one(synthetic_shards, one_rank, tmp_path):
     """Each rank extracts its contiguous part (uneven: 205 rows) and the parts are gathered in
     rank order: features, plain and re-ranked results, and every rank's memory equal 1 rank's."""
@@ -140,25 +136,6 @@ def test_two_ranks_evaluate_as_one(synthetic_shards, one_rank, tmp_path):
         torch.testing.assert_close(centers, one_rank["centers"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_pairwise_distance_equals_cdist(dtype):
-    """Squared Euclidean and cosine (1 - cos) distances, in fp32 whatever the input, against
-    torch.cdist in float64 on the same (fp32-rounded) values."""
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(37, 19, generator=g) * 3 + 1).to(dtype)
-    y = (torch.randn(53, 19, generator=g) * 3).to(dtype)
-    x64, y64 = x.float().double(), y.float().double()
-    d = pairwise_distance(x, y)
-    assert d.dtype == torch.float32 and d.shape == (37, 53)
-    want = torch.cdist(x64, y64) ** 2
-    torch.testing.assert_close(d.double(), want, rtol=1e-5, atol=1e-4)
-    cos = pairwise_distance(x, y, metric="cosine")
-    want_cos = torch.cdist(F.normalize(x64, dim=1), F.normalize(y64, dim=1)) ** 2 / 2  # |a - b|^2 = 2 - 2 cos
-    torch.testing.assert_close(cos.double(), want_cos, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="metric"):
-        pairwise_distance(x, y, metric="l1")
-
-
 def test_extract_features_keeps_the_mode_and_the_row_order(synthetic_shards, one_rank):
     """Rows come back in the loader's order whatever the batch size, and a model in training
     mode is evaluated in eval mode and handed back in training mode."""
@@ -171,3 +148,26 @@ def test_extract_features_keeps_the_mode_and_the_row_order(synthetic_shards, one
     res = evaluate_target(model, build_eval_loader(synthetic_shards, TARGET, "test", cfg),
                           torch.device("cpu"), None)
     assert res["mAP"] == pytest.approx(one_rank["plain_mAP"], abs=1e-6)
+
+
+def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
+    """Start-up reads the three sources' mix sets with one loader (one pool of workers, not
+    three) and starts each memory exactly as engine.evaluate.init_memories does per source."""
+    from engine.evaluate import init_memories
+    from model.memory import MemoryClassifier
+    from model.resnet import build_model
+    from pipeline.loader import LoaderConfig, build_eval_loader
+
+    cfg = LoaderConfig(height=64, width=32, workers=0, loader="torch", test_batch_size=64)
+    sources = ["dukemtmc", "cuhk03", "msmt17v1"]
+    torch.manual_seed(0)
+    model = build_model("resnet18").to(memory_format=torch.channels_last)
+    mix = build_eval_loader(synthetic_shards, sources, "mix", cfg)
+    alone = [build_eval_loader(synthetic_shards, s, "mix", cfg) for s in sources]
+    assert len(mix) == sum(len(a) for a in alone)
+    classes = [int(a.labels.max()) + 1 for a in alone]
+    one, each = ([MemoryClassifier(model.num_features, n) for n in classes] for _ in range(2))
+    init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
+    init_memories(model, alone, each, torch.device("cpu"), None)
+    for a, b in zip(one, each):
+        torch.testing.assert_close(a.centers, b.centers, rtol=1e-5, atol=1e-6)

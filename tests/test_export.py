@@ -1,7 +1,6 @@
 """tools/export.py: the ONNX and TorchScript files give the PyTorch evaluation features."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,19 +9,14 @@ from engine.features import network_from_checkpoint
 from pipeline.reading import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import test_transform as eval_transform
-from tests.test_extract import TARGET, trained_checkpoint
+from tests.runs import TARGET
 from tools import export
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synthetic_shards, tmp_path_factory) -> Path:
-    return trained_checkpoint(synthetic_shards, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint, synthetic_shards) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(trained_checkpoint, synthetic_shards) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised real images (synthetic shards, query then gallery) and the PyTorch features."""
-    model, cfg = network_from_checkpoint(checkpoint)
+    model, cfg = network_from_checkpoint(trained_checkpoint)
     tf = eval_transform(cfg["height"], cfg["width"])
     images = []
     for split in ("query", "gallery"):
@@ -41,11 +35,11 @@ def assert_same_features(got, want) -> None:
     assert cos.min() >= 0.9999, cos
 
 
-def test_onnx_matches_pytorch(checkpoint, reference, tmp_path):
+def test_onnx_matches_pytorch(trained_checkpoint, reference, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     out = tmp_path / "reid.onnx"
-    assert export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out)]) == 0
+    assert export.main(["--checkpoint", str(trained_checkpoint), "--format", "onnx", "--out", str(out)]) == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x, want = reference
     for rows in (slice(0, len(x)), slice(0, 3), slice(5, 6)):  # the batch size is free
@@ -53,9 +47,10 @@ def test_onnx_matches_pytorch(checkpoint, reference, tmp_path):
         assert_same_features(got, want[rows])
 
 
-def test_torchscript_matches_pytorch(checkpoint, reference, tmp_path):
+def test_torchscript_matches_pytorch(trained_checkpoint, reference, tmp_path):
     out = tmp_path / "reid.pt"
-    assert export.main(["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out)]) == 0
+    assert export.main(["--checkpoint", str(trained_checkpoint), "--format", "torchscript",
+                        "--out", str(out)]) == 0
     loaded = torch.jit.load(str(out))
     x, want = reference
     with torch.no_grad():

@@ -11,34 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import train
 from engine.evaluate import extract_features
 from engine.features import FeatureExtractor, ImageError, network_from_checkpoint
 from pipeline.loader import LoaderConfig, build_eval_loader
 from pipeline.reading import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import test_transform as eval_transform
-from tests.test_train import small_run
+from tests.runs import TARGET
 from tools import extract
-
-TARGET = "market1501"
-_CHECKPOINTS: dict[str, Path] = {}
-
-
-def trained_checkpoint(shards: Path, tmp_path_factory) -> Path:
-    """latest.pth of a one-iteration train.py run (resnet18 at 64x32), made once per session
-    (tests/test_export.py uses it too)."""
-    if str(shards) not in _CHECKPOINTS:
-        logs = tmp_path_factory.mktemp("extract_run")
-        assert train.main(small_run(shards, logs, "--iters", "1")) == 0
-        _CHECKPOINTS[str(shards)] = logs / "latest.pth"
-    return _CHECKPOINTS[str(shards)]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(synthetic_shards, tmp_path_factory) -> Path:
-    return trained_checkpoint(synthetic_shards, tmp_path_factory)
-
 
 @pytest.fixture(scope="module")
 def query(synthetic_shards):
@@ -46,9 +26,9 @@ def query(synthetic_shards):
 
 
 @pytest.fixture(scope="module")
-def eval_query_features(checkpoint, synthetic_shards) -> torch.Tensor:
+def eval_query_features(trained_checkpoint, synthetic_shards) -> torch.Tensor:
     """The query rows' features as evaluation computes them (engine.evaluate on the eval loader)."""
-    model, cfg = network_from_checkpoint(checkpoint)
+    model, cfg = network_from_checkpoint(trained_checkpoint)
     model = model.to(memory_format=torch.channels_last)
     lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader="torch",
                         test_batch_size=64)
@@ -70,8 +50,8 @@ def image_folder(query, tmp_path_factory) -> Path:
     return root
 
 
-def test_extractor_gives_evaluation_features(checkpoint, query, eval_query_features):
-    ext = FeatureExtractor.from_checkpoint(checkpoint, device="cpu", batch_size=7)
+def test_extractor_gives_evaluation_features(trained_checkpoint, query, eval_query_features):
+    ext = FeatureExtractor.from_checkpoint(trained_checkpoint, device="cpu", batch_size=7)
     images = [decode_rgb(query.read(i)) for i in range(len(query))]
     feats = ext(images)
     assert feats.dtype == torch.float32 and feats.shape == eval_query_features.shape
@@ -85,8 +65,8 @@ def test_extractor_gives_evaluation_features(checkpoint, query, eval_query_featu
         ext(torch.zeros(2, 3, ext.height + 1, ext.width))
 
 
-def test_extractor_names_bad_images(checkpoint, tmp_path):
-    ext = FeatureExtractor.from_checkpoint(checkpoint, device="cpu")
+def test_extractor_names_bad_images(trained_checkpoint, tmp_path):
+    ext = FeatureExtractor.from_checkpoint(trained_checkpoint, device="cpu")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(ImageError, match="broken.jpg"):
@@ -104,8 +84,8 @@ def read_out(out: Path) -> tuple[np.ndarray, list[str]]:
     return np.load(out / "features.npy"), (out / "images.txt").read_text().splitlines()
 
 
-def test_tool_folder_glob_and_list_agree(checkpoint, image_folder, query, eval_query_features, tmp_path,
-                                         capsys):
+def test_tool_folder_glob_and_list_agree(trained_checkpoint, image_folder, query, eval_query_features,
+                                         tmp_path, capsys):
     listing = tmp_path / "list.txt"
     names = sorted(str(p) for p in image_folder.rglob("*.*"))
     listing.write_text("\n".join(names) + "\n")
@@ -113,7 +93,7 @@ def test_tool_folder_glob_and_list_agree(checkpoint, image_folder, query, eval_q
     for how, spec in (("folder", [str(image_folder)]), ("glob", [f"{image_folder}/**/*.*"]),
                       ("txt", [str(listing)])):
         out = tmp_path / how
-        code, err = run_tool(["--checkpoint", str(checkpoint), "--images", *spec, "--out", str(out),
+        code, err = run_tool(["--checkpoint", str(trained_checkpoint), "--images", *spec, "--out", str(out),
                               "--batch-size", "16"], capsys)
         assert code == 0, err
         results[how] = read_out(out)
@@ -127,10 +107,11 @@ def test_tool_folder_glob_and_list_agree(checkpoint, image_folder, query, eval_q
     np.testing.assert_allclose(feats, eval_query_features.numpy(), atol=1e-5, rtol=1e-4)
 
 
-def test_tool_reads_a_shard_split(checkpoint, synthetic_shards, query, eval_query_features, tmp_path, capsys):
+def test_tool_reads_a_shard_split(trained_checkpoint, synthetic_shards, query, eval_query_features, tmp_path,
+                                  capsys):
     out = tmp_path / "out"
-    code, err = run_tool(["--checkpoint", str(checkpoint), "--shards", str(synthetic_shards), "-d", TARGET,
-                          "--split", "query", "--out", str(out)], capsys)
+    code, err = run_tool(["--checkpoint", str(trained_checkpoint), "--shards", str(synthetic_shards),
+                          "-d", TARGET, "--split", "query", "--out", str(out)], capsys)
     assert code == 0, err
     feats, rows = read_out(out)
     assert rows == list(query.keys)
@@ -140,19 +121,19 @@ def test_tool_reads_a_shard_split(checkpoint, synthetic_shards, query, eval_quer
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_tool_loaders_give_their_evaluation_features(loader, checkpoint, synthetic_shards, image_folder,
-                                                     tmp_path, capsys):
+def test_tool_loaders_give_their_evaluation_features(loader, trained_checkpoint, synthetic_shards,
+                                                     image_folder, tmp_path, capsys):
     """--loader dali|torch, worker processes, --flip-test: image files and a shard split give the
     features evaluation computes with that loader (and --flip-test) on the target's query rows."""
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
-    model, cfg = network_from_checkpoint(checkpoint)
+    model, cfg = network_from_checkpoint(trained_checkpoint)
     lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader=loader,
                         test_batch_size=64)
     target = build_eval_loader(synthetic_shards, TARGET, "test", lcfg)
     expected = extract_features(model.to(memory_format=torch.channels_last), target, torch.device("cpu"),
                                 None, flip=True)[torch.as_tensor(target.is_query)].numpy()
-    common = ["--checkpoint", str(checkpoint), "--loader", loader, "--workers", "2", "--flip-test",
+    common = ["--checkpoint", str(trained_checkpoint), "--loader", loader, "--workers", "2", "--flip-test",
               "--batch-size", "16"]
     for spec in (["--images", str(image_folder)], ["--shards", str(synthetic_shards), "-d", TARGET]):
         out = tmp_path / spec[0].strip("-")
@@ -161,7 +142,7 @@ def test_tool_loaders_give_their_evaluation_features(loader, checkpoint, synthet
         np.testing.assert_allclose(read_out(out)[0], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_tool_refuses_in_one_line(checkpoint, image_folder, tmp_path, capsys):
+def test_tool_refuses_in_one_line(trained_checkpoint, image_folder, tmp_path, capsys):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00" * 100)
     empty = tmp_path / "empty"
@@ -172,14 +153,14 @@ def test_tool_refuses_in_one_line(checkpoint, image_folder, tmp_path, capsys):
     bad.write_bytes(b"garbage")
     listing = tmp_path / "list.txt"
     listing.write_text(f"{next(image_folder.rglob('*.*'))}\n{tmp_path / 'nowhere.jpg'}\n")
-    ckpt = ["--checkpoint", str(checkpoint)]
+    ckpt = ["--checkpoint", str(trained_checkpoint)]
     cases = [(["--checkpoint", str(garbage), "--images", str(image_folder)], "garbage.pth"),
              (["--checkpoint", str(tmp_path / "none.pth"), "--images", str(image_folder)], "none.pth"),
-             (["--checkpoint", str(checkpoint), "--images", str(empty)], "no .jpg/.jpeg/.png"),
+             (["--checkpoint", str(trained_checkpoint), "--images", str(empty)], "no .jpg/.jpeg/.png"),
              ([*ckpt, "--images", str(tmp_path / "x" / "*.jpg")], "matches no files"),
-             (["--checkpoint", str(checkpoint), "--images", str(broken)], bad.name),
+             (["--checkpoint", str(trained_checkpoint), "--images", str(broken)], bad.name),
              ([*ckpt, "--images", str(broken), "--loader", "torch", "--workers", "1"], bad.name),
-             (["--checkpoint", str(checkpoint), "--images", str(listing)], "nowhere.jpg")]
+             (["--checkpoint", str(trained_checkpoint), "--images", str(listing)], "nowhere.jpg")]
     for args, needle in cases:
         out = tmp_path / "out"
         code, err = run_tool([*args, "--out", str(out)], capsys)

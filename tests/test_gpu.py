@@ -13,13 +13,13 @@ from engine.features import FeatureExtractor
 from pipeline.reading import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import normalize
-from tests.test_extract import TARGET, trained_checkpoint
-from tests.test_train import small_run
+from tests.runs import TARGET, small_run
 from tools import export, extract, visualize_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 @pytest.mark.parametrize("amp", ["auto", "fp16"])
 def test_train_on_cuda(synthetic_shards, tmp_path, loader, amp):
@@ -108,12 +108,12 @@ def test_auto_amp_picks_bf16_only_where_the_gpu_computes_in_it():
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_inference_tools_on_cuda(synthetic_shards, tmp_path_factory, tmp_path, loader):
+def test_inference_tools_on_cuda(synthetic_shards, trained_checkpoint, tmp_path, loader):
     """tools/extract.py and tools/visualize_ranks.py with --device cuda (autocast; DALI decodes on
     the GPU) give the CPU's features, and an exported TorchScript file runs on the GPU."""
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
-    ckpt = trained_checkpoint(synthetic_shards, tmp_path_factory)
+    ckpt = trained_checkpoint
     split = ["--checkpoint", str(ckpt), "--shards", str(synthetic_shards), "-d", TARGET, "--split", "query",
              "--no-progress", "--workers", "2"]
     assert extract.main([*split, "--out", str(tmp_path / "cpu"), "--device", "cpu", "--loader", "torch"]) == 0

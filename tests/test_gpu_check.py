@@ -13,7 +13,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.live import ROOT
+import pytest
+
+from tests.runs import ROOT
 from tools import gpu_check
 
 TABLES = (
@@ -32,12 +34,14 @@ TABLES = (
 )
 
 
+@pytest.mark.slow
 def test_the_quick_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     out = (tmp_path / "check").resolve()
     assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
     check_results(out)
 
 
+@pytest.mark.slow
 def test_the_quick_gpu_check_runs_on_the_bare_image(tmp_path):
     """As `make gpu-check` runs on the GPU machine as it is: no install (PYTHONPATH), no webdataset,
     no DALI. No step fails; those that would use DALI say that it is missing."""

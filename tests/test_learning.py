@@ -14,7 +14,9 @@ from engine.evaluate import evaluate_target
 from model.resnet import build_model
 from model.style import UBS
 from pipeline.loader import LoaderConfig, build_eval_loader
-from tests.test_train import SOURCES, history, small_run
+from tests.runs import SOURCES, history, small_run
+
+pytestmark = pytest.mark.slow  # each test trains (train.main)
 
 # Whole-batch statistics (--bn-groups 1): at -b 32 the default 4 groups hold 8 images (2
 # identities) each, and the neck's per-group normalisation then removes most of what tells

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from engine.checkpoint import load_checkpoint
-from tests.live import ROOT, Live, cmdline
-from tests.test_stopping import gone_within
+from tests.live import Live, cmdline, gone_within
+from tests.runs import ROOT
 from tools import leave_one_out
 from tools.leave_one_out import read_jsonl
 from tools.rank_memory import descendants
@@ -51,6 +51,7 @@ def wait_after(run: Live, first: str, then: str, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_stopped_then_rerun_skips_the_finished_run_and_resumes_the_other(synthetic_shards, tmp_path, capsys):
     out = tmp_path / "loo"
     cmd = [sys.executable, str(ROOT / "tools" / "leave_one_out.py"), *tool_args(synthetic_shards, out)]

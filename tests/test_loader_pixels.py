@@ -2,10 +2,12 @@
 identity, written as real JPEG and PNG files by PIL and packed by pipeline/shards.py's writer)
 goes through both loaders on 1 and 2 ranks: every training image must show the identity of the
 label beside it, DALI's pixels must equal PIL's within 2/255 per pixel (not only on average),
-and each rank's rows must be its slice of the 1-rank batch."""
+and each rank's rows must be its slice of the 1-rank batch. The published torchvision augmentation
+is train_pixels for some of its random parts."""
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from PIL import Image
 from pipeline import shards
 from pipeline.loader import LoaderConfig, SourceSet, build_eval_loader, build_train_loader
 from pipeline.records import DatasetSplits, Record
-from pipeline.transforms import MEAN, PAD, STD
+from pipeline.transforms import (FLIP_P, MEAN, PAD, STD, augment_params, normalize, train_pixels,
+                                 train_transform)
 
 try:
     import nvidia.dali  # noqa: F401
@@ -165,3 +168,36 @@ def test_evaluation_images_show_their_pids_and_agree_per_pixel(pixel_shards):
         np.testing.assert_array_equal(shown_codes(got[loader]), [code(0, int(p)) for p in ev.pids])
     if len(got) == 2:
         assert (got["dali"] - got["torch"]).abs().max() <= TOLERANCE + 1e-3
+
+
+def test_train_transform_is_train_pixels_for_some_random_parts():
+    """The published composition (flip, then pad and a random crop, torchvision's own draws)
+    gives exactly train_pixels' output (resize, pad, crop at a shift, then mirror) for one of
+    its 2 x 21 x 21 random parts, and over many draws both cover the same parts at the same
+    rates: a fair flip and every shift in [-PAD, PAD]."""
+    height, width = 40, 20
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (57, 23, 3), dtype=np.uint8)).save(buf, "PNG")
+    image = Image.open(buf).convert("RGB")
+
+    def key(chw: torch.Tensor) -> bytes:
+        return chw.contiguous().numpy().tobytes()
+
+    parts = [(m, dy, dx) for m in (0, 1) for dy in range(-PAD, PAD + 1) for dx in range(-PAD, PAD + 1)]
+    outputs = {}
+    for m, dy, dx in parts:
+        pixels = torch.from_numpy(train_pixels(image, m, dy, dx, height, width))
+        outputs[key(normalize(pixels).permute(2, 0, 1))] = (m, dy, dx)
+    assert len(outputs) == len(parts)  # every random part gives a different image
+    transform = train_transform(height, width, pad=PAD)
+    found = []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        found.append(outputs[key(transform(image))])  # KeyError: an output train_pixels never gives
+    mirror, dy, dx = np.asarray(found).T
+    mine_mirror, mine_shift = augment_params(seed=0, epoch=0, it=0, n=300, pad=PAD)
+    for flips in (mirror, mine_mirror):
+        assert abs(flips.mean() - FLIP_P) < 0.1
+    for shifts in (dy, dx, mine_shift[:, 0], mine_shift[:, 1]):
+        assert sorted(set(shifts.tolist())) == list(range(-PAD, PAD + 1))

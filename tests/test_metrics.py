@@ -1,28 +1,14 @@
-"""engine.metrics against a literal per-query Market-1501 implementation."""
+"""engine.metrics against a literal per-query Market-1501 implementation (tests/oracles.py), and
+pairwise_distance against torch.cdist."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.metrics import benchmark_eval, evaluate_features, evaluate_rank, pairwise_distance
-
-
-def literal_market(dist, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """The protocol written out plainly: one query at a time, a stable argsort of its row."""
-    all_cmc, all_ap = [], []
-    for i in range(len(q_pids)):
-        order = np.argsort(dist[i], kind="stable")
-        remove = (g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])
-        hits = (g_pids[order] == q_pids[i])[~remove].astype(np.float64)
-        if not hits.any():
-            continue
-        cmc = np.minimum(hits.cumsum(), 1.0)
-        cmc = np.concatenate([cmc, np.ones(max(0, max_rank - len(cmc)))])[:max_rank]
-        all_cmc.append(cmc)
-        precision = hits.cumsum() / np.arange(1, len(hits) + 1)
-        all_ap.append((precision * hits).sum() / hits.sum())
-    return np.mean(all_cmc, axis=0), float(np.mean(all_ap))
+from tests.oracles import literal_market
 
 
 def make_ids(rng, nq, ng, num_ids, num_cams):
@@ -144,3 +130,22 @@ def test_evaluate_features_cuda_matches_cpu():
     gpu = evaluate_features(qf.cuda(), gf.cuda(), *[torch.from_numpy(a).cuda() for a in ids], chunk=10)
     np.testing.assert_allclose(gpu["cmc"], cpu["cmc"], atol=1e-6)
     assert abs(gpu["mAP"] - cpu["mAP"]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_pairwise_distance_equals_cdist(dtype):
+    """Squared Euclidean and cosine (1 - cos) distances, in fp32 whatever the input, against
+    torch.cdist in float64 on the same (fp32-rounded) values."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 19, generator=g) * 3 + 1).to(dtype)
+    y = (torch.randn(53, 19, generator=g) * 3).to(dtype)
+    x64, y64 = x.float().double(), y.float().double()
+    d = pairwise_distance(x, y)
+    assert d.dtype == torch.float32 and d.shape == (37, 53)
+    want = torch.cdist(x64, y64) ** 2
+    torch.testing.assert_close(d.double(), want, rtol=1e-5, atol=1e-4)
+    cos = pairwise_distance(x, y, metric="cosine")
+    want_cos = torch.cdist(F.normalize(x64, dim=1), F.normalize(y64, dim=1)) ** 2 / 2  # |a - b|^2 = 2 - 2 cos
+    torch.testing.assert_close(cos.double(), want_cos, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="metric"):
+        pairwise_distance(x, y, metric="l1")

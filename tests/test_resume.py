@@ -14,7 +14,9 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint
-from tests.test_train import ROOT, history, small_run
+from tests.runs import ROOT, history, small_run
+
+pytestmark = pytest.mark.slow  # each test trains (train.main or train.py)
 
 FLAGS = ("--epochs", "2", "--iters", "3")
 

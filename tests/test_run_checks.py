@@ -21,17 +21,9 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint
-from engine.evaluate import init_memories_in_one_pass
 from pipeline.files import WriteError, write_atomic
-from tests.live import ROOT, Live, tiny_run, torchrun
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_shards, tmp_path_factory) -> Path:
-    """latest.pth of a finished one-epoch IL run (resnet18 at 64x32)."""
-    logs = tmp_path_factory.mktemp("trained")
-    assert train.main(tiny_run(synthetic_shards, logs, workers=0)) == 0
-    return logs / "latest.pth"
+from tests.live import Live, torchrun
+from tests.runs import ROOT, small_run
 
 
 def refusal(capsys, argv: list[str]) -> str:
@@ -59,13 +51,13 @@ def refusal(capsys, argv: list[str]) -> str:
     (["-b", "18"], "multiple of --num-instances"),
 ])
 def test_bad_flags_are_refused_in_one_line(synthetic_shards, tmp_path, capsys, flags, named):
-    line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "logs", *flags))
+    line = refusal(capsys, small_run(synthetic_shards, tmp_path / "logs", *flags))
     assert named in line
     assert not (tmp_path / "logs").exists()
 
 
 def test_apex_and_cuda_are_checked_before_any_work(synthetic_shards, tmp_path, capsys):
-    argv = tiny_run(synthetic_shards, tmp_path / "logs")
+    argv = small_run(synthetic_shards, tmp_path / "logs")
     if not torch.cuda.is_available():
         assert "--device cuda: torch sees no CUDA device" in refusal(capsys, [*argv, "--device", "cuda"])
     try:
@@ -74,15 +66,15 @@ def test_apex_and_cuda_are_checked_before_any_work(synthetic_shards, tmp_path, c
         assert "--apex: NVIDIA apex is not installed" in refusal(capsys, [*argv, "--apex"])
 
 
-def test_unusable_files_are_refused_naming_them(synthetic_shards, trained, tmp_path, capsys):
+def test_unusable_files_are_refused_naming_them(synthetic_shards, trained_checkpoint, tmp_path, capsys):
     garbage = tmp_path / "weights.pth"
     garbage.write_bytes(os.urandom(4096))
-    line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "a", "--pretrained", str(garbage)))
+    line = refusal(capsys, small_run(synthetic_shards, tmp_path / "a", "--pretrained", str(garbage)))
     assert f"--pretrained {garbage} cannot be read as weights" in line and "weights_only=False" not in line
 
-    ckpt = load_checkpoint(trained)
+    ckpt = load_checkpoint(trained_checkpoint)
     cut = tmp_path / "cut.pth"
-    cut.write_bytes(trained.read_bytes()[: trained.stat().st_size // 2])
+    cut.write_bytes(trained_checkpoint.read_bytes()[: trained_checkpoint.stat().st_size // 2])
     cases = {cut: "truncated or damaged", tmp_path: "is a folder, expected a checkpoint file"}
     more_classes = [torch.zeros(len(m) + 1, m.shape[1]) for m in ckpt["memories"]]
     for name, state, why in [("no_config.pth", {"model": ckpt["model"]}, "it lacks config"),
@@ -92,43 +84,43 @@ def test_unusable_files_are_refused_naming_them(synthetic_shards, trained, tmp_p
         torch.save(state, tmp_path / name)
         cases[tmp_path / name] = why
     for path, why in cases.items():
-        line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "b", "--epochs", "2",
+        line = refusal(capsys, small_run(synthetic_shards, tmp_path / "b", "--epochs", "2",
                                         "--resume", str(path)))
         assert f"--resume {path}" in line and why in line, line
 
 
-def test_nothing_to_train_and_sizes_too_small_are_refused_before_any_work(synthetic_shards, trained, tmp_path,
-                                                                          capsys):
+def test_nothing_to_train_and_sizes_too_small_are_refused_before_any_work(
+        synthetic_shards, trained_checkpoint, tmp_path, capsys):
     """A checkpoint past --epochs would train nothing; a size the style module cannot take is
     refused before --overwrite deletes the folder's run."""
-    ckpt = load_checkpoint(trained)
+    ckpt = load_checkpoint(trained_checkpoint)
     for epoch, iteration, at in [(2, 0, "the end of epoch 2"), (1, 2, "epoch 2, iteration 2")]:
         path = tmp_path / f"at_{epoch}_{iteration}.pth"
         torch.save({**ckpt, "epoch": epoch, "iteration": iteration}, path)
-        line = refusal(capsys, tiny_run(synthetic_shards, tmp_path / "a", "--resume", str(path)))
+        line = refusal(capsys, small_run(synthetic_shards, tmp_path / "a", "--resume", str(path)))
         assert f"--resume {path} is at {at}, past --epochs 1: nothing would be trained" in line, line
     logs = tmp_path / "run"
     logs.mkdir()
-    shutil.copy(trained, logs / "latest.pth")
-    line = refusal(capsys, tiny_run(synthetic_shards, logs, "--height", "4", "--width", "2", "--overwrite"))
+    shutil.copy(trained_checkpoint, logs / "latest.pth")
+    line = refusal(capsys, small_run(synthetic_shards, logs, "--height", "4", "--width", "2", "--overwrite"))
     assert "--height 4 --width 2: too small for --update-style" in line
-    assert (logs / "latest.pth").read_bytes() == trained.read_bytes()
+    assert (logs / "latest.pth").read_bytes() == trained_checkpoint.read_bytes()
 
 
 def test_logs_dir_must_be_a_writable_folder(synthetic_shards, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert f"--logs-dir {a_file} is a file" in refusal(capsys, tiny_run(synthetic_shards, a_file))
-    assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, a_file / "logs"))
-    assert "cannot create or write" in refusal(capsys, tiny_run(synthetic_shards, Path("/proc/il-logs")))
+    assert f"--logs-dir {a_file} is a file" in refusal(capsys, small_run(synthetic_shards, a_file))
+    assert "cannot create or write" in refusal(capsys, small_run(synthetic_shards, a_file / "logs"))
+    assert "cannot create or write" in refusal(capsys, small_run(synthetic_shards, Path("/proc/il-logs")))
 
 
 def test_a_path_component_too_long_for_any_file_system_is_refused(synthetic_shards, tmp_path, capsys):
     long = tmp_path / ("x" * 256)
-    for flag, argv in (("--logs-dir", tiny_run(synthetic_shards, long / "logs")),
-                       ("--shards", tiny_run(long, tmp_path / "logs")),
-                       ("--resume", tiny_run(synthetic_shards, tmp_path / "logs", "--resume", str(long))),
-                       ("--resume", tiny_run(synthetic_shards, tmp_path / "logs", "--evaluate", "--resume",
+    for flag, argv in (("--logs-dir", small_run(synthetic_shards, long / "logs")),
+                       ("--shards", small_run(long, tmp_path / "logs")),
+                       ("--resume", small_run(synthetic_shards, tmp_path / "logs", "--resume", str(long))),
+                       ("--resume", small_run(synthetic_shards, tmp_path / "logs", "--evaluate", "--resume",
                                              str(long / "latest.pth")))):
         line = refusal(capsys, argv)
         assert line.startswith(f"train.py: error: {flag} {long}") and "256 bytes long" in line, line
@@ -170,16 +162,17 @@ def test_write_atomic_names_a_full_disk_and_keeps_the_old_file(small_disk):
     assert [p.name for p in disk.iterdir()] == ["a.bin"] and (disk / "a.bin").read_bytes() == b"old"
 
 
-def test_a_full_disk_while_saving_ends_in_one_line_and_keeps_the_checkpoint(synthetic_shards, trained,
-                                                                             small_disk):
+@pytest.mark.slow
+def test_a_full_disk_while_saving_ends_in_one_line_and_keeps_the_checkpoint(synthetic_shards,
+                                                                             trained_checkpoint, small_disk):
     """--logs-dir on a 200 MiB tmpfs holding a one-epoch run's latest.pth (about 135 MB: resnet18
     with Adam's moments), resumed for a second epoch, whose checkpoint does not fit: exit 4, one
     line naming latest.pth and "no space left", no traceback (the data workers' either), the first
     checkpoint intact."""
     logs = small_disk(200) / "logs"
     logs.mkdir()
-    shutil.copyfile(trained, logs / "latest.pth")
-    argv = tiny_run(synthetic_shards, logs, "--epochs", "2", "--eval-every", "0", "--resume",
+    shutil.copyfile(trained_checkpoint, logs / "latest.pth")
+    argv = small_run(synthetic_shards, logs, "--epochs", "2", "--eval-every", "0", "--resume",
                     str(logs / "latest.pth"))
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
@@ -193,26 +186,27 @@ def test_a_full_disk_while_saving_ends_in_one_line_and_keeps_the_checkpoint(synt
     assert not [p.name for p in logs.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_a_logs_dir_holds_one_run(synthetic_shards, tmp_path, capsys):
     """While a run writes into a logs dir, a second run there is refused; a stopped run's folder
     is refused without --resume or --overwrite; --overwrite starts afresh."""
     logs = tmp_path / "logs"
-    first = Live([sys.executable, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200",
+    first = Live([sys.executable, str(ROOT / "train.py"), *small_run(synthetic_shards, logs, "--iters", "200",
                                                                     workers=0)])
     try:
         first.wait_for("first iteration done")
-        line = refusal(capsys, tiny_run(synthetic_shards, logs))
+        line = refusal(capsys, small_run(synthetic_shards, logs))
         assert f"is in use by another process (pid {first.proc.pid})" in line
         first.proc.send_signal(signal.SIGTERM)
         assert first.finish(120) == 128 + signal.SIGTERM, first.output
     finally:
         first.close()
     before = (logs / "latest.pth").read_bytes()
-    line = refusal(capsys, tiny_run(synthetic_shards, logs))
+    line = refusal(capsys, small_run(synthetic_shards, logs))
     assert "holds another run (latest.pth)" in line and f"--resume {logs / 'latest.pth'}" in line
     assert (logs / "latest.pth").read_bytes() == before
 
-    assert train.main(tiny_run(synthetic_shards, logs, "--overwrite", workers=0)) == 0
+    assert train.main(small_run(synthetic_shards, logs, "--overwrite", workers=0)) == 0
     rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1] and load_checkpoint(logs / "latest.pth")["epoch"] == 1
 
@@ -232,19 +226,21 @@ def test_a_target_that_cannot_be_evaluated_is_refused_before_any_work(synthetic_
     assert make_shards.main(["--data-dir", str(raw), "--out", str(shards)]) == 0
     for name in ("dukemtmc", "cuhk03", "msmt17v1"):
         (shards / name).symlink_to(synthetic_shards / name)
-    line = refusal(capsys, tiny_run(shards, tmp_path / "logs"))
+    line = refusal(capsys, small_run(shards, tmp_path / "logs"))
     assert "-d market1501: no query image has a gallery image of its identity" in line
 
 
-def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, trained, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, trained_checkpoint, tmp_path,
+                                                              capsys):
     """Non-finite running statistics give NaN evaluation features: the epoch's checkpoint is
     saved before the evaluation, the failure is logged and recorded, and training continues."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    ckpt = load_checkpoint(trained)
+    ckpt = load_checkpoint(trained_checkpoint)
     ckpt["model"]["neck.running_var"][:] = float("nan")
     torch.save(ckpt, logs / "latest.pth")
-    assert train.main(tiny_run(synthetic_shards, logs, "--epochs", "2", "--resume", str(logs / "latest.pth"),
+    assert train.main(small_run(synthetic_shards, logs, "--epochs", "2", "--resume", str(logs / "latest.pth"),
                                workers=0)) == 0
     log = capsys.readouterr().err
     assert "epoch 2: evaluation on market1501 failed" in log and "not finite" in log, log
@@ -253,6 +249,7 @@ def test_a_failed_evaluation_is_reported_and_the_run_goes_on(synthetic_shards, t
     assert load_checkpoint(logs / "latest.pth")["epoch"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader,dataset", [("torch", "dukemtmc"), ("dali", "dukemtmc"),
                                             ("torch", "market1501")])
 def test_a_shard_truncated_during_the_run_ends_it_naming_the_shard(synthetic_shards, tmp_path, loader,
@@ -268,7 +265,7 @@ def test_a_shard_truncated_during_the_run_ends_it_naming_the_shard(synthetic_sha
         (shards / name).symlink_to(synthetic_shards / name)
     iters = "200" if dataset == "dukemtmc" else "20"
     run = Live([sys.executable, str(ROOT / "train.py"),
-                *tiny_run(shards, tmp_path / "logs", "--iters", iters, loader=loader)])
+                *small_run(shards, tmp_path / "logs", "--iters", iters, loader=loader)])
     try:
         run.wait_for("first iteration done")
         for tar in (shards / dataset).glob("*.tar"):
@@ -281,9 +278,9 @@ def test_a_shard_truncated_during_the_run_ends_it_naming_the_shard(synthetic_sha
     assert "Traceback" not in run.output and "Bus error" not in run.output, run.output
 
 
-def test_evaluate_needs_only_the_target(synthetic_shards, trained, tmp_path, capsys):
-    only = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained), "--device", "cpu",
-            "--workers", "0", "--loader", "torch", "--test-batch-size", "64"]
+def test_evaluate_needs_only_the_target(synthetic_shards, trained_checkpoint, tmp_path, capsys):
+    only = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained_checkpoint),
+            "--device", "cpu", "--workers", "0", "--loader", "torch", "--test-batch-size", "64"]
     assert train.main([*only, "-d", "market1501"]) == 0
     out = capsys.readouterr()
     assert out.out.splitlines()[1].split()[0] == "market1501" and "was a source" not in out.err
@@ -293,14 +290,15 @@ def test_evaluate_needs_only_the_target(synthetic_shards, trained, tmp_path, cap
     assert "arch: checkpoint 'resnet18', now 'resnet50'" in line
 
 
-def test_the_default_workers_fit_the_cores_and_say_so_once(synthetic_shards, trained):
+@pytest.mark.slow
+def test_the_default_workers_fit_the_cores_and_say_so_once(synthetic_shards, trained_checkpoint):
     """On a machine with fewer cores than the default -j 4 (here one, by CPU affinity), the
     default is the core count, said once; torch's warning about more workers than cores (printed
     by every loader) does not appear."""
     code = ("import os, runpy, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    argv = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained), "-d", "market1501",
-            "--device", "cpu", "--loader", "torch", "--test-batch-size", "64"]
+    argv = ["--shards", str(synthetic_shards), "--evaluate", "--resume", str(trained_checkpoint),
+            "-d", "market1501", "--device", "cpu", "--loader", "torch", "--test-batch-size", "64"]
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "train.py"), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -309,6 +307,7 @@ def test_the_default_workers_fit_the_cores_and_say_so_once(synthetic_shards, tra
     assert "worker processes in total" not in out, out
 
 
+@pytest.mark.slow
 def test_a_refusal_under_torchrun_is_one_line_and_heads_its_report(tmp_path):
     proc = subprocess.run(torchrun(2, str(ROOT / "train.py"), "--iters", "0"), cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -330,26 +329,3 @@ def test_make_clean_keeps_results(tmp_path):
     subprocess.run(["make", "clean"], cwd=tmp_path, check=True, capture_output=True)
     assert all(p.is_file() for p in kept)
     assert not any(p.parent.exists() for p in removed)
-
-
-def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
-    """Start-up reads the three sources' mix sets with one loader (one pool of workers, not
-    three) and starts each memory exactly as engine.evaluate.init_memories does per source."""
-    from engine.evaluate import init_memories
-    from model.memory import MemoryClassifier
-    from model.resnet import build_model
-    from pipeline.loader import LoaderConfig, build_eval_loader
-
-    cfg = LoaderConfig(height=64, width=32, workers=0, loader="torch", test_batch_size=64)
-    sources = ["dukemtmc", "cuhk03", "msmt17v1"]
-    torch.manual_seed(0)
-    model = build_model("resnet18").to(memory_format=torch.channels_last)
-    mix = build_eval_loader(synthetic_shards, sources, "mix", cfg)
-    alone = [build_eval_loader(synthetic_shards, s, "mix", cfg) for s in sources]
-    assert len(mix) == sum(len(a) for a in alone)
-    classes = [int(a.labels.max()) + 1 for a in alone]
-    one, each = ([MemoryClassifier(model.num_features, n) for n in classes] for _ in range(2))
-    init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
-    init_memories(model, alone, each, torch.device("cpu"), None)
-    for a, b in zip(one, each):
-        torch.testing.assert_close(a.centers, b.centers, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import pytest
 import train
 from pipeline.runlock import hold_folder
 from pipeline.shards import SplitReader
-from tests.live import tiny_run
+from tests.runs import small_run
 from tools import make_shards
 
 MARKET = Path("market1501") / "Market-1501-v15.09.15"
@@ -124,7 +124,7 @@ def test_train_data_dir_with_a_bad_image_says_how_to_skip_it(raw_market, synthet
     bad.write_bytes(b"\xff\xd8\xff" + bytes(200))  # a JPEG header, then nothing decodable
     shards = sources_beside(synthetic_shards, tmp_path / "shards")
     capsys.readouterr()
-    assert train.main([*tiny_run(shards, tmp_path / "logs"), "--data-dir", str(raw_market)]) == 2
+    assert train.main([*small_run(shards, tmp_path / "logs"), "--data-dir", str(raw_market)]) == 2
     err = capsys.readouterr().err
     assert "tools/make_shards.py --skip-bad skips such images" in err and "use --skip-bad" not in err
     line = next(line for line in err.splitlines() if line.startswith("train.py: error: "))
@@ -138,6 +138,6 @@ def test_train_data_dir_with_a_misnamed_image_does_not_advise_skip_bad(raw_marke
     shutil.copy(sorted(query.iterdir())[0], query / "0001_c9s1_000001_01.jpg")  # camera 9 of 6
     shards = sources_beside(synthetic_shards, tmp_path / "shards")
     capsys.readouterr()
-    assert train.main([*tiny_run(shards, tmp_path / "logs"), "--data-dir", str(raw_market)]) == 2
+    assert train.main([*small_run(shards, tmp_path / "logs"), "--data-dir", str(raw_market)]) == 2
     err = capsys.readouterr().err
     assert "0001_c9s1_000001_01.jpg" in err and "--skip-bad" not in err, err

@@ -22,7 +22,6 @@ from pipeline import shards
 from pipeline.records import DatasetSplits, Record
 
 
-
 def _image(path: Path, seed: int) -> Path:
     """A random 48x24 RGB picture, JPEG or PNG as the suffix says."""
     rng = np.random.default_rng(seed)

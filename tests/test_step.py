@@ -59,25 +59,18 @@ def fast_run(mode: str, groups: int, known_labels: bool = True,
     return step_case.state(model, memories), losses
 
 
-def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-7, atol=1e-9,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("impl", BN_IMPLS)
 @pytest.mark.parametrize("mode, groups", [("il", 4), ("fbf", 4), ("fb", 4), ("il", 1), ("il", 2)])
 def test_fast_iteration_matches_the_published_one(mode, groups, impl):
     got, losses = fast_run(mode, groups, impl=impl)
     assert all(0 < loss < 20 for loss in losses)
-    assert_same_state(got, literal_run(mode, groups))
+    step_case.assert_same_state(got, literal_run(mode, groups))
 
 
 def test_memory_rounds_read_back_when_the_labels_are_not_known():
     """Without the global labels the step gathers the device labels and the memory update
     finds its rounds itself: same result."""
-    assert_same_state(fast_run("il", 4, known_labels=False)[0], fast_run("il", 4)[0])
+    step_case.assert_same_state(fast_run("il", 4, known_labels=False)[0], fast_run("il", 4)[0])
 
 
 def test_statistics_groups_change_the_result():
@@ -87,6 +80,7 @@ def test_statistics_groups_change_the_result():
     assert not torch.allclose(four["buffer.bn1.running_var"], one["buffer.bn1.running_var"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, mode, groups, impl", [
     (2, "il", 4, "group-norm"), (2, "il", 4, "batch-norm"), (4, "il", 4, "group-norm"),
     (4, "il", 4, "batch-norm"), (2, "il", 1, "group-norm"), (4, "il", 2, "group-norm"),
@@ -103,7 +97,7 @@ def test_ranks_repeat_the_published_iteration(tmp_path, world, mode, groups, imp
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert_same_state(torch.load(result, weights_only=True), literal_run(mode, groups))
+    step_case.assert_same_state(torch.load(result, weights_only=True), literal_run(mode, groups))
 
 
 def fake_step(mode: str, round_sizes: list[list[int]] | None, known_labels: bool) -> torch.Tensor:

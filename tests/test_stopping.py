@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from engine.checkpoint import load_checkpoint
-from tests.live import ROOT, Live, alive, cmdline, maps_library, tiny_run, torchrun
+from tests.live import Live, alive, cmdline, gone_within, maps_library, torchrun
+from tests.runs import ROOT, small_run
 from tools.rank_memory import children, descendants, pss_bytes
 
 STOP_LINE = re.compile(r"stopped by (SIG\w+) at epoch (\d+), iteration (\d+).*--resume (\S+)")
@@ -38,14 +39,6 @@ def assert_no_trainer_traceback(out: str) -> None:
         assert sign not in out, out
 
 
-def gone_within(pids: list[int], seconds: float) -> list[int]:
-    """The pids still alive after waiting up to ``seconds`` for them to end."""
-    deadline = time.monotonic() + seconds
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
-
-
 def kill_and_expect_no_leftover(run: Live, tree: list[int], seconds: float = 5) -> None:
     """SIGKILL the command: every process of ``tree`` it started must be gone within ``seconds``."""
     os.kill(run.proc.pid, signal.SIGKILL)
@@ -61,6 +54,7 @@ def reap(run: Live, tree: list[int]) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader, signum, to", [
     ("dali", signal.SIGTERM, "torchrun"),
     ("torch", signal.SIGINT, "torchrun"),
@@ -73,7 +67,7 @@ def test_a_stop_signal_saves_the_last_iteration_and_says_how_to_resume(
         pytest.importorskip("nvidia.dali")
     logs = tmp_path / "logs"
     run = Live(torchrun(2, str(ROOT / "train.py"),
-                        *tiny_run(synthetic_shards, logs, "--iters", "200", loader=loader, workers=2)))
+                        *small_run(synthetic_shards, logs, "--iters", "200", loader=loader, workers=2)))
     try:
         run.wait_for("first iteration done")
         trainers = {rank_of(p): p for p in children(run.proc.pid)}
@@ -97,6 +91,7 @@ def test_a_stop_signal_saves_the_last_iteration_and_says_how_to_resume(
     assert not gone_within(everything, 5), [cmdline(p) for p in everything if alive(p)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_shards, tmp_path, loader):
     """SIGKILL (or the out-of-memory killer) gives the trainer no chance to stop its workers:
@@ -107,7 +102,7 @@ def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_s
         pytest.importorskip("nvidia.dali")
     workers = 4 if loader == "dali" else 2
     run = Live([sys.executable, str(ROOT / "train.py"),
-                *tiny_run(synthetic_shards, tmp_path / "logs", "--iters", "200", loader=loader,
+                *small_run(synthetic_shards, tmp_path / "logs", "--iters", "200", loader=loader,
                           workers=workers)])
     tree: list[int] = []
     try:
@@ -127,12 +122,13 @@ def test_a_killed_trainer_leaves_no_worker_and_a_rank_fits_in_memory(synthetic_s
         reap(run, tree)
 
 
+@pytest.mark.slow
 def test_killing_torchrun_ends_its_trainers_and_their_workers(synthetic_shards, tmp_path):
     """SIGKILL to torchrun gives it no chance to stop its trainers: they notice that their
     launcher has gone and stop as on SIGTERM (ended by an alarm when that takes too long), all
     within 10 s, their workers with them; latest.pth, if any, is a whole checkpoint."""
     logs = tmp_path / "logs"
-    run = Live(torchrun(2, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200")))
+    run = Live(torchrun(2, str(ROOT / "train.py"), *small_run(synthetic_shards, logs, "--iters", "200")))
     tree: list[int] = []
     try:
         run.wait_for("first iteration done")
@@ -185,9 +181,10 @@ def test_ctrl_c_on_a_shard_build_is_one_line(synthetic_data, tmp_path):
     assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output, run.output
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_names_no_checkpoint_that_is_not_there(synthetic_shards, tmp_path):
     logs = tmp_path / "logs"
-    run = Live([sys.executable, str(ROOT / "train.py"), *tiny_run(synthetic_shards, logs, "--iters", "200",
+    run = Live([sys.executable, str(ROOT / "train.py"), *small_run(synthetic_shards, logs, "--iters", "200",
                                                                    workers=0)])
     try:
         run.wait_for("initialising memories")  # before the first iteration, so before any checkpoint

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +14,7 @@ import torch
 import train
 from engine.checkpoint import load_checkpoint
 from engine.metrics import METRICS
-
-ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["--dataset_src1", "dukemtmc", "--dataset_src2", "cuhk03", "--dataset_src3", "msmt17v1",
-           "-d", "market1501"]
-
-
-def small_run(shards: Path, logs: Path, *extra: str, loader: str = "torch") -> list[str]:
-    """A configuration small enough for 2 CPU cores: resnet18 at 64x32, 4 ids x 4 per source."""
-    return ["--shards", str(shards), "--logs-dir", str(logs), *SOURCES, "-a", "resnet18",
-            "--pretrained", "none", "--height", "64", "--width", "32", "-b", "16", "--iters", "3",
-            "--epochs", "1", "--workers", "1", "--test-batch-size", "64", "--loader", loader,
-            "--device", "cpu", "--no-progress", "--update-style", *extra]
-
-
-def history(logs: Path) -> list[dict]:
-    return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+from tests.runs import ROOT, history, small_run
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +31,7 @@ def two_ranks(synthetic_shards, tmp_path_factory) -> dict:
     return json.loads(result.read_text())
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_identical(two_ranks):
     res = two_ranks
     assert res["world"] == 2 and res["exit_code"] == 0
@@ -58,6 +43,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(two_ranks):
     assert 0.0 <= res["history"][-1]["mAP"] <= 1.0
 
 
+@pytest.mark.slow
 def test_the_logged_loss_is_the_whole_batchs_on_any_number_of_ranks(two_ranks, synthetic_shards, tmp_path):
     """Each rank's loss is that of its half of the batch; the epoch's logged loss is the whole
     batch's, as one process logs it (equal up to the rounding of 4 fp32 Adam steps)."""
@@ -65,6 +51,7 @@ def test_the_logged_loss_is_the_whole_batchs_on_any_number_of_ranks(two_ranks, s
     assert two_ranks["history"][0]["loss"] == pytest.approx(history(tmp_path)[0]["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--baseline", "fb"]], ids=["fbf", "fb"])
 def test_baselines_run(synthetic_shards, tmp_path, mode):
     argv = [a for a in small_run(synthetic_shards, tmp_path, *mode) if a != "--update-style"]
@@ -72,12 +59,14 @@ def test_baselines_run(synthetic_shards, tmp_path, mode):
     assert len(history(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_dali_loader_trains(synthetic_shards, tmp_path):
     pytest.importorskip("nvidia.dali")
     assert train.main(small_run(synthetic_shards, tmp_path, loader="dali")) == 0
     assert history(tmp_path)[0]["loss"] > 0
 
 
+@pytest.mark.slow
 def test_several_targets_and_evaluate_a_checkpoint(synthetic_shards, tmp_path, capsys):
     """-d a,b evaluates both targets at every evaluation (a column per target), the run's own
     mAP is their mean with --best-by mean and best.pth is the epoch where it peaked; --evaluate
@@ -100,6 +89,7 @@ def test_several_targets_and_evaluate_a_checkpoint(synthetic_shards, tmp_path, c
         assert table[name] == pytest.approx([round(100 * best[f"{name}/{m}"], 1) for m in METRICS], abs=0.051)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("poison, message", [
     ("memory", "non-finite loss at epoch 2, iteration 1"),  # a NaN centre: NaN loss, finite features
     ("model", r"iteration 1; epoch 2, iterations 1-3: memory updates refused \(.*3 with NaN"),
@@ -150,6 +140,7 @@ def test_shards_of_another_format_are_refused(synthetic_shards, tmp_path, capsys
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_resume_from_another_configuration_names_the_settings(synthetic_shards, tmp_path, capsys):
     assert train.main(small_run(synthetic_shards, tmp_path)) == 0
     assert train.main(small_run(synthetic_shards, tmp_path, "--seed", "7", "--epochs", "2",

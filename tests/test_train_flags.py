@@ -1,17 +1,14 @@
 """train.py behaviour no other test runs: --compile, --rerank and --eval-every 0 inside a run,
 --data-dir building missing shards, every refusal of check_flags, the autocast choice on a CPU,
-and the published torchvision augmentation against the loaders' train_pixels."""
+and the crop padding's flags."""
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from PIL import Image
 
 import train
 from engine.config import RunConfig
@@ -23,12 +20,9 @@ from pipeline.loader import LoaderConfig, build_eval_loader
 from pipeline.records import DATASETS
 from pipeline.runlock import LOCK_NAME
 from pipeline.shards import SplitReader
-from pipeline.transforms import (FLIP_P, PAD, augment_params, default_pad, normalize, train_pixels,
-                                 train_transform)
-from tests.test_evaluation import _squared_euclidean
-from tests.test_metrics import literal_market
-from tests.test_rerank import standard_re_ranking
-from tests.test_train import SOURCES, history, small_run
+from pipeline.transforms import augment_params, default_pad
+from tests.oracles import literal_market, squared_euclidean, standard_re_ranking
+from tests.runs import SOURCES, history, small_run
 
 CPU = torch.device("cpu")
 
@@ -58,6 +52,7 @@ def flag_runs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     return {"shards": shards, "eager": root / "eager", "compiled": root / "compiled"}
 
 
+@pytest.mark.slow
 def test_data_dir_builds_the_missing_shards(flag_runs):
     """--data-dir builds the four datasets the run needs (not CUHK-SYSU) into the empty --shards."""
     needed = ["cuhk03", "dukemtmc", "market1501", "msmt17v1"]
@@ -65,6 +60,7 @@ def test_data_dir_builds_the_missing_shards(flag_runs):
     assert all((flag_runs["shards"] / name / "manifest.json").is_file() for name in needed)
 
 
+@pytest.mark.slow
 def test_eval_every_0_reranks_at_the_end_only(flag_runs):
     """--eval-every 0 evaluates after the last epoch only; --rerank makes that evaluation the
     standard k-reciprocal re-ranking of the final model's features, then the literal protocol."""
@@ -80,13 +76,14 @@ def test_eval_every_0_reranks_at_the_end_only(flag_runs):
     q, g = (SplitReader(shards / "market1501", s) for s in ("query", "gallery"))
     ids = (q.pids, g.pids, q.camids, g.camids)
     qf, gf = feats[:len(q)], feats[len(q):]
-    blocks = [_squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
+    blocks = [squared_euclidean(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
     _, reranked = literal_market(standard_re_ranking(*blocks), *ids)
     _, plain = literal_market(blocks[0], *ids)
     assert rows[1]["mAP"] == pytest.approx(reranked, abs=1e-4)
     assert abs(reranked - plain) > 1e-3
 
 
+@pytest.mark.slow
 def test_compile_trains_as_eager(flag_runs):
     """The compiled run's losses and final (re-ranked) evaluation are the eager run's."""
     eager, compiled = history(flag_runs["eager"]), history(flag_runs["compiled"])
@@ -208,36 +205,3 @@ def test_the_crop_padding_scales_with_the_input_width():
     assert sorted(set(shifts.ravel().tolist())) == list(range(-5, 6))
     assert "--pad 16 must be smaller than the input (32x16)" in _refusal(
         [*GOOD, "--height", "32", "--width", "16", "--pad", "16"])
-
-
-def test_train_transform_is_train_pixels_for_some_random_parts():
-    """The published composition (flip, then pad and a random crop, torchvision's own draws)
-    gives exactly train_pixels' output (resize, pad, crop at a shift, then mirror) for one of
-    its 2 x 21 x 21 random parts, and over many draws both cover the same parts at the same
-    rates: a fair flip and every shift in [-PAD, PAD]."""
-    height, width = 40, 20
-    rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (57, 23, 3), dtype=np.uint8)).save(buf, "PNG")
-    image = Image.open(buf).convert("RGB")
-
-    def key(chw: torch.Tensor) -> bytes:
-        return chw.contiguous().numpy().tobytes()
-
-    parts = [(m, dy, dx) for m in (0, 1) for dy in range(-PAD, PAD + 1) for dx in range(-PAD, PAD + 1)]
-    outputs = {}
-    for m, dy, dx in parts:
-        pixels = torch.from_numpy(train_pixels(image, m, dy, dx, height, width))
-        outputs[key(normalize(pixels).permute(2, 0, 1))] = (m, dy, dx)
-    assert len(outputs) == len(parts)  # every random part gives a different image
-    transform = train_transform(height, width, pad=PAD)
-    found = []
-    for seed in range(300):
-        torch.manual_seed(seed)
-        found.append(outputs[key(transform(image))])  # KeyError: an output train_pixels never gives
-    mirror, dy, dx = np.asarray(found).T
-    mine_mirror, mine_shift = augment_params(seed=0, epoch=0, it=0, n=300, pad=PAD)
-    for flips in (mirror, mine_mirror):
-        assert abs(flips.mean() - FLIP_P) < 0.1
-    for shifts in (dy, dx, mine_shift[:, 0], mine_shift[:, 1]):
-        assert sorted(set(shifts.tolist())) == list(range(-PAD, PAD + 1))

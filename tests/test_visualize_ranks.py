@@ -13,7 +13,7 @@ from PIL import Image
 from engine.features import FeatureExtractor
 from pipeline.reading import decode_rgb
 from pipeline.shards import SplitReader
-from tests.test_extract import TARGET, trained_checkpoint
+from tests.runs import TARGET
 from tools import extract, visualize_ranks as vr
 
 NUM_QUERIES = 5
@@ -21,14 +21,9 @@ TOPK = 6
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synthetic_shards, tmp_path_factory) -> Path:
-    return trained_checkpoint(synthetic_shards, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def drawn(checkpoint, synthetic_shards, tmp_path_factory) -> Path:
+def drawn(trained_checkpoint, synthetic_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ranks")
-    code = vr.main(["--checkpoint", str(checkpoint), "--shards", str(synthetic_shards), "-d", TARGET,
+    code = vr.main(["--checkpoint", str(trained_checkpoint), "--shards", str(synthetic_shards), "-d", TARGET,
                     "--out", str(out), "--num-queries", str(NUM_QUERIES), "--topk", str(TOPK),
                     "--device", "cpu", "--no-progress"])
     assert code == 0
@@ -39,9 +34,9 @@ def pngs(out: Path) -> list[Path]:
     return sorted(out.glob("query_*.png"))
 
 
-def test_frames_show_protocol_correctness(checkpoint, synthetic_shards, drawn):
+def test_frames_show_protocol_correctness(trained_checkpoint, synthetic_shards, drawn):
     readers = {s: SplitReader(synthetic_shards / TARGET, s) for s in ("query", "gallery")}
-    ext = FeatureExtractor.from_checkpoint(checkpoint, device="cpu")
+    ext = FeatureExtractor.from_checkpoint(trained_checkpoint, device="cpu")
     feats = {s: ext([decode_rgb(r.read(i)) for i in range(len(r))]) for s, r in readers.items()}
     q, g = readers["query"], readers["gallery"]
     dist = torch.cdist(feats["query"].double(), feats["gallery"].double())
@@ -75,12 +70,13 @@ def test_frames_show_protocol_correctness(checkpoint, synthetic_shards, drawn):
         assert f'src="{path.name}"' in page and q.keys[qi] in page
 
 
-def test_features_from_extract_give_identical_pictures(checkpoint, synthetic_shards, drawn, tmp_path, capsys):
+def test_features_from_extract_give_identical_pictures(trained_checkpoint, synthetic_shards, drawn, tmp_path,
+                                                       capsys):
     feats = tmp_path / "feats"
     for split in ("query", "gallery"):
-        assert extract.main(["--checkpoint", str(checkpoint), "--shards", str(synthetic_shards), "-d", TARGET,
-                             "--split", split, "--out", str(feats / split), "--device", "cpu",
-                             "--no-progress"]) == 0
+        assert extract.main(["--checkpoint", str(trained_checkpoint), "--shards", str(synthetic_shards),
+                             "-d", TARGET, "--split", split, "--out", str(feats / split),
+                             "--device", "cpu", "--no-progress"]) == 0
     out = tmp_path / "ranks"
     code = vr.main(["--features", str(feats), "--shards", str(synthetic_shards), "-d", TARGET,
                     "--out", str(out), "--num-queries", str(NUM_QUERIES), "--topk", str(TOPK),
@@ -93,9 +89,9 @@ def test_features_from_extract_give_identical_pictures(checkpoint, synthetic_sha
     Image.open(io.BytesIO(pngs(out)[0].read_bytes())).verify()
 
 
-def test_errors(synthetic_shards, checkpoint, tmp_path, capsys):
-    code = vr.main(["--checkpoint", str(checkpoint), "--shards", str(synthetic_shards), "-d", "nosuch",
-                    "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"])
+def test_errors(synthetic_shards, trained_checkpoint, tmp_path, capsys):
+    code = vr.main(["--checkpoint", str(trained_checkpoint), "--shards", str(synthetic_shards),
+                    "-d", "nosuch", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("visualize_ranks.py: error: ") and "nosuch" in err
     assert len(err.strip().splitlines()) == 1
@@ -106,7 +102,7 @@ def test_errors(synthetic_shards, checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("visualize_ranks.py: error: --checkpoint") and "bad.pth" in err
     with pytest.raises(SystemExit) as e:
-        vr.main(["--checkpoint", str(checkpoint), "--shards", str(synthetic_shards), "-d", TARGET,
+        vr.main(["--checkpoint", str(trained_checkpoint), "--shards", str(synthetic_shards), "-d", TARGET,
                  "--out", str(tmp_path / "o"), "--topk", "0"])
     assert e.value.code == 2 and "--topk must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
