@@ -111,6 +111,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def mean_over_ranks(values: torch.Tensor) -> None:
+    """``values`` (on the device, in place) averaged over the ranks: one all-reduce."""
+    world = world_size()
+    if world > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world
+
+
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """For each flag, whether it is set on any rank: one small all-reduce, so that all ranks
     stop (on a signal or a non-finite loss) at the same iteration."""

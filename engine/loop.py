@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from engine import distributed as du
 from engine.runlog import RunLog
@@ -87,7 +86,7 @@ def train_one_epoch(t: Trainer, loader, epoch: int, start: int, *, stop: StopReq
             log.info("first iteration done, %.1f s after set-up began", time.monotonic() - started)
         res.stop_signal = stop.agreed()
         if (it + 1) % log_every == 0 or it + 1 == cfg.iters or res.stop_signal:
-            mean_over_ranks(res.losses[checked: it + 1])
+            du.mean_over_ranks(res.losses[checked: it + 1])
             check_health(res.losses, checked, it, t.memories, device, epoch, checkpoint_path)
             runlog.advance(it + 1, res.losses[it], res.done * 3 * cfg.batch_size / (time.perf_counter() - t0))
             checked = it + 1
@@ -98,14 +97,6 @@ def train_one_epoch(t: Trainer, loader, epoch: int, start: int, *, stop: StopReq
     res.seconds += time.perf_counter() - t0
     res.timed += res.done
     return res
-
-
-def mean_over_ranks(values: torch.Tensor) -> None:
-    """``values`` (on the device, in place) averaged over the ranks: one all-reduce."""
-    world = du.world_size()
-    if world > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= world
 
 
 def one_iteration(t: Trainer, batch, epoch: int, it: int) -> torch.Tensor:
