@@ -74,8 +74,8 @@ def checked(world: int, group: dist.ProcessGroup | None = None) -> Iterator[None
 
 def refuse(line: str, is_main: bool) -> None:
     """Why the run cannot go on: one line on rank 0's stderr and, under torchrun, in the error
-    file torchrun reads, so that its failure report repeats the line under "Root Cause" (README:
-    reading torchrun's report)."""
+    file torchrun reads, so that its failure report repeats the line under "Root Cause"
+    (docs/operations.md, "Reading torchrun's report")."""
     if is_main:
         print(line, file=sys.stderr, flush=True)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")

@@ -134,7 +134,8 @@ def test_junk_distractors_and_a_changed_folder(tmp_path, capsys):
 
 
 def test_anything_may_follow_the_person_and_camera(tmp_path):
-    """The README's promise: a dot, a space or a long suffix after PPPP_cC is a name like any other."""
+    """docs/training.md, "Your own dataset": a dot, a space or a long suffix after PPPP_cC is a
+    name like any other."""
     odd = ["0003_c1s2_020569_07.v2.jpg", "0003_c1 copy.jpg", f"0003_c1_{'long' * 30}.jpg"]
     own, out = write_folder(tmp_path / "own", {**GOOD, "query": GOOD["query"] + odd}), tmp_path / "out"
     assert make_shards.main(["--custom", f"mine={own}", "--out", str(out)]) == 0

@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path,
-                   help="raw datasets, laid out as DATA/<name>/<folder> (README, 'Datasets'); "
+                   help="raw datasets, laid out as DATA/<name>/<folder> (README, 'Data'); "
                         "not needed with --verify")
     p.add_argument("--out", type=Path, default=_REPO / "shards",
                    help="output folder; each dataset goes to OUT/<name>/ (tars, .idx indexes, "
