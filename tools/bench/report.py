@@ -53,7 +53,7 @@ def loaders(rows: list[dict]) -> Table:
     for r in rows:
         formats = ", ".join(f"{s} {'+'.join(r['formats'][s])}" for s in r["sources"])
         if "skipped" in r:
-            t.rows.append([r["loader"], formats, "", "", "skipped: " + r["skipped"], ""])
+            t.rows.append([r["loader"], formats, "-", "-", "skipped: " + r["skipped"], "-"])
             continue
         folder = next((x for x in rows if x["loader"] == "folder" and x["sources"] == r["sources"]
                        and "images_per_s" in x), None)
