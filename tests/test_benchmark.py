@@ -1,6 +1,6 @@
 """tools/benchmark.py on CPU: every subcommand runs (gloo processes for the multi-process counts),
-the table, JSON and plot are written, the fast and reference implementations are compared, and
-the flags shared with train.py are train.py's own."""
+the JSON, the markdown tables (printed too) and the plot are written, the fast and reference
+implementations are compared, and the flags shared with train.py are train.py's own."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ from engine import network
 from engine.flags import train_parser
 from model.groups import BN_IMPLS
 from tools import benchmark
+from tools.bench.report import cell, projection
 
 TINY = ["-a", "resnet18", "--height", "64", "--width", "32", "-b", "8", "--warmup", "1", "--window", "2",
         "--repeats", "2"]
@@ -18,6 +19,13 @@ TINY = ["-a", "resnet18", "--height", "64", "--width", "32", "-b", "8", "--warmu
 
 def results(folder) -> list[dict]:
     return json.loads((folder / "benchmark.json").read_text())["results"]
+
+
+def markdown(folder, printed: str) -> str:
+    """OUT/benchmark.md, which the run also printed."""
+    text = (folder / "benchmark.md").read_text()
+    assert text in printed
+    return text
 
 
 @pytest.mark.slow
@@ -29,8 +37,16 @@ def test_step_across_process_counts(tmp_path, capsys, monkeypatch):
     assert {(r["impl"], r["world"]) for r in res} == {("fast", 1), ("reference", 1), ("fast", 2)}
     assert all(r["images_per_s"] > 0 and len(r["windows_s_per_iter"]) == 2 for r in res)
     assert (tmp_path / "benchmark.png").stat().st_size > 0
-    out = capsys.readouterr().out
-    assert "vs ref" in out and "step" in out
+    md = markdown(tmp_path, capsys.readouterr().out)
+    assert ("| mode | implementation | processes | images/s | ms / iteration | vs reference | scaling eff. |"
+            in md)
+    ref, one, two = (next(r for r in res if (r["impl"], r["world"]) == key)
+                     for key in (("reference", 1), ("fast", 1), ("fast", 2)))
+    for r, eff in ((ref, "-"), (one, "-"), (two, f"{two['images_per_s'] / (2 * one['images_per_s']):.0%}")):
+        name = r["impl"] + (f", --bn-impl {r['bn_impl']}" if r["bn_impl"] else "")
+        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x"
+        assert (f"| step | {name} | {r['world']} | {cell(r['images_per_s'])} | "
+                f"{cell(1e3 * r['s_per_iter'])} | {ratio} | {eff} |") in md
     assert [type(m.style).__name__ for m in wrapped] == ["UBS", "LiteralUBS"]  # fast, then reference
 
 
@@ -41,7 +57,10 @@ def test_train_loaders_and_eval(synthetic_data, synthetic_shards, tmp_path, caps
     res = results(tmp_path / "t")
     assert {r["impl"] for r in res} == {"fast", "reference"} and {r["loader"] for r in res} >= {"folder"}
     assert all(r["images_per_s"] > 0 for r in res)
-    assert "projected 14,000 iterations" in capsys.readouterr().out
+    md = markdown(tmp_path / "t", capsys.readouterr().out)
+    assert all(f"| {cell(r['images_per_s'])} | {cell(1e3 * r['s_per_iter'])} |" in md for r in res)
+    assert "## Full-run projection" in md
+    assert "| projected 14,000 iterations (fast, 1 process) of training |" in md
 
     assert benchmark.main(["loaders", *TINY[2:], *data, "--cuhk03", "--out", str(tmp_path / "l")]) == 0
     res = results(tmp_path / "l")
@@ -52,13 +71,23 @@ def test_train_loaders_and_eval(synthetic_data, synthetic_shards, tmp_path, caps
     assert all("skipped" not in r for r in res[:5] if r["loader"] != "dali")
     assert all(r["images_per_s"] > 0 and len(r["windows_s_per_iter"]) == 2 for r in res if "skipped" not in r)
     assert set(res[3]["formats"]["cuhk03"]) == {"png"} and set(res[3]["formats"]["dukemtmc"]) == {"jpg"}
-    assert "vs folder" in capsys.readouterr().out and not (tmp_path / "l" / "benchmark.png").exists()
+    md = markdown(tmp_path / "l", capsys.readouterr().out)
+    assert "| loader | sources (formats) | workers | batch | images/s | vs folder |" in md
+    for r in res:
+        formats = ", ".join(f"{s} {'+'.join(r['formats'][s])}" for s in r["sources"])
+        figures = (f"- | - | {cell('skipped: ' + r['skipped'])} | - |" if "skipped" in r else
+                   f"{r['workers']} | {cell(r['batch'])} | {cell(r['images_per_s'])} |")
+        assert f"| {r['loader']} | {formats} | {figures}" in md
+    assert not (tmp_path / "l" / "benchmark.png").exists()
 
     assert benchmark.main(["eval", *TINY[:6], "--test-batch-size", "16", *TINY[8:],
                            "--eval-size", "300,2000,64", "--aqe", "3", "--out", str(tmp_path / "e")]) == 0
     (r,) = results(tmp_path / "e")
     assert r["num_query"] == 300 and r["seconds"] > 0 and r["extract_images_per_s"] > 0
-    assert r["aqe_k"] == 3 and r["aqe_seconds"] > 0 and "with --aqe 3" in capsys.readouterr().out
+    assert r["aqe_k"] == 3 and r["aqe_seconds"] > 0
+    md = markdown(tmp_path / "e", capsys.readouterr().out)
+    assert f"| eval metrics, 300 x 2,000 x 64 (cpu, one run) | {cell(round(r['seconds'], 2))} | s |" in md
+    assert f"| the same with --aqe 3 ({r['aqe_seconds'] / r['seconds']:.2f}x) |" in md
 
 
 def test_ops_times_the_model_parts_and_counts_aten_operations(tmp_path, capsys):
@@ -76,6 +105,10 @@ def test_ops_times_the_model_parts_and_counts_aten_operations(tmp_path, capsys):
     assert [(r["op"], r["impl"]) for r in bn[-2:]] == [("batchnorm g2 all", i) for i in BN_IMPLS]
     assert sum(int(r["op"].split("x")[-1]) for r in bn[:-2]) == 2 * 21 and len(bn) == 2 * 6 + 2
     assert all(r["shape"][0] == 12 for r in bn[:-2])
+    md = markdown(tmp_path / "p", capsys.readouterr().out)
+    assert "| op | shape | device | dtype | impl | ms | speed-up |" in md
+    assert all(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | cpu | {r['dtype']} | {r['impl']} | "
+               f"{cell(r['ms'])} | {r['speedup']:.2f}x |" in md for r in rows)
 
     assert benchmark.main(["ops", "--count", "-a", "resnet18", "--bn-groups", "4",
                            "--out", str(tmp_path / "c")]) == 0
@@ -86,7 +119,11 @@ def test_ops_times_the_model_parts_and_counts_aten_operations(tmp_path, capsys):
         assert counts["optimizer"] == 2  # fused Adam: one kernel for every parameter (and its step counter)
         assert counts["total"] == sum(v for k, v in counts.items() if k != "total") > 0
     assert rows[0]["counts"]["forward 1"] < rows[1]["counts"]["forward 1"]  # one kernel a layer, or a group
-    assert "ATen operations of one IL iteration (resnet18" in capsys.readouterr().out
+    md = markdown(tmp_path / "c", capsys.readouterr().out)
+    assert "## ATen operations of one IL iteration (resnet18)" in md
+    assert "| phase (views excluded) | " + " | ".join(f"--bn-groups 4, {i}" for i in BN_IMPLS) + " |" in md
+    assert all(f"| {k} | {rows[0]['counts'][k]:,} | {rows[1]['counts'][k]:,} |" in md
+               for k in rows[0]["counts"])
 
 
 def test_flags_shared_with_train_are_train_flags():
@@ -119,12 +156,19 @@ def test_flags_shared_with_train_are_train_flags():
         parser.parse_args(["step", "--cuhk03"])  # a flag of another subcommand is refused
 
 
-def test_full_run_projection_adds_an_evaluation_per_epoch(capsys):
-    results = [{"mode": "train", "impl": "fast", "world": 1, "s_per_iter": 0.05},
+def test_full_run_projection_adds_an_evaluation_per_epoch():
+    results = [{"mode": "step", "impl": "fast", "world": 1, "images_per_s": 2000.0},
+               {"mode": "train", "impl": "fast", "world": 1, "s_per_iter": 0.05, "images_per_s": 1500.0},
                {"mode": "eval", "impl": "fast", "world": 1, "num_query": 1000, "num_gallery": 9000,
                 "seconds": 2.0, "extract_images_per_s": 5000.0}]
-    benchmark.projection(results)
-    out = capsys.readouterr().out
+    share, train, full = projection(results).figures
+    assert share == ("train (fast) as a share of the step bound", 75.0, "%")
     # 14,000 x 0.05 s = 700 s of training; each evaluation 10,000 / 5,000 + 2 = 4 s
-    assert "(11.7 min) of training" in out
-    assert "4.0 s each" in out and f"{(700 + 70 * 4) / 60:.1f} min for the full run" in out
+    assert train == ("projected 14,000 iterations (fast, 1 process) of training", 11.7, "min")
+    assert "70 evaluations of 10,000 images (4.0 s each" in full[0] and full[1:] == (16.3, "min")
+    assert projection(results[1:2]).figures == [train]  # neither step nor eval: training alone
+
+
+def test_cells_are_written_as_docs_benchmarks_writes_them():
+    assert [cell(v) for v in (1521.3, 68.73, 0.59123, 4571, True, "a |\nb")] == [
+        "1,521", "68.73", "0.5912", "4,571", "True", "a \\| b"]

@@ -1,7 +1,8 @@
 """tools/gpu_check.py --device cpu --quick, as CI runs it: the sequence `make gpu-check` runs on a
 GPU machine, in a tiny configuration on the CPU, so it cannot break unnoticed between the rare
 loans of a GPU machine. Every step ends ok, or skipped with its reason; results.json and
-summary.md hold every figure with its command; no process of the run is left behind. Run twice:
+summary.md hold every figure with its command, summary.md tools/benchmark.py's own tables; no
+process of the run is left behind. Run twice:
 here, and as on the GPU machine's bare image (no webdataset, no DALI: tests/bare_image)."""
 from __future__ import annotations
 
@@ -86,6 +87,11 @@ def check_results(out: Path) -> dict:
     summary = (out / "summary.md").read_text()
     assert all(f"`{f['command']}`" in summary and f"## {f['table']}" in summary for f in figures)
     assert all(f"| {name} | {s['status']} |" in summary for name, s in steps.items())
+    for name in (n for n in gpu_check.BENCHMARKS if steps[n]["status"] == "ok"):  # benchmark.md's tables
+        md = (gpu_check.REPO / steps[name]["result"]).with_suffix(".md").read_text()
+        tables = md[md.index("\n## "):].splitlines()
+        assert f"`{steps[name]['command']}`" in tables and any(line.startswith("| ---") for line in tables)
+        assert all(line in summary for line in tables if line.startswith("|")), name
     for name in gpu_check.STEPS:  # every process of every step has ended
         assert not gpu_check.marked(f"{gpu_check.MARKER}={out}:{name}")
     return results

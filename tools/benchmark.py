@@ -23,8 +23,10 @@ per part:
 Every figure is the median over ``--repeats`` timed windows of ``--window`` iterations (an
 iteration: a training step, a loader batch, an extraction forward, one call of a model part),
 after ``--warmup`` untimed ones, with host and device synchronised at the end of each window.
-Every subcommand prints its table and writes OUT/benchmark.json (machine, configuration, rows);
-step and train also OUT/benchmark.png (images/s and scaling efficiency against the ideal line).
+Every subcommand writes OUT/benchmark.json (machine, configuration, rows) and OUT/benchmark.md (the
+rows as the markdown tables of docs/benchmarks.md under the command, which it also prints:
+tools/bench/report.py); train adds the full-run projection, step and train OUT/benchmark.png
+(images/s and scaling efficiency against the ideal line).
 
 The flags that mean what train.py's mean (-a, -b, --height, --width, --num-instances, --bn-groups,
 --bn-impl, --amp, --compile, --apex, --device, -j, --loader, --shards, --test-batch-size) are train.py's own
@@ -50,12 +52,10 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
-import statistics
+import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +66,8 @@ from engine.device import DeviceError, resolve_device
 from engine.flags import HelpFormatter, add_train_flags, at_least, train_parser
 from engine.usage import UsageError
 from model.groups import BN_IMPLS
+from tools.bench import report
+from tools.bench.timing import device_sync, machine, measure
 
 COMMANDS = {
     "loaders": "the training loaders alone, side by side (DALI, torch, the published folder loader)",
@@ -129,7 +131,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     o = p.add_argument_group("device and output")
     add_train_flags(o, "device")
     o.add_argument("--out", type=Path, default=Path("logs/benchmark"),
-                   help="folder for benchmark.json (and benchmark.png for step and train)")
+                   help="folder for benchmark.json, benchmark.md (and benchmark.png for step and train)")
     if name in ("step", "train") or every:
         r = p.add_argument_group("implementations and processes")
         r.add_argument("--impl", choices=("fast", "reference", "both"), default="both",
@@ -249,37 +251,6 @@ def run_config(args, **fixed):
     from engine.config import RunConfig
 
     return RunConfig.from_args(train_args(args, update_style=True, **fixed))
-
-
-# ---------------------------------------------------------------- timing
-
-def device_sync(device: torch.device) -> Callable[[], None]:
-    """Waits for the device's queued work and for every rank."""
-    from engine.distributed import barrier
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        barrier()
-    return sync
-
-
-def measure(run_iteration: Callable[[], object], sync: Callable[[], None], args) -> dict:
-    """Seconds per iteration: ``--warmup`` untimed iterations, then ``--repeats`` windows of
-    ``--window`` iterations, each ending with ``sync()``. ``s_per_iter`` is the median window,
-    which one disturbed window (a busy machine, a collection) does not move; every window is
-    kept in ``windows_s_per_iter``."""
-    for _ in range(args.warmup):
-        run_iteration()
-    sync()
-    windows = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.window):
-            run_iteration()
-        sync()
-        windows.append((time.perf_counter() - t0) / args.window)
-    return {"s_per_iter": statistics.median(windows), "windows_s_per_iter": windows}
 
 
 # ---------------------------------------------------------------- loaders
@@ -692,177 +663,6 @@ def count_step_ops(cfg, batch: int = 64, size: tuple[int, int] = (32, 16)) -> di
     return counts
 
 
-# ---------------------------------------------------------------- reporting
-
-def machine() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        import nvidia.dali as dali
-        info["dali"] = dali.__version__
-    except ImportError:
-        pass
-    return info
-
-
-def report(results: list[dict], args) -> None:
-    """The one output of every subcommand: the table, OUT/benchmark.json (machine, configuration,
-    rows), the full-run projection, and OUT/benchmark.png when there are iteration rows."""
-    info = machine()
-    config = {k: v for k, v in vars(args).items() if k not in ("worker", "result")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    document = {"machine": info, "config": config, "results": results}
-    (args.out / "benchmark.json").write_text(json.dumps(document, indent=1, default=str))
-    print(f"\nmachine: {info}\nconfiguration: {json.dumps(config, default=str)}")
-    print("\n".join(table(results)))
-    projection(results)
-    png = args.out / "benchmark.png"
-    print(f"\nwrote {args.out / 'benchmark.json'}" + (f" and {png}" if plot(results, png, info) else ""))
-
-
-def table(results: list[dict]) -> list[str]:
-    """The rows as text, one block per kind of figure, in the order they ran."""
-    lines = []
-    blocks = ["ops --count" if r.get("op") == "aten-count" else r["mode"] for r in results]
-    for block in dict.fromkeys(blocks):
-        rows = [r for r, b in zip(results, blocks) if b == block]
-        lines.append("")
-        if block == "loaders":
-            lines += loader_lines(rows)
-        elif block in ("step", "train"):
-            lines += iteration_lines(rows)
-        elif block == "eval":
-            lines += eval_lines(rows)
-        elif block == "ops --count":
-            lines += count_lines(rows)
-        else:
-            lines += part_lines(rows)
-    return lines
-
-
-def loader_lines(rows: list[dict]) -> list[str]:
-    lines = [f"{'loader':<8} {'workers':>7} {'batch':>6} {'images/s':>10} {'vs folder':>9}  "
-             "sources (formats)"]
-    for r in rows:
-        if "skipped" in r:
-            lines.append(f"{r['loader']:<8} skipped: {r['skipped']}")
-            continue
-        folder = next((x for x in rows if x["loader"] == "folder" and x["sources"] == r["sources"]
-                       and "images_per_s" in x), None)
-        ratio = f"{r['images_per_s'] / folder['images_per_s']:.2f}x" if folder else ""
-        formats = ", ".join(f"{s} {'+'.join(r['formats'][s])}" for s in r["sources"])
-        lines.append(f"{r['loader']:<8} {r['workers']:>7} {r['batch']:>6} {r['images_per_s']:>10.1f} "
-                     f"{ratio:>9}  {formats}")
-    return lines
-
-
-def iteration_lines(rows: list[dict]) -> list[str]:
-    lines = [f"{'mode':6} {'impl':16} {'procs':>5} {'images/s':>10} {'ms/iter':>9} {'vs ref':>7} {'eff.':>6}"]
-    for r in rows:
-        ref = next((x for x in rows if x["world"] == 1 and x["impl"] == "reference"), None)
-        one = next((x for x in rows if x["impl"] == r["impl"] and x["world"] == 1), None)
-        ratio = f"{r['images_per_s'] / ref['images_per_s']:6.2f}x" if ref and r is not ref else ""
-        eff = f"{r['images_per_s'] / (one['images_per_s'] * r['world']):5.0%}" if one else ""
-        name = r["impl"] + (f"/{r['loader']}" if r.get("loader") else "")
-        lines.append(f"{r['mode']:6} {name:16} {r['world']:5d} {r['images_per_s']:10.1f} "
-                     f"{1000 * r['s_per_iter']:9.1f} {ratio:>7} {eff:>6}")
-    return lines
-
-
-def eval_lines(rows: list[dict]) -> list[str]:
-    r = rows[0]
-    aqe = (f"; with --aqe {r['aqe_k']}: {r['aqe_seconds']:.2f} s ({r['aqe_seconds'] / r['seconds']:.2f}x)"
-           if r.get("aqe_seconds") else "")
-    return [f"eval metrics: {r['seconds']:.2f} s ({r['num_query']} x {r['num_gallery']} x {r['dim']}, "
-            f"{r['device']}, one run){aqe}",
-            f"eval extraction forward: {r['extract_images_per_s']:.1f} images/s (test batch on the device)"]
-
-
-WIDTHS = (20, 20, 8, 10, 12)  # of the model parts' columns
-
-
-def part_lines(rows: list[dict]) -> list[str]:
-    head = ("op", "shape", "device", "dtype", "impl")
-    lines = ["".join(f"{h:<{w}}" for h, w in zip(head, WIDTHS)) + f"{'median ms':>11}{'speed-up':>10}"]
-    for r in rows:
-        cells = (r["op"], "x".join(map(str, r["shape"])), r["device"], r["dtype"], r["impl"])
-        lines.append("".join(f"{c:<{w}}" for c, w in zip(cells, WIDTHS))
-                     + f"{r['ms']:>11.2f}{r['speedup']:>9.2f}x")
-    return lines
-
-
-def count_lines(rows: list[dict]) -> list[str]:
-    lines = [f"ATen operations of one IL iteration ({rows[0]['arch']}, views excluded), by --bn-groups and "
-             "--bn-impl",
-             f"{'phase':<26}" + "".join(f"{'g%d %s' % (r['bn_groups'], r['bn_impl']):>15}" for r in rows)]
-    lines += [f"{k:<26}" + "".join(f"{r['counts'].get(k, 0):>15}" for r in rows) for k in rows[0]["counts"]]
-    return lines
-
-
-def projection(results: list[dict]) -> None:
-    """Wall time of the published schedule (70 epochs x 200 iterations) at the measured speed,
-    and with an evaluation after every epoch when eval ran too (all): extraction of the eval
-    size's query + gallery images at the measured forward rate, plus the measured metrics."""
-    ev = next((r for r in results if r["mode"] == "eval"), None)
-    for r in results:
-        if r["mode"] == "train" and r["world"] == 1:
-            train_s = 70 * 200 * r["s_per_iter"]
-            print(f"projected 14,000 iterations ({r['impl']}, 1 process): {train_s / 3600:.2f} h "
-                  f"({train_s / 60:.1f} min) of training")
-            if ev is not None:
-                images = ev["num_query"] + ev["num_gallery"]
-                eval_s = images / ev["extract_images_per_s"] + ev["seconds"]
-                print(f"  + 70 evaluations of {images:,} images ({eval_s:.1f} s each, model-only "
-                      f"extraction): {(train_s + 70 * eval_s) / 60:.1f} min for the full run")
-
-
-def plot(results: list[dict], path: Path, info: dict) -> bool:
-    """images/s against processes (dashed: the ideal line) and the scaling efficiency, of the
-    step and train rows; returns whether there were any."""
-    series = {}
-    for r in results:
-        if r["mode"] in ("step", "train"):
-            series.setdefault((r["mode"], r["impl"]), []).append((r["world"], r["images_per_s"]))
-    if not series:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for (mode, impl), pts in sorted(series.items()):
-        pts.sort()
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        line, = ax.plot(xs, ys, marker="o", label=f"{mode} {impl}")
-        base = dict(pts).get(1)
-        if base:
-            ax.plot(xs, [base * x for x in xs], ls="--", color=line.get_color(), alpha=0.4)
-            ax2.plot(xs, [y / (base * x) for x, y in zip(xs, ys)], marker="o", color=line.get_color(),
-                     label=f"{mode} {impl}")
-    counts = sorted({x for pts in series.values() for x, _ in pts})
-    for a in (ax, ax2):
-        a.set_xticks(counts)
-    ax.set_xlabel("processes (GPUs)")
-    ax.set_ylabel("images/s (dashed: ideal)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax2.set_xlabel("processes (GPUs)")
-    ax2.set_ylabel("scaling efficiency")
-    ax2.axhline(0.9, color="grey", ls=":")
-    ax2.set_ylim(0, 1.1)
-    ax2.grid(alpha=0.3)
-    fig.suptitle(info.get("gpu", f"CPU, {info['cores']} cores"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 # ---------------------------------------------------------------- main
 
 def run(command: str, args) -> list[dict]:
@@ -901,7 +701,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if hasattr(args, "gpus"):
             check_process_counts(counts, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        report(run(args.command, args), args)
+        rows = run(args.command, args)
+        config = {k: v for k, v in vars(args).items() if k not in ("worker", "result")}
+        command = shlex.join(["python", "tools/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+        print(report.write(args.out, command, machine(), config, rows))
     except (UsageError, DeviceError) as e:
         print(f"benchmark.py {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -34,8 +34,9 @@ import error.
 
 OUT/results.json holds the machine (GPU, driver, CUDA, torch, DALI, Python, CPUs, date), every
 step (command, status ok / failed / skipped, reason, seconds, log tail, details) and every figure
-with the command that produced it; OUT/summary.md has the figures as tables in the form of
-docs/benchmarks.md. The exit status is 1 when a step failed.
+with the command that produced it; OUT/summary.md has the figures as the tables of
+docs/benchmarks.md, tools/benchmark.py's rendered by its own tools/bench/report.py. The exit
+status is 1 when a step failed.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from tools.bench import report
 
 REPO = Path(__file__).resolve().parents[1]
 # tools/fetch_dali.sh's folder, and where its wheels are installed (not .dali/, which holds the parts
@@ -516,165 +519,53 @@ def driver_version() -> str:
     return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
-@dataclass
-class Section:
-    """One table of summary.md: the command that produced it, its rows, and its figures."""
-
-    title: str
-    command: str
-    headers: list[str]
-    rows: list[list] = field(default_factory=list)
-    figures: list[tuple[str, float, str]] = field(default_factory=list)  # name, value, unit
-
-    def lines(self) -> list[str]:
-        return ["", f"## {self.title}", "", f"`{self.command}`", "", "| " + " | ".join(self.headers) + " |",
-                "|" + " --- |" * len(self.headers)] + ["| " + " | ".join(_cell(c) for c in r) + " |"
-                                                       for r in self.rows]
-
-
 def _why(reason: str, note: str) -> str:
     return "; ".join(x for x in (reason, note) if x)
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return " ".join(str(value).split()).replace("|", "\\|")
+def parity(result: dict) -> report.Table:
+    """tools/compare_loaders.py's agreement of DALI with PIL, per batch."""
+    t = report.Table("DALI against PIL on the same images",
+                     ["batch", "images", "pixel diff mean (1/255)", "max", "feature cosine min", "mean",
+                      "unrelated images"])
+    for batch, r in result["batches"].items():
+        t.rows.append([batch, r["images"], r["pixel_mean_abs_diff"], r["pixel_max_abs_diff"], r["cosine_min"],
+                       r["cosine_mean"], r["unrelated_cosine_mean"]])
+        t.figures += [(f"{batch}: pixel diff mean", round(r["pixel_mean_abs_diff"], 3), "1/255"),
+                      (f"{batch}: feature cosine min", round(r["cosine_min"], 5), "cosine")]
+    return t
 
 
-def _synthetic(step: dict) -> Section:
-    sec = Section("Data preparation: synthetic set", step["command"], ["figure", "value", "unit"])
-    sec.figures = [("make_synthetic wall time (beside gpu-tests and sync-free)", round(step["seconds"], 1),
-                    "s")]
-    sec.rows = [list(f) for f in sec.figures]
-    return sec
-
-
-def _shards(step: dict) -> Section:
-    sec = Section("Data preparation: shards", step["command"], ["dataset", "images"],
-                  [[name, n] for name, n in step["details"]["images"].items()])
-    total = sum(step["details"]["images"].values())
-    sec.rows.append([f"all, {step['seconds']:.1f} s (beside gpu-tests and sync-free)", total])
-    sec.figures = [("make_shards wall time", round(step["seconds"], 1), "s"),
-                   ("make_shards images/s", round(total / step["seconds"], 1), "images/s")]
-    return sec
-
-
-def _parity(step: dict) -> Section:
-    sec = Section("DALI against PIL on the same images", step["command"],
-                  ["batch", "images", "pixel diff mean (1/255)", "max", "feature cosine min", "mean",
-                   "unrelated images"])
-    for batch, r in step["details"]["result"]["batches"].items():
-        sec.rows.append([batch, r["images"], r["pixel_mean_abs_diff"], r["pixel_max_abs_diff"],
-                         r["cosine_min"], r["cosine_mean"], r["unrelated_cosine_mean"]])
-        sec.figures += [(f"{batch}: pixel diff mean", round(r["pixel_mean_abs_diff"], 3), "1/255"),
-                        (f"{batch}: feature cosine min", round(r["cosine_min"], 5), "cosine")]
-    return sec
-
-
-def _loaders(step: dict) -> Section:
-    rows = step["details"]["result"]
-    sec = Section(f"Loaders: images/s delivered ({step['name']})", step["command"],
-                  ["loader", "sources (formats)", "images/s", "vs folder"])
-    for r in rows:
-        formats = ", ".join(f"{s} {'+'.join(r['formats'][s])}" for s in r["sources"])
-        folder = next((x for x in rows if x["loader"] == "folder" and x["sources"] == r["sources"]
-                       and "images_per_s" in x), None)
-        if "skipped" in r:
-            sec.rows.append([r["loader"], formats, "skipped: " + r["skipped"], ""])
-            continue
-        ratio = f"{r['images_per_s'] / folder['images_per_s']:.2f}x" if folder else ""
-        sec.rows.append([r["loader"], formats, r["images_per_s"], ratio])
-        sec.figures.append((f"{r['loader']} loader, {','.join(r['sources'])}", r["images_per_s"], "images/s"))
-    return sec
-
-
-def _iteration(step: dict) -> Section:
-    rows = step["details"]["result"]
-    which = f" ({step['name']})" if step["name"] in BN_STEPS else ""
-    sec = Section(f"Training iteration: {rows[0]['mode']}{which}", step["command"],
-                  ["mode", "implementation", "processes", "images/s", "ms / iteration", "vs reference"])
-    ref = next((r for r in rows if r["impl"] == "reference"), None)
-    for r in rows:
-        name = r["impl"] + (f" ({r['loader']} loader)" if r.get("loader") else "") + (
-            f", --bn-impl {r['bn_impl']}" if r.get("bn_impl") else "")
-        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
-        sec.rows.append([r["mode"], name, r["world"], r["images_per_s"], 1e3 * r["s_per_iter"], ratio])
-        sec.figures += [(f"{r['mode']} {name}", round(r["images_per_s"], 1), "images/s"),
-                        (f"{r['mode']} {name} per iteration", round(1e3 * r["s_per_iter"], 2), "ms")]
-    return sec
-
-
-def _eval(step: dict) -> Section:
-    r = step["details"]["result"][0]
-    size = f"{r['num_query']:,} x {r['num_gallery']:,} x {r['dim']}"
-    sec = Section("Evaluation", step["command"], ["part", "value", "unit"],
-                  [[f"metrics, {size} ({r['device']})", r["seconds"], "s"],
-                   ["extraction forward (eval mode, on the device)", r["extract_images_per_s"], "images/s"]])
-    sec.figures = [(f"eval metrics {size}", round(r["seconds"], 2), "s"),
-                   ("eval extraction forward", round(r["extract_images_per_s"], 1), "images/s")]
-    return sec
-
-
-def _model_parts(step: dict) -> Section:
-    sec = Section("Model parts", step["command"],
-                  ["op", "shape", "device", "dtype", "impl", "ms", "speed-up"])
-    for r in step["details"]["result"]:
-        sec.rows.append([r["op"], "x".join(map(str, r["shape"])), r["device"], r["dtype"], r["impl"], r["ms"],
-                         f"{r['speedup']:.1f}x"])
-        sec.figures.append((f"{r['op']} {r['impl']} {r['dtype']} {r['device']}", round(r["ms"], 3), "ms"))
-    return sec
-
-
-def _ops(step: dict) -> Section:
-    rows = step["details"]["result"]
-    phases = list(rows[0]["counts"])
-    sec = Section(f"ATen operations of one {rows[0]['step'].upper()} iteration ({rows[0]['arch']})",
-                  step["command"], ["phase"] + [f"--bn-groups {r['bn_groups']}" for r in rows])
-    sec.rows = [[k] + [r["counts"].get(k, 0) for r in rows] for k in phases]
-    sec.figures = [(f"{r['arch']}, --bn-groups {r['bn_groups']}: {k}", r["counts"].get(k, 0), "ATen ops")
-                   for r in rows for k in phases]
-    return sec
-
-
-SECTIONS = (("synthetic", _synthetic), ("shards", _shards), ("loader-parity", _parity),
-            ("bench-data", _loaders), ("loaders-png", _loaders), ("bench-step", _iteration),
-            *((name, _iteration) for name in BN_STEPS),
-            ("bench-train", _iteration), ("bench-eval", _eval), ("model-parts", _model_parts), ("ops", _ops))
-
-
-def _single(steps: dict, name: str, impl: str) -> dict | None:
-    s = steps[name]
-    if s["status"] != "ok":
-        return None
-    return next((r for r in s["details"]["result"] if r["impl"] == impl and r["world"] == 1), None)
-
-
-def _derived(steps: dict) -> Section:
-    """Figures from two steps: the share of the step bound, and the projected full run."""
-    train, bound = _single(steps, "bench-train", "fast"), _single(steps, "bench-step", "fast")
-    ev = steps["bench-eval"]
-    sec = Section("From two steps: step bound and full-run projection",
-                  f"{steps['bench-train']['command']} ; {steps['bench-step']['command']} ; {ev['command']}",
-                  ["figure", "value", "unit"])
-    if train and bound:
-        sec.figures.append(("train (fast) as a share of the step bound",
-                            round(100 * train["images_per_s"] / bound["images_per_s"], 1), "%"))
-    if train and ev["status"] == "ok":
-        r = ev["details"]["result"][0]
-        train_s = 70 * 200 * train["s_per_iter"]
-        eval_s = (r["num_query"] + r["num_gallery"]) / r["extract_images_per_s"] + r["seconds"]
-        full_s = train_s + 70 * eval_s
-        sec.figures += [("70 epochs x 200 iterations (fast)", round(train_s / 60, 1), "min"),
-                        ("the same with an evaluation after every epoch", round(full_s / 60, 1), "min")]
-    sec.rows = [list(f) for f in sec.figures]
-    return sec
-
-
-def sections(steps: dict[str, dict]) -> list[Section]:
-    """The tables of the steps that ran, in summary order."""
-    out = [make(steps[name]) for name, make in SECTIONS if steps[name]["status"] == "ok"]
-    return [s for s in out + [_derived(steps)] if s.rows]
+def tables(steps: dict[str, dict]) -> list[tuple[str, report.Table]]:
+    """The tables of the figures of the steps that ended ok, each with the command that produced
+    it: the data steps' and the loader parity's, tools/benchmark.py's own (tools/bench/report.py;
+    the step named in the title where two steps give the same kind of table), and the projection
+    from bench-step, bench-train and bench-eval together."""
+    ok = {name: s for name, s in steps.items() if s["status"] == "ok"}
+    out = []
+    if "synthetic" in ok:
+        wall = round(ok["synthetic"]["seconds"], 1)
+        out.append((ok["synthetic"]["command"], report.listing("Data preparation: synthetic set", [
+            ("make_synthetic wall time (beside gpu-tests and sync-free)", wall, "s")])))
+    if "shards" in ok:
+        images, seconds = ok["shards"]["details"]["images"], ok["shards"]["seconds"]
+        total = sum(images.values())
+        out.append((ok["shards"]["command"], report.Table(
+            "Data preparation: shards", ["dataset", "images"],
+            [*map(list, images.items()), [f"all, {seconds:.1f} s (beside gpu-tests and sync-free)", total]],
+            [("make_shards wall time", round(seconds, 1), "s"),
+             ("make_shards images/s", round(total / seconds, 1), "images/s")])))
+    if "loader-parity" in ok:
+        out.append((ok["loader-parity"]["command"], parity(ok["loader-parity"]["details"]["result"])))
+    for name in (n for n in BENCHMARKS if n in ok):
+        for t in report.tables(ok[name]["details"]["result"]):
+            t.title += f" ({name})" if name in ("bench-data", "loaders-png", *BN_STEPS) else ""
+            out.append((ok[name]["command"], t))
+    three = [ok[n] for n in ("bench-step", "bench-train", "bench-eval") if n in ok]
+    derived = report.projection([r for s in three for r in s["details"]["result"]])
+    derived.title = "From two steps: step bound and full-run projection"
+    out.append((" ; ".join(s["command"] for s in three), derived))
+    return [(command, t) for command, t in out if t.rows]
 
 
 def summary(results: dict) -> str:
@@ -686,25 +577,25 @@ def summary(results: dict) -> str:
     lines = [f"# GPU check: {m.get('gpu', 'CPU')}, {m['date']}", "",
              f"`{results['command']}` ({results['profile']} configuration, device {m['device']}, "
              f"{results['seconds']:.0f} s). Every figure with its command: `results.json`; logs: `logs/`.",
-             "",
-             "| name | hardware | software | date |", "| --- | --- | --- | --- |",
-             f"| {m['device']} | {hardware} | {software} | {m['date']} |"]
+             "", report.line(["name", "hardware", "software", "date"]), "|" + " --- |" * 4,
+             report.line([m["device"], hardware, software, m["date"]])]
     if "gpu" in m:
         lines += ["", f"Compute capability {m['capability']}, native bf16: {m['bf16_native']}, "
                       f"`--amp auto` picks {m['amp_auto']}."]
     if results["profile"] == "quick":
         lines += ["", "Quick configuration: tiny sizes, steps two at a time. Its timings show that the tools "
                       "work; they measure nothing."]
-    lines += Section("Steps", results["command"], ["step", "status", "seconds", "reason, note"],
-                     [[s["name"], s["status"], f"{s['seconds']:.1f}", _why(s["reason"], s["note"])]
-                      for s in results["steps"]]).lines()
+    lines += report.Table("Steps", ["step", "status", "seconds", "reason, note"],
+                   [[s["name"], s["status"], f"{s['seconds']:.1f}", _why(s["reason"], s["note"])]
+                    for s in results["steps"]]).markdown(results["command"])
     for name in ("gpu-tests", "sync-free"):
         tests = steps[name]["details"].get("tests")
         if tests:
-            lines += Section(f"Tests: {name}", steps[name]["command"], ["test", "outcome", "message"],
-                             [[t["test"], t["outcome"], t["message"]] for t in tests]).lines()
-    for sec in sections(steps):
-        lines += sec.lines()
+            outcomes = report.Table(f"Tests: {name}", ["test", "outcome", "message"],
+                             [[t["test"], t["outcome"], t["message"]] for t in tests])
+            lines += outcomes.markdown(steps[name]["command"])
+    for command, t in tables(steps):
+        lines += t.markdown(command)
     return "\n".join(lines) + "\n"
 
 
@@ -781,10 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in results["steps"]:
         s["command"] = display(s["argv"])
         s["result"] = rel(Path(s["result"])) if s["result"] else None
-    results["figures"] = [{"table": sec.title, "name": name, "value": value, "unit": unit,
-                           "command": sec.command}
-                          for sec in sections({s["name"]: s for s in results["steps"]})
-                          for name, value, unit in sec.figures if math.isfinite(value)]
+    results["figures"] = [{"table": t.title, "name": name, "value": value, "unit": unit, "command": command}
+                          for command, t in tables({s["name"]: s for s in results["steps"]})
+                          for name, value, unit in t.figures if math.isfinite(value)]
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out / "summary.md").write_text(summary(results))
     failed = [s.name for s in steps.values() if s.status == "failed"]
