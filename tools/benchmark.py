@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.device import DeviceError, resolve_device
 from engine.flags import HelpFormatter, add_train_flags, at_least, train_parser
-from engine.usage import UsageError
+from engine.errors import UsageError
 from model.groups import BN_IMPLS
 
 COMMANDS = {

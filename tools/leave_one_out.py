@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.flags import at_least, train_parser
-from engine.usage import UsageError
+from engine.errors import UsageError
 from pipeline.files import write_atomic
 from pipeline.runlock import FolderBusy, hold_folder
 from pipeline.workers import die_with_parent
