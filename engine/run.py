@@ -69,7 +69,8 @@ class Run:
             self.state = self.build_state(pretrained)
         prepare_shards(ex, cfg.sources + cfg.targets, self.dist)
         with checked(world):
-            self.target_loaders = {name: build_target_loader(ex.shards, name, self.lcfg) for name in cfg.targets}
+            self.target_loaders = {name: build_target_loader(ex.shards, name, self.lcfg)
+                                   for name in cfg.targets}
             try:
                 self.train_loader = build_train_loader(ex.shards, cfg.sources, self.lcfg)
             except ValueError as e:  # ShardError, or a source too small for the batch

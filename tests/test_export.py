@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.features import network_from_checkpoint
+from engine.checkpoint import network_from_checkpoint
 from pipeline.reading import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import test_transform as eval_transform

@@ -161,7 +161,8 @@ def test_the_configurations_defaults_are_the_flags_defaults():
     """train.py with no flags runs what ``RunConfig()`` and ``ExecConfig()`` describe (tools/benchmark.py
     builds them directly): the two sets of defaults cannot drift apart."""
     assert configs(train.get_parser().parse_args([])) == (RunConfig(), ExecConfig())
-    cfg, ex = configs(train.get_parser().parse_args(["--lr", "0.1", "--no-progress", "--flip-test", "-j", "1"]))
+    flags = ["--lr", "0.1", "--no-progress", "--flip-test", "-j", "1"]
+    cfg, ex = configs(train.get_parser().parse_args(flags))
     assert cfg == RunConfig(lr=0.1) and ex.given == {"lr", "no_progress", "flip_test", "workers"}
     assert not ex.progress and ex.evaluation.flip and ex.workers == 1
 
