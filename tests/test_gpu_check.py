@@ -17,6 +17,7 @@ import pytest
 
 from tests.runs import ROOT
 from tools import gpu_check
+from tools.processes import marked
 
 TABLES = (
     "Data preparation: synthetic set",
@@ -87,7 +88,7 @@ def check_results(out: Path) -> dict:
     assert all(f"`{f['command']}`" in summary and f"## {f['table']}" in summary for f in figures)
     assert all(f"| {name} | {s['status']} |" in summary for name, s in steps.items())
     for name in gpu_check.STEPS:  # every process of every step has ended
-        assert not gpu_check.marked(f"{gpu_check.MARKER}={out}:{name}")
+        assert not marked(f"{gpu_check.MARKER}={out}:{name}")
     return results
 
 
