@@ -23,13 +23,13 @@ import sys
 from contextlib import ExitStack
 
 from engine import distributed as du
-from engine.config import RunConfig
-from engine.flags import train_parser
+from engine.config import ExecConfig, RunConfig
+from engine.flags import configs, train_parser
 from engine.loop import NonFiniteLoss, train_one_epoch
 from engine.preflight import check_flags
 from engine.run import Run, RunResult, evaluate_only
 from engine.stopping import StopRequest, follow_launcher
-from engine.usage import DataError, OutputError, RunError, UsageError, refuse
+from engine.errors import DataError, OutputError, RunError, UsageError, refuse
 from pipeline.files import WriteError
 from pipeline.shards import ShardError
 
@@ -42,25 +42,24 @@ def get_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run train.py; returns the exit code: 0, or the :class:`engine.usage.RunError` kind's (2 a
+    """Run train.py; returns the exit code: 0, or the :class:`engine.errors.RunError` kind's (2 a
     refusal, 3 non-finite values, 4 data that failed during the run), printed as one line."""
     follow_launcher()
     is_main = os.environ.get("RANK", "0") == "0"
     try:
-        args = get_parser().parse_args(argv)
-        cfg = RunConfig.from_args(args)
-        check_flags(args, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        cfg, ex = configs(get_parser().parse_args(argv))
+        check_flags(cfg, ex, int(os.environ.get("WORLD_SIZE", "1")))
     except UsageError as e:
         refuse(f"train.py: error: {e}", is_main)
         return e.exit_code
-    dist_info = du.init_distributed(args.device, args.dist_timeout)
+    dist_info = du.init_distributed(ex.device, ex.dist_timeout)
     logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     try:
-        return train(args, cfg, dist_info).exit_code
+        return train(cfg, ex, dist_info).exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint now
         if dist_info.is_main:
-            latest = args.logs_dir / "latest.pth"
+            latest = ex.logs_dir / "latest.pth"
             kept = (f"{latest} holds the last saved checkpoint" if latest.is_file()
                     else "no checkpoint was saved")
             print(f"train.py: interrupted twice: stopped at once; {kept}", file=sys.stderr, flush=True)
@@ -77,15 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     return error.exit_code
 
 
-def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
+def train(cfg: RunConfig, ex: ExecConfig, dist_info: du.DistInfo) -> RunResult:
     """The run after its flags passed: every other check (files, folders, shards: a
     :class:`UsageError` on every rank), the set-up, the epochs."""
     with ExitStack() as stack:
         stop = StopRequest()  # from the start: a signal during set-up stops at the first iteration
         stack.callback(stop.close)
-        if args.evaluate:
-            return evaluate_only(args, cfg, dist_info)
-        run = Run(args, cfg, dist_info, stack)
+        if ex.evaluate:
+            return evaluate_only(cfg, ex, dist_info)
+        run = Run(cfg, ex, dist_info, stack)
         run.preflight()
         run.set_up()
         stop.attach(dist_info.world)
@@ -93,7 +92,7 @@ def train(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
         for epoch in range(first_epoch, cfg.epochs):
             first = epoch == first_epoch
             res = train_one_epoch(run.trainer, run.train_loader, epoch, first_iter if first else 0, stop=stop,
-                                  runlog=run.runlog, log_every=args.log_every,
+                                  runlog=run.runlog, log_every=ex.log_every,
                                   resumed_losses=run.state.epoch_losses if first else [],
                                   checkpoint_path=run.logs.path / "latest.pth",
                                   started=run.started if first else None,

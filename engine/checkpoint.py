@@ -15,6 +15,7 @@ import torch
 
 from engine.config import RunConfig
 from engine.metrics import METRICS
+from model.resnet import build_model
 from pipeline.files import write_atomic
 from pipeline.reading import PAD
 
@@ -25,6 +26,9 @@ RESUME_KEYS = RunConfig.resume_keys()
 EVAL_PARTS = {"config": dict, "model": dict}
 TRAIN_PARTS = {**EVAL_PARTS, "epoch": int, "iteration": int, "memories": list, "optimizer": dict,
                "scheduler": dict, "scaler": dict, "best_map": float, "history": list}
+# The config entries that give a checkpoint's evaluation network and its input size (--evaluate
+# takes them from the checkpoint rather than from the flags):
+NETWORK_KEYS = ("arch", "stem_relu", "bn_groups", "height", "width")
 
 
 class CheckpointError(ValueError):
@@ -190,3 +194,20 @@ def config_differences(saved: dict, current: dict, keys: tuple[str, ...] = RESUM
     """Human-readable list of the settings that differ between a checkpoint and this run."""
     return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
             for k in keys if saved.get(k) != current.get(k)]
+
+
+def network_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The evaluation network of a train.py checkpoint (eval mode, CPU, no style module) and
+    its config. Raises :class:`CheckpointError` naming the file when it cannot be used."""
+    ckpt = read_checkpoint(Path(path), EVAL_PARTS)
+    cfg = ckpt["config"]
+    missing = [k for k in NETWORK_KEYS if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: its config lacks {', '.join(missing)} (not a train.py checkpoint)")
+    try:
+        model = build_model(cfg["arch"], "none", stem_relu=cfg["stem_relu"], bn_groups=cfg["bn_groups"])
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its weights do not fit its network "
+                              f"({str(e).strip().splitlines()[0]})") from None
+    return model.eval(), cfg

@@ -22,10 +22,6 @@ class EvalOptions:
     flip: bool = False
     aqe: int = 0
 
-    @classmethod
-    def from_args(cls, args) -> "EvalOptions":
-        return cls(rerank=args.rerank, flip=args.flip_test, aqe=args.aqe)
-
 
 @torch.no_grad()
 def extract_features(model, loader, device: torch.device, amp_dtype, flip: bool = False) -> torch.Tensor:

@@ -5,13 +5,12 @@ evaluation uses (eval mode, the published test transform, the checkpoint's input
     feats = extractor(["a.jpg", "b.jpg"])            # float32 [2, D], rows of norm 1
     sims = feats @ feats.T                           # cosine similarities
 
-The network comes from the checkpoint's ``config`` (``engine.run.NETWORK_KEYS``: arch, stem_relu,
+The network comes from the checkpoint's ``config`` (``engine.checkpoint.NETWORK_KEYS``: arch, stem_relu,
 bn_groups, height, width); the normalisation is ImageNet's (``pipeline.transforms``), as in
 training, so nothing else is needed.
 """
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -20,44 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.checkpoint import EVAL_PARTS, CheckpointError, read_checkpoint
-from engine.device import DEVICES, DeviceError, resolve_device
+from engine.checkpoint import network_from_checkpoint
+from engine.device import resolve_device
 from engine.evaluate import extract_features
-from engine.flags import WORKERS, at_least, default_workers
 from engine.optim import amp_dtype, autocast
-from engine.run import NETWORK_KEYS
-from model.resnet import build_model
-from pipeline.files import WriteError, output_problem
 from pipeline.loader import EvalLoader, LoaderConfig, select_loader
 from pipeline.reading import decode_rgb
-from pipeline.shards import ShardError, SplitReader, unknown_dataset
 from pipeline.transforms import normalize, test_pixels
 
 
 class ImageError(ValueError):
     """An image that is missing or cannot be decoded; the message names it."""
-
-
-class ToolError(Exception):
-    """A refusal of a tool built on this module (tools/extract.py, tools/visualize_ranks.py):
-    one line naming the flag, file or image, printed as ``<tool>: error: ...``, exit code 2."""
-
-
-def network_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The evaluation network of a train.py checkpoint (eval mode, CPU, no style module) and
-    its config. Raises :class:`CheckpointError` naming the file when it cannot be used."""
-    ckpt = read_checkpoint(Path(path), EVAL_PARTS)
-    cfg = ckpt["config"]
-    missing = [k for k in NETWORK_KEYS if k not in cfg]
-    if missing:
-        raise CheckpointError(f"{path}: its config lacks {', '.join(missing)} (not a train.py checkpoint)")
-    try:
-        model = build_model(cfg["arch"], "none", stem_relu=cfg["stem_relu"], bn_groups=cfg["bn_groups"])
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its weights do not fit its network "
-                              f"({str(e).strip().splitlines()[0]})") from None
-    return model.eval(), cfg
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -91,77 +63,6 @@ def features_by_loader(checkpoint: str | Path, make_loaders: Callable[[LoaderCon
     model = model.to(dev, memory_format=torch.channels_last)
     for rows in make_loaders(cfg):
         yield extract_features(model, progress(rows) if progress else rows, dev, dtype, flip=flip).cpu()
-
-
-def add_extraction_flags(p) -> None:
-    """The flags of :func:`tool_features`, shared by the tools that extract (--batch-size,
-    --device, --workers, --loader, --no-progress)."""
-    p.add_argument("--batch-size", type=at_least(1), default=128, help="images per forward (default: 128)")
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="auto: CUDA when there is a GPU (with autocast), else the CPU")
-    p.add_argument("--workers", type=at_least(0), default=default_workers(),
-                   help=f"data worker processes that read and decode the images (default: {WORKERS}, or the "
-                        f"cores available when fewer, here {default_workers()}; 0: in this process)")
-    p.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
-                   help="decoding as in train.py: DALI (GPU decode on CUDA), or PIL + torchvision; auto "
-                        "takes DALI when installed. Each gives the features evaluation gives with the same "
-                        "loader (default: auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run_tool(prog: str, run: Callable[[], None]) -> int:
-    """Exit code of a tool's work ``run``: 0, or 2 with its :class:`ToolError` (or a file it could
-    not write, a full disk say) as one line."""
-    try:
-        run()
-    except (ToolError, WriteError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def check_out_folder(out: Path) -> None:
-    """--out, the folder a tool writes its files into, checked before the work (:class:`ToolError`)."""
-    if why := output_problem(out, folder=True):
-        raise ToolError(f"--out {out}: {why}")
-
-
-def open_split(shards: Path, dataset: str, split: str) -> SplitReader:
-    """A tool's ``--shards SHARDS -d DATASET`` split, refused (:class:`ToolError`) when the
-    dataset is unknown, its shards do not read or the split is empty."""
-    if why := unknown_dataset(dataset, shards):
-        raise ToolError(f"-d {dataset!r}: {why}")
-    try:
-        reader = SplitReader(shards / dataset, split)
-    except (ShardError, OSError) as e:
-        raise ToolError(f"--shards {shards} -d {dataset}: {e}") from None
-    if len(reader) == 0:
-        raise ToolError(f"--shards {shards} -d {dataset}: the {split} split is empty")
-    return reader
-
-
-def _bar(loader: EvalLoader) -> Iterable:
-    from tqdm import tqdm
-    return tqdm(loader, total=loader.rows.num_batches(), unit="batch", desc="extract", file=sys.stderr)
-
-
-def tool_features(args, make_loaders: Callable[[LoaderConfig], Iterable[EvalLoader]], *, flip: bool = False,
-                  progress: bool = True) -> list[torch.Tensor]:
-    """:func:`features_by_loader` for a tool's flags (``--checkpoint``, ``--device``,
-    ``--loader``, ``--workers``, ``--batch-size``), with a progress bar per loader; what fails
-    is one :class:`ToolError` line naming the flag, or the image that does not decode."""
-    try:
-        return list(features_by_loader(args.checkpoint, make_loaders, device=args.device, loader=args.loader,
-                                       workers=args.workers, batch_size=args.batch_size, flip=flip,
-                                       progress=_bar if progress else None))
-    except ShardError as e:  # an image that does not decode, named
-        raise ToolError(str(e)) from None
-    except CheckpointError as e:
-        raise ToolError(f"--checkpoint {e}") from None
-    except DeviceError as e:  # a device that is not there, or GPUs torch cannot use
-        raise ToolError(str(e)) from None
-    except ImportError as e:
-        raise ToolError(f"--loader {args.loader}: {e}") from None
 
 
 class FeatureExtractor:

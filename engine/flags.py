@@ -8,30 +8,22 @@ from __future__ import annotations
 import argparse
 import copy
 from datetime import timedelta
-import os
 from pathlib import Path
 
+from engine.config import WORKERS, ExecConfig, RunConfig, default_workers
 from engine.device import DEVICES
-from engine.usage import UsageError
+from engine.errors import UsageError
+from engine.evaluate import EvalOptions
 from model.groups import BN_IMPLS
-
-WORKERS = 4  # data worker processes per rank by default, where as many cores are available
-
-
-def default_workers() -> int:
-    """WORKERS, capped at the cores this process may run on: more workers than cores only make
-    them wait (and torch warns about it for every loader)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(WORKERS, cores)
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The docstring as written, and every flag's default."""
 
 
 class Parser(argparse.ArgumentParser):
-    """Refuses bad flags through :class:`UsageError` (one line, no usage dump), and records in
-    ``args.given`` which flags the command line set (``--evaluate`` takes the others from the
+    """The parser of train.py and of every tool: refuses bad flags through :class:`UsageError`
+    (one line, ``<prog>: error: ...``, exit code 2; no usage dump), and records in the parsed
+    namespace's ``given`` which flags the command line set (``--evaluate`` takes the others from the
     checkpoint)."""
 
     def error(self, message: str):
@@ -224,3 +216,16 @@ def add_train_flags(group, *dests: str) -> None:
     actions = {a.dest: a for a in train_parser("")._actions}
     for dest in dests:
         group._add_action(copy.copy(actions[dest]))
+
+
+def configs(args: argparse.Namespace) -> tuple[RunConfig, ExecConfig]:
+    """train.py's parsed flags as the configuration ``engine/`` takes: the one place that reads
+    them."""
+    return RunConfig.from_args(args), ExecConfig(
+        shards=args.shards, data_dir=args.data_dir, loader=args.loader, workers=args.workers,
+        test_batch_size=args.test_batch_size, pretrained=args.pretrained, amp=args.amp, compile=args.compile,
+        apex=args.apex, device=args.device, dist_timeout=args.dist_timeout, milestones=args.milestones,
+        warmup_epochs=args.warmup_epochs, eval_every=args.eval_every,
+        evaluation=EvalOptions(rerank=args.rerank, flip=args.flip_test, aqe=args.aqe), evaluate=args.evaluate,
+        resume=args.resume, logs_dir=args.logs_dir, overwrite=args.overwrite, log_every=args.log_every,
+        progress=not args.no_progress, given=frozenset(getattr(args, "given", ())))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline.runlock import LOCK_NAME, FolderBusy, hold_folder
-from engine.usage import UsageError
+from engine.errors import UsageError
 
 RUN_FILES = ("latest.pth", "best.pth", "metrics.jsonl", "metrics.png")  # what a run writes in --logs-dir
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from engine import distributed as du
+from engine.config import RunConfig
 from engine.runlog import RunLog
 from engine.step import shuffle_plan, train_step
 from engine.stopping import StopRequest
-from engine.usage import Divergence
+from engine.errors import Divergence
 from pipeline.seeds import STYLE, int_seed
 
 log = logging.getLogger("train")
@@ -57,7 +58,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     dtype: torch.dtype | None
-    cfg: object  # engine.config.RunConfig
+    cfg: RunConfig
     dist: du.DistInfo
 
 

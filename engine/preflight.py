@@ -1,6 +1,6 @@
 """The checks before any work: flags, weights, shards, the target's loader, a resumed
-checkpoint's configuration. Each refusal is a :class:`engine.usage.UsageError` naming the flag
-and what would work; with several ranks the callers agree on it (:func:`engine.usage.checked`)."""
+checkpoint's configuration. Each refusal is a :class:`engine.errors.UsageError` naming the flag
+and what would work; with several ranks the callers agree on it (:func:`engine.errors.checked`)."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +12,10 @@ from pathlib import Path
 from engine import distributed as du
 from engine.checkpoint import (RESUME_KEYS, CheckpointError, config_differences, read_checkpoint,
                                read_torch_file)
-from engine.config import RunConfig
+from engine.config import WORKERS, ExecConfig, RunConfig
 from engine.device import DeviceError, resolve_device
-from engine.flags import WORKERS
 from engine.optim import amp_dtype
-from engine.usage import UsageError, checked
+from engine.errors import UsageError, checked
 from model.groups import make_layout
 from model.resnet import imagenet_weights_file
 from pipeline.build import build_shards
@@ -29,33 +28,33 @@ log = logging.getLogger("train")
 SHARD_BUILD_WAIT = timedelta(hours=24)  # how long the other ranks wait for rank 0's shards
 
 
-def check_flags(args, cfg: RunConfig, world: int) -> None:
+def check_flags(cfg: RunConfig, ex: ExecConfig, world: int) -> None:
     """What the flags alone decide, before any process group, file or device is touched."""
-    for flag, path in (("--logs-dir", args.logs_dir), ("--shards", args.shards), ("--resume", args.resume),
-                       ("--data-dir", args.data_dir), ("--pretrained", args.pretrained)):
+    for flag, path in (("--logs-dir", ex.logs_dir), ("--shards", ex.shards), ("--resume", ex.resume),
+                       ("--data-dir", ex.data_dir), ("--pretrained", ex.pretrained)):
         if path is not None and (why := long_name(path)):
             raise UsageError(f"{flag} {path}: {why}")
     try:
-        resolve_device(args.device)
+        resolve_device(ex.device)
     except DeviceError as e:
         raise UsageError(str(e)) from None
-    if args.evaluate:
-        if args.resume is None:
+    if ex.evaluate:
+        if ex.resume is None:
             raise UsageError("--evaluate needs --resume CHECKPOINT (the checkpoint to evaluate)")
         for name in cfg.targets:
-            check_target(name, args.shards)
+            check_target(name, ex.shards)
         return
-    if args.apex:
+    if ex.apex:
         try:
             import apex.optimizers  # noqa: F401
         except ImportError:
             raise UsageError("--apex: NVIDIA apex is not installed (it is not on PyPI; build it from "
                              "NVIDIA's repository), or leave --apex out for torch's fused Adam") from None
     for flag, name in zip(("--dataset_src1", "--dataset_src2", "--dataset_src3"), cfg.sources):
-        if why := unknown_dataset(name, args.shards):
+        if why := unknown_dataset(name, ex.shards):
             raise UsageError(f"{flag} {name!r}: {why}")
     for name in cfg.targets:
-        check_target(name, args.shards)
+        check_target(name, ex.shards)
         if name in cfg.sources:
             raise UsageError(f"-d {name}: the target is also a source; it must stay unseen")
     if len(set(cfg.sources)) != 3:
@@ -87,20 +86,20 @@ def check_target(name: str, shards: Path) -> None:
         raise UsageError(f"-d {name}: has no query/gallery split, it can only be a source")
 
 
-def check_pretrained(args) -> str:
+def check_pretrained(cfg: RunConfig, ex: ExecConfig) -> str:
     """The weights --pretrained names, checked now (their file read safely): 'none', 'imagenet'
     or a path."""
-    if args.resume is not None or args.pretrained == "none":
+    if ex.resume is not None or ex.pretrained == "none":
         return "none"
-    if args.pretrained == "imagenet":
+    if ex.pretrained == "imagenet":
         try:
-            imagenet_weights_file(args.arch)
+            imagenet_weights_file(cfg.arch)
         except RuntimeError as e:
             raise UsageError(f"--pretrained imagenet: {e}") from None
         return "imagenet"
-    path = Path(args.pretrained)
+    path = Path(ex.pretrained)
     if not path.is_file():
-        raise UsageError(f"--pretrained {args.pretrained!r}: expected 'imagenet', 'none' or a weights file, "
+        raise UsageError(f"--pretrained {ex.pretrained!r}: expected 'imagenet', 'none' or a weights file, "
                          f"and there is no file {path}")
     try:
         read_torch_file(path, "weights")
@@ -110,58 +109,58 @@ def check_pretrained(args) -> str:
 
 
 
-def prepare_shards(args, names: list[str], dist_info: du.DistInfo) -> None:
+def prepare_shards(ex: ExecConfig, names: list[str], dist_info: du.DistInfo) -> None:
     """Every dataset the run needs must have complete shards of the current format; with
     --data-dir, rank 0 builds the missing ones first while the others wait on a gloo group
     (:func:`engine.distributed.host_group`): building real datasets can outlast the NCCL
     watchdog's and --dist-timeout's limits."""
-    missing = [n for n in names if not (args.shards / n / "manifest.json").is_file()]
-    waiting = du.host_group(SHARD_BUILD_WAIT) if args.data_dir is not None else None
+    missing = [n for n in names if not (ex.shards / n / "manifest.json").is_file()]
+    waiting = du.host_group(SHARD_BUILD_WAIT) if ex.data_dir is not None else None
     with checked(dist_info.world, waiting):
-        if missing and args.data_dir is not None and dist_info.is_main:
-            build_missing(args, missing)
+        if missing and ex.data_dir is not None and dist_info.is_main:
+            build_missing(ex.data_dir, ex.shards, missing)
     with checked(dist_info.world):
         for name in names:
             try:
-                load_manifest(args.shards / name)
+                load_manifest(ex.shards / name)
             except (FileNotFoundError, ValueError) as e:
-                hint = "" if args.data_dir else (f" (run: python tools/make_shards.py --data-dir DATA --out "
-                                                 f"{args.shards} --datasets {name}, or pass --data-dir)")
+                hint = "" if ex.data_dir else (f" (run: python tools/make_shards.py --data-dir DATA --out "
+                                               f"{ex.shards} --datasets {name}, or pass --data-dir)")
                 raise UsageError(f"shards of {name}: {e}{hint}") from e
 
 
-def build_missing(args, missing: list[str]) -> None:
-    log.info("building shards of %s from %s into %s", ", ".join(missing), args.data_dir, args.shards)
+def build_missing(data_dir: Path, shards: Path, missing: list[str]) -> None:
+    log.info("building shards of %s from %s into %s", ", ".join(missing), data_dir, shards)
     try:
-        build_shards(args.data_dir, args.shards, missing)
+        build_shards(data_dir, shards, missing)
     except (ShardError, ValueError, OSError) as e:
         print(f"make_shards.py: error: {e}", file=sys.stderr)
         skip = ""  # --skip-bad helps with bad images only (a layout or name problem needs a fix)
         if isinstance(e, BadImage):
             skip = (f"; to skip bad images, build them with python tools/make_shards.py --data-dir "
-                    f"{args.data_dir} --out {args.shards} --datasets {','.join(missing)} --skip-bad")
-        raise UsageError(f"building the shards of {', '.join(missing)} from {args.data_dir} failed "
+                    f"{data_dir} --out {shards} --datasets {','.join(missing)} --skip-bad")
+        raise UsageError(f"building the shards of {', '.join(missing)} from {data_dir} failed "
                          f"(make_shards' error is above{skip})") from None
 
 
-def loader_config(args, cfg: RunConfig, dist_info: du.DistInfo) -> LoaderConfig:
-    if args.workers < WORKERS and "workers" not in getattr(args, "given", ()):
+def loader_config(cfg: RunConfig, ex: ExecConfig, dist_info: du.DistInfo) -> LoaderConfig:
+    if ex.workers < WORKERS and "workers" not in ex.given:
         log.info("-j/--workers %d: the default %d data workers per rank, capped at the %d cores available",
-                 args.workers, WORKERS, args.workers)
+                 ex.workers, WORKERS, ex.workers)
     try:
-        kind = select_loader(args.loader)
+        kind = select_loader(ex.loader)
     except ImportError as e:
-        raise UsageError(f"--loader {args.loader}: {e}") from None
-    return cfg.loader_config(workers=args.workers, dtype=amp_dtype(args.amp, dist_info.device),
+        raise UsageError(f"--loader {ex.loader}: {e}") from None
+    return cfg.loader_config(workers=ex.workers, dtype=amp_dtype(ex.amp, dist_info.device),
                              device=dist_info.device, rank=dist_info.rank, world=dist_info.world, loader=kind,
-                             test_batch_size=args.test_batch_size)
+                             test_batch_size=ex.test_batch_size)
 
 
-def build_target_loader(args, name: str, lcfg: LoaderConfig):
+def build_target_loader(shards: Path, name: str, lcfg: LoaderConfig):
     """Target ``name``'s query + gallery loader (no worker started yet); a target on which no
     query can be ranked is refused now, not after the first epoch."""
     try:
-        loader = build_eval_loader(args.shards, name, "test", lcfg)
+        loader = build_eval_loader(shards, name, "test", lcfg)
     except ShardError as e:
         raise UsageError(f"shards of {name}: {e}") from None
     query = loader.is_query
@@ -172,21 +171,21 @@ def build_target_loader(args, name: str, lcfg: LoaderConfig):
     if not any(cameras.get(pid, set()) - {cam} for pid, cam in queries):
         raise UsageError(f"-d {name}: no query image has a gallery image of its identity from another "
                          f"camera, so the target cannot be evaluated (check its shards: "
-                         f"{args.shards / name})")
+                         f"{shards / name})")
     return loader
 
 
 
-def read_resume(args, cfg: RunConfig) -> dict | None:
+def read_resume(resume: Path | None, cfg: RunConfig) -> dict | None:
     """The --resume checkpoint, refused when it is not one or another configuration wrote it."""
-    if args.resume is None:
+    if resume is None:
         return None
     try:
-        ckpt = read_checkpoint(args.resume)
+        ckpt = read_checkpoint(resume)
     except CheckpointError as e:
         raise UsageError(f"--resume {e}") from None
     diffs = config_differences(ckpt["config"], asdict(cfg), RESUME_KEYS)
     if diffs:
-        raise UsageError(f"--resume {args.resume} was written by another configuration: "
+        raise UsageError(f"--resume {resume} was written by another configuration: "
                          f"{'; '.join(diffs)}")
     return ckpt

@@ -13,25 +13,23 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from engine import distributed as du
-from engine.checkpoint import EVAL_PARTS, CheckpointError, TrainState, copy_checkpoint, position, \
-    read_checkpoint, save_checkpoint
-from engine.config import RunConfig
-from engine.evaluate import EvalOptions, evaluate_target, init_memories_in_one_pass
+from engine.checkpoint import NETWORK_KEYS, CheckpointError, TrainState, copy_checkpoint, \
+    network_from_checkpoint, position, save_checkpoint
+from engine.config import ExecConfig, RunConfig
+from engine.evaluate import evaluate_target, init_memories_in_one_pass
 from engine.logsdir import LogsDir, claim_logs_dir
 from engine.network import build_network, wrap_network
 from engine.loop import EpochResult, Trainer
 from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
 from engine.preflight import build_target_loader, check_pretrained, loader_config, prepare_shards, read_resume
 from engine.runlog import RunLog, print_targets, target_columns
-from engine.usage import UsageError, checked
+from engine.errors import UsageError, checked
 from model.groups import resolve_bn_impl
 from model.memory import MemoryClassifier
 from pipeline.loader import build_eval_loader, build_train_loader
 from pipeline.shards import ShardError
 
 log = logging.getLogger("train")
-# What --evaluate takes from the checkpoint rather than from the flags:
-NETWORK_KEYS = ("arch", "stem_relu", "bn_groups", "height", "width")
 
 
 @dataclass
@@ -48,12 +46,12 @@ class Run:
     """One training run: :meth:`preflight` checks everything it can first, :meth:`set_up` does
     the work before the first iteration; ``state`` is what latest.pth holds."""
 
-    def __init__(self, args, cfg: RunConfig, dist_info: du.DistInfo, stack: ExitStack):
-        self.args, self.cfg, self.dist = args, cfg, dist_info
+    def __init__(self, cfg: RunConfig, ex: ExecConfig, dist_info: du.DistInfo, stack: ExitStack):
+        self.cfg, self.ex, self.dist = cfg, ex, dist_info
         self.started = time.monotonic()
         self.device = dist_info.device
-        self.dtype = amp_dtype(args.amp, self.device)
-        self.logs = LogsDir(args.logs_dir)
+        self.dtype = amp_dtype(ex.amp, self.device)
+        self.logs = LogsDir(ex.logs_dir)
         stack.callback(lambda: self.logs.release())  # the one preflight claims
         self.ckpt: dict | None = None  # the --resume checkpoint until set-up has copied it
         self.state: TrainState | None = None
@@ -61,19 +59,20 @@ class Run:
     # -------------------------------------------------------------------------------- checks
     def preflight(self) -> None:
         """Every check before any work, each refusal agreed by all ranks."""
-        args, cfg, world = self.args, self.cfg, self.dist.world
+        ex, cfg, world = self.ex, self.cfg, self.dist.world
         with checked(world):
             if self.dist.is_main:
-                self.logs = claim_logs_dir(args.logs_dir, args.resume is not None, args.overwrite)
-            self.ckpt = read_resume(args, cfg)
-            pretrained = check_pretrained(args)
-            self.lcfg = loader_config(args, cfg, self.dist)
+                self.logs = claim_logs_dir(ex.logs_dir, ex.resume is not None, ex.overwrite)
+            self.ckpt = read_resume(ex.resume, cfg)
+            pretrained = check_pretrained(cfg, ex)
+            self.lcfg = loader_config(cfg, ex, self.dist)
             self.state = self.build_state(pretrained)
-        prepare_shards(args, cfg.sources + cfg.targets, self.dist)
+        prepare_shards(ex, cfg.sources + cfg.targets, self.dist)
         with checked(world):
-            self.target_loaders = {name: build_target_loader(args, name, self.lcfg) for name in cfg.targets}
+            self.target_loaders = {name: build_target_loader(ex.shards, name, self.lcfg)
+                                   for name in cfg.targets}
             try:
-                self.train_loader = build_train_loader(args.shards, cfg.sources, self.lcfg)
+                self.train_loader = build_train_loader(ex.shards, cfg.sources, self.lcfg)
             except ValueError as e:  # ShardError, or a source too small for the batch
                 raise UsageError(f"sources {', '.join(cfg.sources)}: {e}") from None
             self.check_memories()
@@ -87,8 +86,8 @@ class Run:
             model = build_network(cfg, self.dist, pretrained)
         except ValueError as e:  # weights of another network, or not a state dict
             raise UsageError(f"--pretrained {e}") from None
-        optimizer = build_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, self.device, self.args.apex)
-        scheduler = build_scheduler(optimizer, self.args.milestones, warmup_epochs=self.args.warmup_epochs)
+        optimizer = build_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, self.device, self.ex.apex)
+        scheduler = build_scheduler(optimizer, self.ex.milestones, warmup_epochs=self.ex.warmup_epochs)
         state = TrainState(asdict(cfg), model, optimizer, scheduler, build_scaler(self.device, self.dtype))
         if self.ckpt is not None:
             self.load(state, self.ckpt)
@@ -98,14 +97,14 @@ class Run:
         try:
             state.load_state_dict(ckpt)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UsageError(f"--resume {self.args.resume}: its states do not fit this run "
+            raise UsageError(f"--resume {self.ex.resume}: its states do not fit this run "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if not 0 <= ckpt["iteration"] < self.cfg.iters or ckpt["epoch"] < 0:
-            raise UsageError(f"--resume {self.args.resume}: {position(ckpt['epoch'], ckpt['iteration'])} "
+            raise UsageError(f"--resume {self.ex.resume}: {position(ckpt['epoch'], ckpt['iteration'])} "
                              f"is not a position in a run of {self.cfg.iters} iterations per epoch")
         if ckpt["epoch"] + (ckpt["iteration"] > 0) > self.cfg.epochs:
             at = position(ckpt["epoch"], ckpt["iteration"])
-            raise UsageError(f"--resume {self.args.resume} is at {at}, past --epochs {self.cfg.epochs}: "
+            raise UsageError(f"--resume {self.ex.resume} is at {at}, past --epochs {self.cfg.epochs}: "
                              "nothing would be trained (raise --epochs to continue it; --evaluate "
                              "evaluates it)")
 
@@ -117,7 +116,7 @@ class Run:
         expected = [(n, self.state.model.num_features) for n in self.train_loader.num_classes]
         found = [tuple(m.shape) for m in self.ckpt["memories"]]
         if found != expected:
-            raise UsageError(f"--resume {self.args.resume}: its memories have shapes {found}, the sources "
+            raise UsageError(f"--resume {self.ex.resume}: its memories have shapes {found}, the sources "
                              f"{', '.join(self.cfg.sources)} need {expected} (one [classes, features] per "
                              "source): it belongs to other data")
 
@@ -133,23 +132,23 @@ class Run:
         if self.ckpt is None:
             log.info("initialising memories from source features (%s)",
                      ", ".join(f"{s}: {n} ids" for s, n in zip(cfg.sources, self.train_loader.num_classes)))
-            mix = build_eval_loader(self.args.shards, cfg.sources, "mix", self.lcfg)
+            mix = build_eval_loader(self.ex.shards, cfg.sources, "mix", self.lcfg)
             init_memories_in_one_pass(st.model, mix, st.memories, self.device, self.dtype)
             del mix  # its workers end now
         else:
             for mem, centers in zip(st.memories, self.ckpt["memories"]):
                 mem.centers.copy_(centers)
-            log.info("resumed from %s at %s%s", self.args.resume, position(st.epoch, st.iteration),
+            log.info("resumed from %s at %s%s", self.ex.resume, position(st.epoch, st.iteration),
                      ": all --epochs are done, nothing left to train" if st.epoch == cfg.epochs else "")
         self.ckpt = None  # its tensors are copied; free them
-        net = wrap_network(st.model, self.dist, self.args.compile)
+        net = wrap_network(st.model, self.dist, self.ex.compile)
         self.trainer = Trainer(net, st.memories, st.optimizer, st.scaler, self.dtype, cfg, self.dist)
         self.runlog = RunLog(self.logs.path if self.dist.is_main else None, cfg.targets, cfg.epochs,
                              f"{cfg.mode.upper()}: {'+'.join(cfg.sources)} -> {', '.join(cfg.targets)}",
-                             progress=not self.args.no_progress)
+                             progress=self.ex.progress)
         if self.dist.is_main:
             self.logs.used = True
-            self.runlog.open(self.logs.stale, st.history if self.args.resume is not None else None)
+            self.runlog.open(self.logs.stale, st.history if self.ex.resume is not None else None)
 
     def describe(self) -> None:
         """The run's set-up in one log line, and a warning for statistics groups too small to learn."""
@@ -158,7 +157,7 @@ class Run:
                    else "single process")
         log.info("device %s x %d ranks (%s), precision %s, channels_last%s, loader %s, mode %s, "
                  "statistics groups %d per batch (%s)", self.device, dist_info.world, backend,
-                 self.dtype or "fp32", ", torch.compile" if self.args.compile else "", self.lcfg.loader,
+                 self.dtype or "fp32", ", torch.compile" if self.ex.compile else "", self.lcfg.loader,
                  cfg.mode, cfg.bn_groups, resolve_bn_impl(cfg.bn_impl, self.device))
         group_ids = cfg.batch_size // cfg.bn_groups // cfg.num_instances
         if group_ids < 4:
@@ -172,7 +171,7 @@ class Run:
     def end_epoch(self, epoch: int, res: EpochResult) -> None:
         """Schedule, checkpoint, then evaluation (whose failure is reported, not fatal), then the
         checkpoint again with its result, best.pth, and the logs."""
-        cfg, args, st = self.cfg, self.args, self.state
+        cfg, ex, st = self.cfg, self.ex, self.state
         st.scheduler.step()
         du.broadcast_state(st.model, buffers_only=True)
         row = {"epoch": epoch + 1, "loss": float(res.losses[res.first:].mean()),
@@ -180,7 +179,7 @@ class Run:
                "images_per_s": res.timed * 3 * cfg.batch_size / res.seconds, "time_s": res.seconds}
         st.history.append(row)
         self.checkpoint(epoch + 1, 0, res)  # before the evaluation: a failed one loses nothing
-        if (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == cfg.epochs:
+        if (ex.eval_every and (epoch + 1) % ex.eval_every == 0) or epoch + 1 == cfg.epochs:
             self.evaluate(epoch, row)
             is_best = "mAP" in row and row["mAP"] > st.best_map
             if is_best:
@@ -200,7 +199,7 @@ class Run:
         for name, loader in self.target_loaders.items():
             try:
                 results[name] = evaluate_target(self.state.model, loader, self.device, self.dtype,
-                                                EvalOptions.from_args(self.args))
+                                                self.ex.evaluation)
             except ShardError:  # the data failed: the run ends (exit code 4), latest.pth is saved
                 raise
             except ValueError as e:  # e.g. non-finite features: the run goes on, its checkpoint is saved
@@ -239,42 +238,31 @@ class Run:
         return RunResult(0, self.state.history, self.state.model, self.state.memories)
 
 
-def evaluate_only(args, cfg: RunConfig, dist_info: du.DistInfo) -> RunResult:
+def evaluate_only(cfg: RunConfig, ex: ExecConfig, dist_info: du.DistInfo) -> RunResult:
     """--evaluate: the checkpoint's network on the target. Only -d is needed; the network, input
     size and sources come from the checkpoint, and a flag that contradicts it is refused."""
     with checked(dist_info.world):
         try:
-            ckpt = read_checkpoint(args.resume, EVAL_PARTS)
+            model, saved = network_from_checkpoint(ex.resume)
         except CheckpointError as e:
             raise UsageError(f"--resume {e}") from None
-        saved = ckpt["config"]
-        given = getattr(args, "given", set())
         for key in NETWORK_KEYS:
-            if key not in saved:
-                raise UsageError(f"--resume {args.resume}: its config lacks {key!r} "
-                                 "(not a train.py checkpoint)")
-            if key in given and getattr(args, key) != saved[key]:
-                raise UsageError(f"--resume {args.resume} was written by another network: {key}: checkpoint "
-                                 f"{saved[key]!r}, now {getattr(args, key)!r} (leave the flag out)")
+            if key in ex.given and getattr(cfg, key) != saved[key]:
+                raise UsageError(f"--resume {ex.resume} was written by another network: {key}: checkpoint "
+                                 f"{saved[key]!r}, now {getattr(cfg, key)!r} (leave the flag out)")
         cfg = replace(cfg, **{k: saved[k] for k in NETWORK_KEYS}, sources=list(saved.get("sources", [])))
     for name in cfg.targets:
         if name in cfg.sources:
             log.warning("-d %s was a source of this checkpoint (trained on %s): this is not an unseen-domain "
                         "result", name, ", ".join(cfg.sources))
-    prepare_shards(args, cfg.targets, dist_info)
+    prepare_shards(ex, cfg.targets, dist_info)
     with checked(dist_info.world):
-        lcfg = loader_config(args, cfg, dist_info)
-        loaders = {name: build_target_loader(args, name, lcfg) for name in cfg.targets}
-        model = build_network(cfg, dist_info)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UsageError(f"--resume {args.resume}: its weights do not fit its network "
-                             f"({str(e).splitlines()[0]})") from None
-    dtype, options = amp_dtype(args.amp, dist_info.device), EvalOptions.from_args(args)
-    results = {name: evaluate_target(model, loader, dist_info.device, dtype, options)
+        lcfg = loader_config(cfg, ex, dist_info)
+        loaders = {name: build_target_loader(ex.shards, name, lcfg) for name in cfg.targets}
+    model = model.to(dist_info.device, memory_format=torch.channels_last)
+    dtype = amp_dtype(ex.amp, dist_info.device)
+    results = {name: evaluate_target(model, loader, dist_info.device, dtype, ex.evaluation)
                for name, loader in loaders.items()}
     if dist_info.is_main:
         print_targets(results)
     return RunResult(0, [dict(res, target=name) for name, res in results.items()], model)
-

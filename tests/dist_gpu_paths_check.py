@@ -27,7 +27,7 @@ from engine import distributed as du  # noqa: E402
 from engine.network import wrap_network  # noqa: E402
 from engine.optim import build_scaler  # noqa: E402
 from engine.step import shuffle_plan, train_step  # noqa: E402
-from engine.usage import checked  # noqa: E402
+from engine.errors import checked  # noqa: E402
 from model.resnet import build_model  # noqa: E402
 from tests import step_case  # noqa: E402
 

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from engine import distributed as du  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
+from engine.flags import configs  # noqa: E402
 from model.resnet import build_model  # noqa: E402
 from model.style import UBS  # noqa: E402
 
@@ -33,10 +34,10 @@ def initial_weights(args, cfg: RunConfig) -> torch.Tensor:
 def main() -> int:
     result, argv = Path(sys.argv[1]), sys.argv[2:]
     args = train.get_parser().parse_args(argv)
-    cfg = RunConfig.from_args(args)
+    cfg, ex = configs(args)
     info = du.init_distributed("cpu")
     start = initial_weights(args, cfg)
-    res = train.train(args, cfg, info)
+    res = train.train(cfg, ex, info)
     weights = torch.cat([p.detach().flatten() for p in res.model.parameters()])
     memories = torch.cat([m.centers.flatten() for m in res.memories])
     all_w = du.all_gather_rows(weights[None])

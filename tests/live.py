@@ -10,6 +10,7 @@ import threading
 import time
 
 from tests.runs import ROOT
+from tools.processes import signal_group
 
 
 class Live:
@@ -45,10 +46,7 @@ class Live:
         return code
 
     def close(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_group(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.flags import train_parser
-from engine.usage import UsageError
+from engine.errors import UsageError
 
 from tests.dist_gpu_paths_check import TIMEOUT_S
 from tests.live import torchrun

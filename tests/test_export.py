@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.features import network_from_checkpoint
+from engine.checkpoint import network_from_checkpoint
 from pipeline.reading import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import test_transform as eval_transform
@@ -77,3 +77,11 @@ def test_an_out_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err == f"export.py: error: --out {folder}: is a folder, expected a file name\n"
     assert list(folder.iterdir()) == []
+
+
+def test_a_bad_flag_is_one_line(tmp_path, capsys):
+    """The tools' parser (train.py's: engine.flags.Parser): no usage dump, exit code 2."""
+    code = export.main(["--checkpoint", str(tmp_path / "none.pth"), "--format", "onnxx", "--out", "m.onnx"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("export.py: error: argument --format: invalid choice") and \
+        err.count("\n") == 1, err

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from engine.evaluate import extract_features
-from engine.features import FeatureExtractor, ImageError, network_from_checkpoint
+from engine.checkpoint import network_from_checkpoint
+from engine.features import FeatureExtractor, ImageError
 from pipeline.loader import LoaderConfig, build_eval_loader
 from pipeline.reading import decode_rgb
 from pipeline.shards import SplitReader
@@ -160,7 +161,9 @@ def test_tool_refuses_in_one_line(trained_checkpoint, image_folder, tmp_path, ca
              ([*ckpt, "--images", str(tmp_path / "x" / "*.jpg")], "matches no files"),
              (["--checkpoint", str(trained_checkpoint), "--images", str(broken)], bad.name),
              ([*ckpt, "--images", str(broken), "--loader", "torch", "--workers", "1"], bad.name),
-             (["--checkpoint", str(trained_checkpoint), "--images", str(listing)], "nowhere.jpg")]
+             (["--checkpoint", str(trained_checkpoint), "--images", str(listing)], "nowhere.jpg"),
+             ([*ckpt, "--shards", str(tmp_path)], "--shards needs -d/--dataset"),
+             ([*ckpt, "--images", str(image_folder), "--batch-size", "0"], "argument --batch-size: expected")]
     for args, needle in cases:
         out = tmp_path / "out"
         code, err = run_tool([*args, "--out", str(out)], capsys)

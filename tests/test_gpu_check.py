@@ -18,6 +18,7 @@ import pytest
 
 from tests.runs import ROOT
 from tools import gpu_check
+from tools.processes import marked
 
 TABLES = (
     "Data preparation: synthetic set",
@@ -93,7 +94,7 @@ def check_results(out: Path) -> dict:
         assert f"`{steps[name]['command']}`" in tables and any(line.startswith("| ---") for line in tables)
         assert all(line in summary for line in tables if line.startswith("|")), name
     for name in gpu_check.STEPS:  # every process of every step has ended
-        assert not gpu_check.marked(f"{gpu_check.MARKER}={out}:{name}")
+        assert not marked(f"{gpu_check.MARKER}={out}:{name}")
     return results
 
 

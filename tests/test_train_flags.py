@@ -11,8 +11,9 @@ import torch
 import torch._dynamo
 
 import train
-from engine.config import RunConfig
+from engine.config import ExecConfig, RunConfig
 from engine.evaluate import extract_features
+from engine.flags import configs
 from engine.optim import amp_dtype, build_scaler
 from engine.preflight import check_flags
 from model.resnet import build_model
@@ -97,7 +98,7 @@ def test_compile_trains_as_eager(flag_runs):
 def _refusal(flags: list[str], world: int = 1) -> str:
     args = train.get_parser().parse_args(flags)
     with pytest.raises(train.UsageError) as err:
-        check_flags(args, RunConfig.from_args(args), world)
+        check_flags(*configs(args), world)
     return str(err.value)
 
 
@@ -153,7 +154,17 @@ def test_good_configurations_pass(world):
         cases.append([*GOOD, "-b", "24", "--bn-groups", "3"])
     for flags in cases:
         args = train.get_parser().parse_args(flags)
-        check_flags(args, RunConfig.from_args(args), world)
+        check_flags(*configs(args), world)
+
+
+def test_the_configurations_defaults_are_the_flags_defaults():
+    """train.py with no flags runs what ``RunConfig()`` and ``ExecConfig()`` describe (tools/benchmark.py
+    builds them directly): the two sets of defaults cannot drift apart."""
+    assert configs(train.get_parser().parse_args([])) == (RunConfig(), ExecConfig())
+    flags = ["--lr", "0.1", "--no-progress", "--flip-test", "-j", "1"]
+    cfg, ex = configs(train.get_parser().parse_args(flags))
+    assert cfg == RunConfig(lr=0.1) and ex.given == {"lr", "no_progress", "flip_test", "workers"}
+    assert not ex.progress and ex.evaluation.flip and ex.workers == 1
 
 
 def test_published_command_line_parses_as_ours():

@@ -62,9 +62,10 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine.config import ExecConfig, RunConfig
 from engine.device import DeviceError, resolve_device
-from engine.flags import HelpFormatter, add_train_flags, at_least, train_parser
-from engine.usage import UsageError
+from engine.errors import UsageError
+from engine.flags import HelpFormatter, add_train_flags, at_least
 from model.groups import BN_IMPLS
 from tools.bench import report
 from tools.bench.timing import device_sync, machine, measure
@@ -232,25 +233,22 @@ def argv_for(command: str, args) -> list[str]:
     return out
 
 
-def train_args(args, **fixed) -> argparse.Namespace:
-    """train.py's parsed flags for this benchmark: train.py's defaults, then the values of the flags
-    the benchmark shares with it, then ``fixed``; the sources come from --sources. From these the
-    run's configuration and loaders are built by train.py's own functions."""
-    targs = train_parser("").parse_args([])
-    for key, value in vars(args).items():
-        if hasattr(targs, key):
-            setattr(targs, key, value)
+def run_config(args, **fixed) -> RunConfig:
+    """The configuration train.py would record for this benchmark (IL): train.py's defaults, then
+    the values of the flags the benchmark shares with it (the sources from --sources), then
+    ``fixed``. From it the network, memories and loaders are built by train.py's own functions."""
+    shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+              if f.name != "sources" and hasattr(args, f.name)}
     if getattr(args, "sources", None):
-        targs.dataset_src1, targs.dataset_src2, targs.dataset_src3 = args.sources.split(",")
-    vars(targs).update(fixed)
-    return targs
+        shared["sources"] = args.sources.split(",")
+    return RunConfig(**{"update_style": True, **shared, **fixed})
 
 
-def run_config(args, **fixed):
-    """The :class:`engine.config.RunConfig` train.py would run with these flags (IL)."""
-    from engine.config import RunConfig
-
-    return RunConfig.from_args(train_args(args, update_style=True, **fixed))
+def exec_config(args) -> ExecConfig:
+    """How train.py would execute with the flags the benchmark shares with it (loader, workers,
+    precision, shards...), train.py's defaults for the others."""
+    return ExecConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExecConfig)
+                         if hasattr(args, f.name)})
 
 
 # ---------------------------------------------------------------- loaders
@@ -289,7 +287,7 @@ def measure_loader(args, kind: str, sources: list[str], info) -> dict:
     from reference import FolderUnavailable, folder_loader
 
     iters = args.warmup + args.window * args.repeats
-    lcfg = loader_config(train_args(args), run_config(args, iters=iters), info)
+    lcfg = loader_config(run_config(args, iters=iters), exec_config(args), info)
     lcfg = dataclasses.replace(lcfg, loader="torch" if kind == "folder" else kind)
     try:
         if kind == "folder":
@@ -396,7 +394,7 @@ def train_batches(args, cfg, impl: str, info):
     from pipeline.loader import build_train_loader
     from reference import FolderUnavailable, folder_loader
 
-    lcfg = loader_config(train_args(args, iters=cfg.iters), cfg, info)
+    lcfg = loader_config(cfg, exec_config(args), info)
     if impl == "fast":
         loader = build_train_loader(args.shards, cfg.sources, lcfg)
         return loader.epoch(0), loader.num_classes, getattr(loader, "name", None)

@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint import CheckpointError
-from engine.features import network_from_checkpoint
-from pipeline.files import WriteError, output_problem, write_atomic
+from engine.checkpoint import CheckpointError, network_from_checkpoint
+from engine.errors import UsageError
+from engine.flags import Parser
+from pipeline.files import output_problem, write_atomic
+from tools.cli import run_tool
 
 PROG = "export.py"
 OPSET = 18
@@ -72,35 +74,33 @@ def export(checkpoint: Path, fmt: str, out: Path) -> dict:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="a train.py checkpoint (latest.pth or best.pth), read with weights_only")
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True,
                    help="onnx (opset %d, dynamic batch) or torchscript (traced and frozen)" % OPSET)
     p.add_argument("--out", type=Path, required=True, help="the file to write (its folder is made if needed)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:
-            print(f"{PROG}: error: --format onnx needs {' and '.join(missing)} (pip install onnx onnxscript)",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"--format onnx needs {' and '.join(missing)} (pip install onnx onnxscript)")
     if why := output_problem(args.out, folder=False):
-        print(f"{PROG}: error: --out {args.out}: {why}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {args.out}: {why}")
     try:
         cfg = export(args.checkpoint, args.format, args.out)
     except CheckpointError as e:
-        print(f"{PROG}: error: --checkpoint {e}", file=sys.stderr)
-        return 2
-    except WriteError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--checkpoint {e}") from None
     print(f"{args.out}: {args.format}, input float32 [B, 3, {cfg['height']}, {cfg['width']}] normalised "
           f"images, output float32 [B, D] unit-norm features", file=sys.stderr)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(PROG, lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

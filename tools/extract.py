@@ -20,17 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.features import (ToolError, add_extraction_flags, check_out_folder, open_split, run_tool,
-                             tool_features)
 from pipeline.files import write_atomic
+from engine.errors import UsageError
+from engine.flags import Parser
 from pipeline.loader import build_eval_loader, build_file_loader, select_loader
+from tools.cli import add_extraction_flags, check_out_folder, open_split, run_tool, tool_features
 
 PROG = "extract.py"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="a train.py checkpoint (latest.pth or best.pth); the network and input size "
@@ -71,23 +72,23 @@ def collect_images(specs: list[str]) -> list[str]:
         if path.is_dir():
             found = _folder_images(path)
             if not found:
-                raise ToolError(f"--images {spec}: the folder holds no .jpg/.jpeg/.png images")
+                raise UsageError(f"--images {spec}: the folder holds no .jpg/.jpeg/.png images")
         elif path.is_file() and path.suffix.lower() == ".txt":
             found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
             if not found:
-                raise ToolError(f"--images {spec}: the list is empty")
+                raise UsageError(f"--images {spec}: the list is empty")
             missing = [p for p in found if not Path(p).is_file()]
             if missing:
-                raise ToolError(f"--images {spec}: {len(missing)} listed image(s) do not exist, first "
+                raise UsageError(f"--images {spec}: {len(missing)} listed image(s) do not exist, first "
                                 f"{missing[0]}")
         elif path.is_file():
             found = [spec]
         elif glob.has_magic(spec):
             found = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
             if not found:
-                raise ToolError(f"--images {spec}: the pattern matches no files")
+                raise UsageError(f"--images {spec}: the pattern matches no files")
         else:
-            raise ToolError(f"--images {spec}: no such file or folder")
+            raise UsageError(f"--images {spec}: no such file or folder")
         paths.extend(found)
     return paths
 
@@ -130,8 +131,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_tool(PROG, lambda: run(args))
+    return run_tool(PROG, lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

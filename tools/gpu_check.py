@@ -58,6 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tools.bench import report
+from tools.processes import stop_marked
 
 REPO = Path(__file__).resolve().parents[1]
 # tools/fetch_dali.sh's folder, and where its wheels are installed (not .dali/, which holds the parts
@@ -317,7 +318,7 @@ def execute(run: Run, step: Step) -> None:
             if step.returncode is None:
                 step.reason = "interrupted" if run.stopping.is_set() else f"timed out after {limit:.0f} s"
         finally:  # whatever happens, the step's processes end with it
-            killed = stop(proc, f"{MARKER}={tag}")
+            killed = stop_marked(proc, f"{MARKER}={tag}", GRACE_S)
             step.details["killed_processes"] = killed
             if killed:
                 f.write(f"\n[gpu-check] killed {killed} process(es) of this step still running at its end\n")
@@ -334,44 +335,6 @@ def wait(proc: subprocess.Popen, deadline: float, stopping: threading.Event) -> 
         except subprocess.TimeoutExpired:
             continue
     return proc.poll()
-
-
-def marked(marker: str) -> set[int]:
-    """Live processes whose environment holds ``marker`` (NAME=value) exactly, from Linux's /proc:
-    every process a step started inherits the step's marker, whatever its session or parent
-    now (torchrun's workers run in sessions of their own; orphaned workers change parent)."""
-    want, found = marker.encode(), set()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if want in environ.read_bytes().split(b"\0"):  # a zombie's reads empty
-                found.add(int(environ.parent.name))
-        except OSError:
-            continue
-    return found
-
-
-def _signal(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def stop(proc: subprocess.Popen, marker: str) -> int:
-    """End a step: SIGTERM while it still runs (torchrun passes it on to its workers), then, after
-    GRACE_S (or 2 s for a step that ended by itself: workers finishing), SIGKILL to every process
-    of it left. Returns how many of its processes other than the step itself were killed."""
-    running = proc.poll() is None
-    if running:
-        _signal(marked(marker), signal.SIGTERM)
-    deadline = time.monotonic() + (GRACE_S if running else 2)
-    while time.monotonic() < deadline and (proc.poll() is None or marked(marker) - {proc.pid}):
-        time.sleep(0.1)
-    left = marked(marker) - {proc.pid}
-    _signal(left | ({proc.pid} if proc.poll() is None else set()), signal.SIGKILL)
-    proc.wait()
-    return len(left)
 
 
 def judge(step: Step) -> None:

@@ -45,12 +45,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.flags import at_least, train_parser
-from engine.usage import UsageError
+from engine.flags import Parser, at_least, train_parser
+from engine.errors import UsageError
 from pipeline.files import write_atomic
 from pipeline.runlock import FolderBusy, hold_folder
 from pipeline.workers import die_with_parent
 from pipeline.shards import load_manifest
+from tools.processes import signal_group
 
 PROG = "leave_one_out.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,15 +85,6 @@ OWN_SHARED = {"shards": "--shards", "update_style": "--update-style", "baseline"
 TOOL_FILES = {"sessions.jsonl", "done.json", ".lock"}  # what this tool keeps in a run's folder
 
 
-class Refusal(Exception):
-    """Printed as one line, ``leave_one_out.py: error: ...``; exit code 2."""
-
-
-class ToolParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise Refusal(message)
-
-
 @dataclass(frozen=True)
 class Job:
     """One training: ``mode`` (il, fbf or fb) on ``target`` from its published sources."""
@@ -113,8 +105,8 @@ class Job:
 
 
 # ------------------------------------------------------------------------------------- flags
-def get_parser() -> ToolParser:
-    p = ToolParser(prog=PROG, description=__doc__, allow_abbrev=False,
+def get_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__, allow_abbrev=False,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, default=Path("shards"),
                    help="folder of shards written by tools/make_shards.py, holding the four datasets "
@@ -153,14 +145,15 @@ def check_train_flags(extra: list[str]) -> set[str]:
     try:
         given = train_parser("").parse_args(extra).given
     except UsageError as e:
-        raise Refusal(f"{e} (flags this tool does not know go to train.py)") from None
+        raise UsageError(f"{e} (flags this tool does not know go to train.py)") from None
     for dest, flag in OWN_PER_RUN.items():
         if dest in given:
-            raise Refusal(f"{flag} is set by this tool for each run (targets, their sources, --logs-dir "
-                          f"OUT/<run>, --resume of an interrupted run): leave it out")
+            raise UsageError(f"{flag} is set by this tool for each run (targets, their sources, --logs-dir "
+                             f"OUT/<run>, --resume of an interrupted run): leave it out")
     for dest, flag in OWN_SHARED.items():
         if dest in given:
-            raise Refusal(f"write this tool's {flag} in full (an abbreviation would reach train.py unseen)")
+            raise UsageError(f"write this tool's {flag} in full (an abbreviation would reach train.py "
+                             "unseen)")
     return given
 
 
@@ -178,9 +171,9 @@ def check_shards(shards: Path) -> None:
         except (OSError, ValueError):
             missing.append(name)
     if missing:
-        raise Refusal(f"--shards {shards} lacks complete shards of {', '.join(missing)} (build them: python "
-                      f"tools/make_shards.py --data-dir DATA --out {shards} --datasets {','.join(missing)}; "
-                      f"or pass --data-dir DATA and train.py builds them)")
+        raise UsageError(f"--shards {shards} lacks complete shards of {', '.join(missing)} (build them: "
+                         f"python tools/make_shards.py --data-dir DATA --out {shards} --datasets "
+                         f"{','.join(missing)}; or pass --data-dir DATA and train.py builds them)")
 
 
 # ------------------------------------------------------------------------------------- one run
@@ -199,10 +192,7 @@ class Stopper:
 
     def forward(self) -> None:
         if self.signum is not None and self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, self.signum)
-            except ProcessLookupError:
-                pass
+            signal_group(self.proc.pid, self.signum)
 
     def close(self) -> None:
         for s, h in self.previous.items():
@@ -293,7 +283,7 @@ def read_done(logs: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise Refusal(f"{path} is not valid JSON ({e}): delete it to train that run again") from None
+        raise UsageError(f"{path} is not valid JSON ({e}): delete it to train that run again") from None
 
 
 def summary(done: dict) -> str:
@@ -405,25 +395,25 @@ def main(argv: list[str] | None = None) -> int:
         given = check_train_flags(extra)
         jobs = jobs_of(args)
         if args.out.exists() and not args.out.is_dir():
-            raise Refusal(f"--out {args.out} is a file, expected a folder")
+            raise UsageError(f"--out {args.out} is a file, expected a folder")
         if "data_dir" not in given:  # with --data-dir, train.py builds the missing shards
             check_shards(args.shards)
         try:
             args.out.mkdir(parents=True, exist_ok=True)
             lock = hold_folder(args.out)
         except FolderBusy as e:
-            raise Refusal(f"--out {e}: another leave_one_out.py is running into it") from None
+            raise UsageError(f"--out {e}: another leave_one_out.py is running into it") from None
         except OSError as e:
-            raise Refusal(f"--out {args.out}: cannot create or write this folder ({e.strerror or e})") \
-                from None
-    except Refusal as e:
+            raise UsageError(f"--out {args.out}: cannot create or write this folder "
+                             f"({e.strerror or e})") from None
+    except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
     try:
         for job in jobs:
             read_done(args.out / job.name)  # an unreadable done.json is refused now, not after hours
         return run_all(jobs, args, extra)
-    except Refusal as e:
+    except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

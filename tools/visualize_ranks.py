@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.features import (ToolError, add_extraction_flags, check_out_folder, open_split, run_tool,
-                             tool_features)
+from engine.errors import UsageError
+from engine.flags import Parser
 from engine.metrics import pairwise_distance
 from pipeline.loader import build_eval_loader
 from pipeline.reading import decode_rgb
 from pipeline.files import write_atomic
 from pipeline.shards import SplitReader
+from tools.cli import add_extraction_flags, check_out_folder, open_split, run_tool, tool_features
 
 PROG = "visualize_ranks.py"
 SPLITS = ("query", "gallery")
@@ -85,7 +86,7 @@ def canvas_size(num_shown: int) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path,
                    help="a train.py checkpoint (latest.pth or best.pth) to extract the features with "
@@ -131,7 +132,7 @@ def _decoder(reader: SplitReader):
         try:
             return decode_rgb(reader.read(i))
         except Exception as e:  # noqa: BLE001 - say which sample
-            raise ToolError(f"{reader.location(i)}: cannot decode the image ({e})") from None
+            raise UsageError(f"{reader.location(i)}: cannot decode the image ({e})") from None
     return load
 
 
@@ -153,25 +154,25 @@ def load_features(folder: Path, readers: dict[str, SplitReader]) -> dict[str, to
         d = folder / split
         missing = [name for name in FEATURE_FILES if not (d / name).is_file()]
         if missing:
-            raise ToolError(f"--features {folder}: {d} lacks {', '.join(missing)} (write it with "
+            raise UsageError(f"--features {folder}: {d} lacks {', '.join(missing)} (write it with "
                             f"tools/extract.py --shards ... --split {split} --out {d})")
         try:
             f = np.load(d / "features.npy")
             pids, camids = np.load(d / "pids.npy"), np.load(d / "camids.npy")
             keys = (d / "images.txt").read_text().splitlines()
         except (OSError, ValueError) as e:
-            raise ToolError(f"--features {folder}: cannot read {d}: {e}") from None
+            raise UsageError(f"--features {folder}: cannot read {d}: {e}") from None
         n = len(reader)
         if f.ndim != 2 or len(f) != n or len(keys) != n:
-            raise ToolError(f"--features {folder}: {d} holds {len(keys)} keys and features of shape "
+            raise UsageError(f"--features {folder}: {d} holds {len(keys)} keys and features of shape "
                             f"{list(f.shape)}, the {split} split has {n} images")
         if (keys != list(reader.keys) or not np.array_equal(pids, reader.pids)
                 or not np.array_equal(camids, reader.camids)):
-            raise ToolError(f"--features {folder}: {d} does not list the {split} split of "
+            raise UsageError(f"--features {folder}: {d} does not list the {split} split of "
                             f"{reader.dataset_dir} in order (extracted from other shards?)")
         feats[split] = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
     if feats["query"].shape[1] != feats["gallery"].shape[1]:
-        raise ToolError(f"--features {folder}: query and gallery features differ in size "
+        raise UsageError(f"--features {folder}: query and gallery features differ in size "
                         f"({feats['query'].shape[1]} vs {feats['gallery'].shape[1]})")
     return feats
 
@@ -272,8 +273,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_tool(PROG, lambda: run(args))
+    return run_tool(PROG, lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

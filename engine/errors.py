@@ -1,5 +1,6 @@
-"""Refusals: a flag, file or folder that cannot work is refused before any work, as one line
-(``train.py: error: ...``) and exit code 2, by every rank together."""
+"""The errors a run stops with and their exit codes (:class:`RunError` and its kinds), and how a
+refusal is made: a flag, file or folder that cannot work is refused before any work, as one line
+(``train.py: error: ...``, or the tool's name) and exit code 2, by every rank together."""
 from __future__ import annotations
 
 import json
