@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from pipeline.loader import LoaderConfig
-from pipeline.reading import resolve_pad
+from pipeline.augment import resolve_pad
 
 SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from engine.distributed import gather_varying_rows
 from engine.metrics import evaluate_features
-from engine.optim import autocast
+from engine.precision import autocast
 
 
 @dataclass(frozen=True)

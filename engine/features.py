@@ -24,12 +24,12 @@ from engine.checkpoint import EVAL_PARTS, CheckpointError, read_checkpoint
 from engine.device import DEVICES, DeviceError, resolve_device
 from engine.evaluate import extract_features
 from engine.flags import WORKERS, at_least, default_workers
-from engine.optim import amp_dtype, autocast
+from engine.precision import amp_dtype, autocast
 from engine.run import NETWORK_KEYS
 from model.resnet import build_model
 from pipeline.files import WriteError, output_problem
 from pipeline.loader import EvalLoader, LoaderConfig, select_loader
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.shards import ShardError, SplitReader, unknown_dataset
 from pipeline.transforms import normalize, test_pixels
 
@@ -170,7 +170,7 @@ class FeatureExtractor:
 
     Images are decoded by ``workers`` threads, resized (bicubic) to the checkpoint's height x
     width and normalised exactly as the evaluation loaders do, and run ``batch_size`` at a time
-    (autocast on CUDA, as evaluation: ``engine.optim.amp_dtype``)."""
+    (autocast on CUDA, as evaluation: ``engine.precision.amp_dtype``)."""
 
     def __init__(self, model: torch.nn.Module, height: int, width: int, device: str | torch.device = "auto",
                  batch_size: int = 128, amp: str = "auto", workers: int = 4) -> None:

@@ -15,7 +15,7 @@ from engine.checkpoint import (RESUME_KEYS, CheckpointError, config_differences,
 from engine.config import RunConfig
 from engine.device import DeviceError, resolve_device
 from engine.flags import WORKERS
-from engine.optim import amp_dtype
+from engine.precision import amp_dtype
 from engine.usage import UsageError, checked
 from model.groups import make_layout
 from model.resnet import imagenet_weights_file

@@ -28,7 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.distributed import all_gather_rows, exchange_rows
-from engine.optim import autocast
+from engine.precision import autocast
 from pipeline.seeds import SHUFFLE, stream_rng
 
 MODES = ("il", "fbf", "fb")

@@ -14,7 +14,7 @@ from PIL import Image
 from engine.evaluate import extract_features
 from engine.features import FeatureExtractor, ImageError, network_from_checkpoint
 from pipeline.loader import LoaderConfig, build_eval_loader
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import test_transform as eval_transform
 from tests.runs import TARGET

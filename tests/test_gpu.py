@@ -10,7 +10,7 @@ import torch
 
 import train
 from engine.features import FeatureExtractor
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import normalize
 from tests.runs import TARGET, small_run
@@ -101,7 +101,7 @@ def test_dali_batches_are_ordered_on_the_current_stream(synthetic_shards):
 
 
 def test_auto_amp_picks_bf16_only_where_the_gpu_computes_in_it():
-    from engine.optim import amp_dtype
+    from engine.precision import amp_dtype
 
     native = torch.cuda.get_device_capability() >= (8, 0)
     assert amp_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else torch.float16)

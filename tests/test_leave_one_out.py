@@ -19,7 +19,7 @@ from tests.live import Live, cmdline, gone_within
 from tests.runs import ROOT
 from tools import leave_one_out
 from tools.leave_one_out import read_jsonl
-from tools.rank_memory import descendants
+from tools.measure_memory import descendants
 
 TINY = ["-a", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "-b", "16",
         "--iters", "2", "--epochs", "1", "--workers", "0", "--test-batch-size", "64", "--loader", "torch",

@@ -15,7 +15,8 @@ from pipeline import shards, transforms
 from pipeline.loader import (LoaderConfig, SourceSet, TrainPlan, build_eval_loader, build_train_loader,
                              round_sizes, select_loader)
 from pipeline.sampler import identity_batches, rank_slice
-from pipeline.transforms import MEAN, PAD, STD, augment_params, normalize, train_pixels
+from pipeline.augment import PAD, augment_params
+from pipeline.transforms import MEAN, STD, normalize, train_pixels
 
 try:
     import nvidia.dali  # noqa: F401

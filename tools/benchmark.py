@@ -361,7 +361,8 @@ def fast_iteration(args, cfg, info, num_classes: list[int], batches) -> Callable
     unit centres) and optimizer; ``batches`` None: one random batch on the device, again and again."""
     from engine.loop import Trainer, one_iteration
     from engine.network import build_network, wrap_network
-    from engine.optim import amp_dtype, build_optimizer, build_scaler
+    from engine.optim import build_optimizer, build_scaler
+    from engine.precision import amp_dtype
     from model.memory import MemoryClassifier
     from pipeline.loader import TrainBatch
 
@@ -491,7 +492,7 @@ def measure_eval(args) -> list[dict]:
     from engine import distributed as du
     from engine.metrics import benchmark_eval
     from engine.network import build_network
-    from engine.optim import amp_dtype, autocast
+    from engine.precision import amp_dtype, autocast
 
     info = du.init_distributed(args.device)
     res = benchmark_eval(*args.eval_size, info.device)
@@ -548,7 +549,7 @@ def time_batch_norms(device: torch.device, args) -> list[dict]:
     bf16 on a GPU, fp32 on a CPU), per layer shape of the network, ``--bn-groups`` value and
     implementation; the ``all layers`` row weighs each shape by its number of layers.
     ``speedup``: against the first implementation."""
-    from engine.optim import amp_dtype, autocast
+    from engine.precision import amp_dtype, autocast
     from model.groups import batch_norm_groups, make_layout
     from model.resnet import GroupBatchNorm1d, GroupBatchNorm2d
 
