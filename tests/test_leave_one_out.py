@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import load_checkpoint
 from tests.live import Live, cmdline, gone_within
-from tests.runs import ROOT
+from tests.runs import ROOT, load_checkpoint
 from tools import leave_one_out
 from tools.leave_one_out import read_jsonl
 from tools.measure_memory import descendants
