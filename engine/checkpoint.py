@@ -21,7 +21,6 @@ import torch
 from engine.config import RunConfig
 from engine.metrics import METRICS
 from pipeline.files import write_atomic
-from pipeline.augment import PAD
 
 # Settings that must agree between a run and the checkpoint it resumes from (the number of
 # epochs may grow: a finished run can be continued).
@@ -145,7 +144,7 @@ def _from_version_0(state: dict) -> dict:
     columns named for it); before --pad every size was padded by 10 pixels; before a mid-epoch
     checkpoint carried its epoch's losses and time it carried neither."""
     config = state["config"]
-    config.setdefault("pad", PAD)
+    config.setdefault("pad", 10)  # the published padding, then used at every size
     if "target" in config:
         target = config.pop("target")
         config.update(targets=[target], best_by="first")

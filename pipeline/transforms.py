@@ -2,10 +2,10 @@
 
 Train: resize 256x128 (bicubic), horizontal flip p=0.5, pad 10 (zeros), random crop back to
 256x128, ImageNet mean/std; at other sizes the padding scales with the width
-(``pipeline.augment.default_pad``). Test: resize + normalise. The torchvision compositions below are the
-published way (the folder baseline); the torch fallback loader runs the same steps as
-:func:`train_pixels` / :func:`test_pixels` in its workers, which hand over uint8 pixels (a
-quarter of the bytes of floats), and :func:`normalize` runs where the batch lands, on the GPU
+(``pipeline.augment.default_pad``). Test: resize + normalise. The torchvision compositions
+below are the published way (the folder baseline); the torch fallback loader runs the same
+steps as :func:`train_pixels` / :func:`test_pixels` in its workers, which hand over uint8 pixels
+(a quarter of the bytes of floats), and :func:`normalize` runs where the batch lands, on the GPU
 when there is one. ``pipeline.dali`` builds the same graph.
 
 The training loaders draw the random parts (flip, crop offset) with
