@@ -1,7 +1,12 @@
 """Checkpoints: written atomically (temporary file, then rename) and read back with
 ``weights_only=True``, so a checkpoint from elsewhere can never run code on load.
 :func:`read_checkpoint` also checks that a file is one of train.py's checkpoints before a run
-relies on it, and says in one line what is wrong with one that is not."""
+relies on it, and says in one line what is wrong with one that is not.
+
+A checkpoint carries its format's ``version`` (:data:`VERSION`, written by
+:func:`save_checkpoint`). A change of format raises it and adds one step to :data:`UPGRADES`;
+:func:`upgrade` brings a checkpoint of any earlier version up step by step, so the code that
+reads checkpoints only ever sees the current format."""
 from __future__ import annotations
 
 import pickle
@@ -17,11 +22,11 @@ from engine.config import RunConfig
 from engine.metrics import METRICS
 from model.resnet import build_model
 from pipeline.files import write_atomic
-from pipeline.reading import PAD
 
 # Settings that must agree between a run and the checkpoint it resumes from (the number of
 # epochs may grow: a finished run can be continued).
 RESUME_KEYS = RunConfig.resume_keys()
+VERSION = 1  # of the checkpoint format; files without a version entry are version 0
 # What a checkpoint holds, by use: --evaluate needs the first two, a resume all of them.
 EVAL_PARTS = {"config": dict, "model": dict}
 TRAIN_PARTS = {**EVAL_PARTS, "epoch": int, "iteration": int, "memories": list, "optimizer": dict,
@@ -42,7 +47,7 @@ class TrainState:
     (epoch, iteration) is their whole state. ``memories`` are the memory classifiers (their
     ``centers`` are saved); ``epoch_losses`` the losses of the epoch's iterations before
     ``iteration`` and ``epoch_seconds`` their time (a mid-epoch resume reports the whole epoch's
-    mean loss, time and speed; None: a checkpoint of an earlier release, without the time)."""
+    mean loss, time and speed; None: a version 0 checkpoint, without the time)."""
 
     config: dict
     model: torch.nn.Module
@@ -58,7 +63,8 @@ class TrainState:
     epoch_seconds: float | None = None
 
     def state_dict(self) -> dict:
-        """The checkpoint file's dict (keys and order as train.py always wrote them)."""
+        """The checkpoint file's dict (keys and order as train.py always wrote them; the version
+        is added by :func:`save_checkpoint`)."""
         return {"config": self.config, "epoch": self.epoch, "iteration": self.iteration,
                 "model": self.model.state_dict(), "memories": [m.centers for m in self.memories],
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -75,8 +81,8 @@ class TrainState:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iteration = ckpt["epoch"], ckpt["iteration"]
         self.best_map, self.history = ckpt["best_map"], list(ckpt["history"])
-        self.epoch_losses = [float(x) for x in ckpt.get("epoch_losses", [])][:self.iteration]
-        seconds = ckpt.get("epoch_seconds")
+        self.epoch_losses = [float(x) for x in ckpt["epoch_losses"]][:self.iteration]
+        seconds = ckpt["epoch_seconds"]
         self.epoch_seconds = None if seconds is None else float(seconds)
 
 
@@ -88,10 +94,11 @@ def position(epoch: int, iteration: int) -> str:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write `state` to `path` atomically: a crash leaves the previous file intact."""
+    """Write `state` to `path` atomically, with the format's :data:`VERSION`: a crash leaves the
+    previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: _save(state, tmp))
+    write_atomic(path, lambda tmp: _save({**state, "version": VERSION}, tmp))
 
 
 def _save(state: dict, path: Path) -> None:
@@ -115,17 +122,11 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     write_atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
-def load_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def read_checkpoint(path: Path, parts: dict[str, type] = TRAIN_PARTS) -> dict:
-    """:func:`load_checkpoint` for a run: any problem becomes a :class:`CheckpointError` that
-    names the file and what was expected, and the structure is checked (``parts``: name ->
-    type), so a damaged or foreign file fails here rather than deep inside the run."""
+    """A checkpoint for a run, in the current format (:func:`upgrade`): any problem becomes a
+    :class:`CheckpointError` that names the file and what was expected, and the structure is
+    checked (``parts``: name -> type), so a damaged or foreign file fails here rather than deep
+    inside the run."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, expected a checkpoint file (latest.pth or best.pth)")
@@ -135,13 +136,42 @@ def read_checkpoint(path: Path, parts: dict[str, type] = TRAIN_PARTS) -> dict:
     problem = _structure_problem(state, parts)
     if problem:
         raise CheckpointError(f"{path} is not a train.py checkpoint: {problem}")
+    try:
+        return upgrade(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _from_version_0(state: dict) -> dict:
+    """Version 0, the releases before versions, told apart by what they lack: before -d took
+    several targets the config held one ``target`` (read as if written with one, its history
+    columns named for it); before --pad every size was padded by 10 pixels; before a mid-epoch
+    checkpoint carried its epoch's losses and time it carried neither."""
     config = state["config"]
-    config.setdefault("pad", PAD)  # written before --pad: every size was padded by 10 pixels
-    if "target" in config:  # written before -d took several targets: as if written with one
+    config.setdefault("pad", 10)  # the published padding, then used at every size
+    if "target" in config:
         target = config.pop("target")
         config.update(targets=[target], best_by="first")
         for row in state.get("history", []):
             row.update({f"{target}/{m}": row[m] for m in METRICS if m in row})
+    state.setdefault("epoch_losses", [])
+    state.setdefault("epoch_seconds", None)
+    return state
+
+
+UPGRADES = [_from_version_0]  # UPGRADES[v] takes a checkpoint of version v to version v + 1
+
+
+def upgrade(state: dict) -> dict:
+    """A checkpoint dict of any version up to :data:`VERSION` in the current format, brought up
+    one version at a time (in place)."""
+    version = state.get("version", 0)
+    if type(version) is not int or not 0 <= version <= VERSION:
+        raise CheckpointError(f"format version {version!r}, but this release reads versions 0 to {VERSION} "
+                              "(a newer release wrote it?)")
+    for step in UPGRADES[version:]:
+        state = step(state)
+    state["version"] = VERSION
     return state
 
 

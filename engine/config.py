@@ -14,7 +14,7 @@ import torch
 
 from engine.evaluate import EvalOptions
 from pipeline.loader import LoaderConfig
-from pipeline.reading import resolve_pad
+from pipeline.augment import resolve_pad
 
 SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")
 WORKERS = 4  # data worker processes per rank by default, where as many cores are available

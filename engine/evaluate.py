@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from engine.distributed import gather_varying_rows
 from engine.metrics import evaluate_features
-from engine.optim import autocast
+from engine.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,11 @@ def evaluate_target(model, loader, device: torch.device, amp_dtype,
                              rerank=options.rerank, aqe=options.aqe)
 
 
-def init_memories(model, loaders, memories, device: torch.device, amp_dtype) -> None:
-    """Each memory starts as the L2-normalised mean feature of every identity of its source
-    (eval mode, test transform), computed from all ranks' parts so every rank agrees."""
-    for loader, memory in zip(loaders, memories):
-        feats = extract_features(model, loader, device, amp_dtype)
-        labels = torch.as_tensor(loader.labels, device=feats.device)
-        memory.init_centers(feats, labels)
-
-
 def init_memories_in_one_pass(model, mix, memories: list, device: torch.device, dtype) -> None:
-    """:func:`init_memories` over the sources' mix sets read one after another by one
-    loader (``mix.rows.source`` tells the sources apart): one pool of workers starts instead of
-    one per source."""
+    """Each memory starts as the L2-normalised mean feature of every identity of its source
+    (eval mode, test transform), computed from all ranks' parts so every rank agrees. The
+    sources' mix sets are read one after another by one loader (``mix.rows.source`` tells the
+    sources apart): one pool of workers starts instead of one per source."""
     feats = extract_features(model, mix, device, dtype)
     source = torch.as_tensor(mix.rows.source, device=feats.device)
     labels = torch.as_tensor(mix.labels, device=feats.device)

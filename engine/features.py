@@ -22,9 +22,9 @@ from PIL import Image
 from engine.checkpoint import network_from_checkpoint
 from engine.device import resolve_device
 from engine.evaluate import extract_features
-from engine.optim import amp_dtype, autocast
+from engine.precision import amp_dtype, autocast
 from pipeline.loader import EvalLoader, LoaderConfig, select_loader
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.transforms import normalize, test_pixels
 
 
@@ -71,7 +71,7 @@ class FeatureExtractor:
 
     Images are decoded by ``workers`` threads, resized (bicubic) to the checkpoint's height x
     width and normalised exactly as the evaluation loaders do, and run ``batch_size`` at a time
-    (autocast on CUDA, as evaluation: ``engine.optim.amp_dtype``)."""
+    (autocast on CUDA, as evaluation: ``engine.precision.amp_dtype``)."""
 
     def __init__(self, model: torch.nn.Module, height: int, width: int, device: str | torch.device = "auto",
                  batch_size: int = 128, amp: str = "auto", workers: int = 4) -> None:

@@ -105,7 +105,7 @@ def one_iteration(t: Trainer, batch, epoch: int, it: int) -> torch.Tensor:
     cfg, d = t.cfg, t.dist
     torch.manual_seed(int_seed(cfg.seed, epoch, it, STYLE))  # the style draws (torch.rand)
     plan = shuffle_plan(batch.sizes, d.world, d.rank, cfg.seed, epoch, it, shuffle=cfg.mode != "fb",
-                        round_sizes=batch.round_sizes, labels=batch.batch_labels)
+                        labels=batch.batch_labels)
     return train_step(t.net, t.memories, batch.images, batch.labels, batch.sizes, t.optimizer, t.scaler,
                       t.dtype, cfg.mode, plan)
 

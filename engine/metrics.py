@@ -14,7 +14,6 @@ the work, and it runs per query chunk on whatever device the distances live on.
 """
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -115,7 +114,7 @@ def _evaluate_chunks(rows, shape: tuple[int, int], device: torch.device, q_pids,
                              f"for {nq} queries and {ng} gallery images")
     q_pids, q_camids = ids["q_pids"], ids["q_camids"]
     gallery = _Gallery(ids["g_pids"], ids["g_camids"])
-    chunk = chunk or _default_chunk(ng, device)
+    chunk = chunk or default_chunk(ng, device)
     aps, firsts, oks = [], [], []
     for s in range(0, nq, chunk):
         ap, first, ok = _rank_chunk(rows(s, s + chunk), q_pids[s:s + chunk], q_camids[s:s + chunk], gallery)
@@ -149,7 +148,8 @@ def evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
                             q_pids, g_pids, q_camids, g_camids, max_rank, chunk)
 
 
-def _default_chunk(num_gallery: int, device: torch.device) -> int:
+def default_chunk(num_gallery: int, device: torch.device) -> int:
+    """Query rows per chunk when none is given: a [chunk, gallery] block of the device's size."""
     block = CUDA_BLOCK if device.type == "cuda" else CPU_BLOCK
     return max(1, block // max(num_gallery, 1))
 
@@ -181,7 +181,7 @@ def expand_queries(qf: torch.Tensor, gf: torch.Tensor, k: int, metric: str = "eu
     MSMT17 size; features as :func:`evaluate_features` prepared them."""
     k = min(k, len(gf))
     g_sq = gf.pow(2).sum(1)
-    chunk = chunk or _default_chunk(len(gf), qf.device)
+    chunk = chunk or default_chunk(len(gf), qf.device)
     out = torch.empty_like(qf)
     for s in range(0, len(qf), chunk):
         near = _distance(qf[s:s + chunk], gf, metric, g_sq).topk(k, dim=1, largest=False).indices
@@ -224,29 +224,3 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, max_rank: i
         torch.set_float32_matmul_precision(precision)
     return {"mAP": mAP, "rank1": float(cmc[0]), "rank5": float(cmc[min(4, max_rank - 1)]),
             "rank10": float(cmc[min(9, max_rank - 1)]), "cmc": cmc}
-
-
-def benchmark_eval(num_query: int = 11659, num_gallery: int = 82161, dim: int = 2048,
-                   device: str | torch.device = "cpu", *, num_ids: int = 3060, num_cams: int = 15,
-                   chunk: int | None = None, seed: int = 0, aqe: int = 0) -> dict:
-    """Time `evaluate_features` on random L2-normalised features (MSMT17 test size by default),
-    with ``aqe`` query expansion when > 0."""
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    qf = torch.nn.functional.normalize(torch.randn(num_query, dim, generator=gen), dim=1).to(device)
-    gf = torch.nn.functional.normalize(torch.randn(num_gallery, dim, generator=gen), dim=1).to(device)
-    q_pids = torch.randint(num_ids, (num_query,), generator=gen)
-    g_pids = torch.randint(num_ids, (num_gallery,), generator=gen)
-    q_cams = torch.randint(num_cams, (num_query,), generator=gen)
-    g_cams = torch.randint(num_cams, (num_gallery,), generator=gen)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    res = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk=chunk, aqe=aqe)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "num_query": num_query, "num_gallery": num_gallery, "dim": dim,
-            "device": str(device), "threads": torch.get_num_threads(),
-            "chunk": chunk or _default_chunk(num_gallery, device), "aqe": aqe, "mAP": res["mAP"],
-            "rank1": res["rank1"]}

@@ -1,9 +1,9 @@
-"""Optimiser, learning-rate schedule and mixed precision, as the published method sets them."""
+"""Optimiser, learning-rate schedule and the grad scaler that steps the optimiser under fp16, as
+the published method sets them (the autocast dtype itself: ``engine.precision``)."""
 from __future__ import annotations
 
 import bisect
 import logging
-from contextlib import nullcontext
 
 import torch
 
@@ -43,24 +43,6 @@ def build_scheduler(optimizer, milestones=(30, 50), gamma=0.1, warmup_factor=0.1
                     warmup_epochs=10) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: warmup_multistep(e, tuple(milestones), gamma, warmup_factor, warmup_epochs))
-
-
-def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 where the GPU computes in it natively (compute capability 8.0 and
-    up), fp16 (with a grad scaler) otherwise, none (fp32) on CPU unless asked. Older GPUs
-    emulate bf16, and torch's default check counts emulation as support; it would be slower
-    than fp16 there."""
-    if choice == "off" or (choice == "auto" and device.type != "cuda"):
-        return None
-    if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:

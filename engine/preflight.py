@@ -14,8 +14,8 @@ from engine.checkpoint import (RESUME_KEYS, CheckpointError, config_differences,
                                read_torch_file)
 from engine.config import WORKERS, ExecConfig, RunConfig
 from engine.device import DeviceError, resolve_device
-from engine.optim import amp_dtype
 from engine.errors import UsageError, checked
+from engine.precision import amp_dtype
 from model.groups import make_layout
 from model.resnet import imagenet_weights_file
 from pipeline.build import build_shards

@@ -20,7 +20,8 @@ from engine.evaluate import evaluate_target, init_memories_in_one_pass
 from engine.logsdir import LogsDir, claim_logs_dir
 from engine.network import build_network, wrap_network
 from engine.loop import EpochResult, Trainer
-from engine.optim import amp_dtype, build_optimizer, build_scaler, build_scheduler
+from engine.optim import build_optimizer, build_scaler, build_scheduler
+from engine.precision import amp_dtype
 from engine.preflight import build_target_loader, check_pretrained, loader_config, prepare_shards, read_resume
 from engine.runlog import RunLog, print_targets, target_columns
 from engine.errors import UsageError, checked

@@ -14,9 +14,9 @@ the global shuffled order, as the published DataParallel gather returned them. T
 between ranks with one all-to-all.
 
 The step reads nothing back from the GPU: the shuffle, the exchange, the per-source row
-positions and (given the global labels) the memory-update rounds are planned on the host, so the
-host only queues work and stays ahead of the device (with bf16; fp16's GradScaler checks its
-gradients on the host).
+positions and, from the global batch's labels (the sampler's), the memory-update rounds are
+planned on the host, so the host only queues work and stays ahead of the device (with bf16;
+fp16's GradScaler checks its gradients on the host).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.distributed import all_gather_rows, exchange_rows
-from engine.optim import autocast
+from engine.precision import autocast
+from model.memory import update_rounds
 from pipeline.seeds import SHUFFLE, stream_rng
 
 MODES = ("il", "fbf", "fb")
@@ -43,10 +44,8 @@ class ShufflePlan:
     ``send_counts[0]`` to rank 0 and so on; ``recv_counts`` rows arrive from each rank and
     ``arrange`` puts them in shuffled order (None: already are; one rank needs neither).
     ``source_rows``: per source, the positions of its rows among the gathered features, in the
-    order the memory takes them. ``labels``: their labels when the global batch's labels were
-    given; the rows are then grouped round after round (``round_sizes``) for the memory update.
-    Without labels, ``label_rows`` are the rows' positions among the gathered first-forward
-    labels, and ``round_sizes`` (optional) come from the sampler.
+    order the memory takes them: grouped round after round (``round_sizes``) for the memory
+    update, with their ``labels``.
     """
 
     perm: torch.Tensor
@@ -55,13 +54,12 @@ class ShufflePlan:
     recv_counts: list[int]
     arrange: torch.Tensor | None
     source_rows: list[torch.Tensor]
-    labels: list[torch.Tensor] | None = None
-    label_rows: list[torch.Tensor] | None = None
-    round_sizes: list[list[int]] | None = None
+    labels: list[torch.Tensor]
+    round_sizes: list[list[int]]
 
     def on(self, device: torch.device) -> "ShufflePlan":
         """The plan with its index tensors on ``device``: one pinned buffer, one asynchronous copy."""
-        groups = {n: getattr(self, n) for n in ("send", "arrange", "source_rows", "labels", "label_rows")
+        groups = {n: getattr(self, n) for n in ("send", "arrange", "source_rows", "labels")
                   if getattr(self, n) is not None}
         tensors = [t for v in groups.values() for t in (v if isinstance(v, list) else [v])]
         flat = torch.cat(tensors)
@@ -73,26 +71,13 @@ class ShufflePlan:
         return dataclasses.replace(self, **moved)
 
 
-def _rounds(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Order of rows round after round (a row's round = how often its label occurred before it)
-    and the round sizes: the per-sample update loop, regrouped into independent rounds."""
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    first = np.searchsorted(sorted_labels, sorted_labels)
-    occurrence = np.empty(len(labels), dtype=np.int64)
-    occurrence[order] = np.arange(len(labels)) - first
-    by_round = np.argsort(occurrence, kind="stable")
-    return by_round, np.bincount(occurrence).tolist()
-
-
 def shuffle_plan(sizes: list[int], world: int, rank: int, seed: int, epoch: int, it: int,
-                 shuffle: bool = True, round_sizes: list[list[int]] | None = None,
-                 labels: list[np.ndarray] | None = None) -> ShufflePlan:
+                 labels: list[np.ndarray], shuffle: bool = True) -> ShufflePlan:
     """Plan an iteration's second forward and memory updates for this rank. ``sizes``: this
     rank's rows per source; ``labels``: per source, the labels of the global batch in sampler
-    order (known to the sampler), which lets the plan take over the memory update's label work.
-    ``shuffle=False`` (FB) plans the memory update over the gathered first-forward features, in
-    the global sampler order."""
+    order (``TrainBatch.batch_labels``), with which the plan takes over the memory update's
+    label work. ``shuffle=False`` (FB) plans the memory update over the gathered first-forward
+    features, in the global sampler order."""
     sizes = [int(s) for s in sizes]
     n, total = sum(sizes), sum(sizes) * world
     glob = np.asarray(sizes) * world
@@ -117,27 +102,25 @@ def shuffle_plan(sizes: list[int], world: int, rank: int, seed: int, epoch: int,
     if world > 1:
         arrange = np.empty(n, dtype=np.int64)
         arrange[np.argsort(block, kind="stable")] = np.arange(n)
-    rows, plan_labels, label_rows, rounds = [], [], [], []
+    if len(labels) != len(sizes):
+        raise ValueError(f"labels: expected the global batch labels of {len(sizes)} sources, "
+                         f"got {len(labels)}")
+    rows, plan_labels, rounds = [], [], []
     for j in range(len(sizes)):
         members = np.flatnonzero(source == j)
         order = np.argsort(position[members], kind="stable") if shuffle else np.arange(len(members))
         members = members[order]
-        if labels is not None:
-            y = np.asarray(labels[j], dtype=np.int64)
-            if y.shape != (len(members),):
-                raise ValueError(f"labels of source {j}: expected the {len(members)} labels of its global "
-                                 f"batch, got shape {y.shape}")
-            by_round, r = _rounds(y[order])
-            members, y = members[by_round], y[order][by_round]
-            plan_labels.append(torch.from_numpy(y))
-            rounds.append(r)
+        y = np.asarray(labels[j], dtype=np.int64)
+        if y.shape != (len(members),):
+            raise ValueError(f"labels of source {j}: expected the {len(members)} labels of its global "
+                             f"batch, got shape {y.shape}")
+        by_round, r = update_rounds(y[order])
+        members, y = members[by_round], y[order][by_round]
         rows.append(torch.from_numpy(position[members]))
-        label_rows.append(torch.from_numpy(owner[members] * n + local[members]))
-    known = labels is not None
+        plan_labels.append(torch.from_numpy(y))
+        rounds.append(r)
     return ShufflePlan(torch.from_numpy(perm), torch.from_numpy(send), send_counts, recv_counts,
-                       None if arrange is None else torch.from_numpy(arrange), rows,
-                       plan_labels if known else None, None if known else label_rows,
-                       rounds if known else round_sizes)
+                       None if arrange is None else torch.from_numpy(arrange), rows, plan_labels, rounds)
 
 
 def shuffled_rows(images: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
@@ -178,12 +161,6 @@ def train_step(model, memories, images: torch.Tensor, labels: torch.Tensor, size
             with autocast(device, amp_dtype):
                 feats2 = model(shuffled_rows(images, plan), style=mode == "il")
         all_feats = all_gather_rows(feats2)
-        if plan.labels is not None:
-            for mem, rows, y, r in zip(memories, plan.source_rows, plan.labels, plan.round_sizes):
-                mem.update(all_feats.index_select(0, rows), y, round_sizes=r, presorted=True)
-        else:
-            all_labels = all_gather_rows(labels)
-            rounds = plan.round_sizes or [None] * len(memories)
-            for mem, rows, lrows, r in zip(memories, plan.source_rows, plan.label_rows, rounds):
-                mem.update(all_feats.index_select(0, rows), all_labels.index_select(0, lrows), round_sizes=r)
+        for mem, rows, y, r in zip(memories, plan.source_rows, plan.labels, plan.round_sizes):
+            mem.update(all_feats.index_select(0, rows), y, round_sizes=r)
     return loss.detach()

@@ -2,6 +2,7 @@
 momentum update of the published method (docs/design.md)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,12 +19,27 @@ def _nonfinite_rows(features: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(features.sum(dim=1))
 
 
+def update_rounds(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The per-sample update loop regrouped into independent rounds: the order of the rows round
+    after round (a row's round is how often its label occurred before it; within a round, batch
+    order) and the size of each round. Computed on the host, where the sampler knows the labels."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    first = np.searchsorted(sorted_labels, sorted_labels)
+    occurrence = np.empty(len(labels), dtype=np.int64)
+    occurrence[order] = np.arange(len(labels)) - first
+    by_round = np.argsort(occurrence, kind="stable")
+    return by_round, np.bincount(occurrence).tolist()
+
+
 class MemoryClassifier(nn.Module):
     """Class centres ``[num_classes, num_features]`` (a buffer: no gradient reaches them).
 
     The loss is the cross-entropy of ``features @ centers.T / temp``. ``update`` gives the same
     result as the published per-sample loop (``c[y] = m*c[y] + (1-m)*f; c[y] /= ||c[y]||`` in
-    batch order) with one vectorised round per repeat of a label in the batch.
+    batch order) with one vectorised round per repeat of a label in the batch
+    (:func:`update_rounds`).
     """
 
     def __init__(self, num_features: int, num_classes: int, temp: float = 0.05,
@@ -32,8 +48,8 @@ class MemoryClassifier(nn.Module):
         self.num_features, self.num_classes = num_features, num_classes
         self.temp, self.momentum = temp, momentum
         self.register_buffer("centers", torch.zeros(num_classes, num_features))
-        # updates refused by reason (bad labels, non-finite rows, wrong round sizes); not saved
-        self.register_buffer("refusals", torch.zeros(3, dtype=torch.long), persistent=False)
+        # updates with planned rounds refused for NaN/inf feature rows; not saved
+        self.register_buffer("refusals", torch.zeros((), dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, num_classes={self.num_classes}, "
@@ -66,14 +82,12 @@ class MemoryClassifier(nn.Module):
     def raise_refused(self) -> None:
         """Report the updates refused since the last call (``update`` with ``round_sizes``): reads
         ``refusals`` back from the device, so call it where the loop synchronises anyway."""
-        bad_labels, bad_rows, mismatched = self.refusals.tolist()
-        if not (bad_labels or bad_rows or mismatched):
+        refused = int(self.refusals)
+        if not refused:
             return
         self.refusals.zero_()
-        what = (f"{bad_labels} with labels outside [0, {self.num_classes}), {bad_rows} with NaN/inf "
-                f"feature rows, {mismatched} with round_sizes that do not match the labels")
-        error = NonFiniteFeatures if bad_rows else ValueError
-        raise error(f"memory updates refused ({what}); the memory was left unchanged by each")
+        raise NonFiniteFeatures(f"memory updates refused ({refused} with NaN/inf feature rows); "
+                                "the memory was left unchanged by each")
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine similarities over the temperature, in the centres' dtype (fp32, or fp64 for
@@ -96,61 +110,40 @@ class MemoryClassifier(nn.Module):
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor,
-               round_sizes: list[int] | None = None, presorted: bool = False) -> None:
+               round_sizes: list[int] | None = None) -> None:
         """Momentum update in place, identical to the per-sample loop in batch order.
 
-        Each sample's rank among the earlier samples of its label decides its round; within a
-        round every label occurs at most once, so one gather and one index_copy apply it.
-        ``round_sizes[r]`` is the number of labels that occur more than r times in the batch.
-        The identity sampler knows these on the host; given them, nothing is read back from
-        the device: a batch that cannot be applied (a label out of range, a NaN/inf feature,
-        sizes that do not match the labels) leaves the memory unchanged and is counted in
-        ``refusals`` for :meth:`raise_refused`. Without them, one host sync reads the sizes
-        and such a batch raises at once.
-
-        ``presorted``: the rows already come round after round (the training plan orders them
-        on the host, where the labels are known), so the label sorting is skipped and each round
-        is a slice; the labels are trusted, only non-finite rows are refused.
+        Each sample's rank among the earlier samples of its label decides its round
+        (:func:`update_rounds`); within a round every label occurs at most once, so one gather
+        and one index_copy apply it. Training plans the rounds on the host, where the sampler
+        knows the labels (``engine.step.shuffle_plan``), and passes the rows already round after
+        round with ``round_sizes`` (the labels are then trusted): nothing is read back from the
+        device, and a batch with a NaN/inf feature row leaves the memory unchanged and is counted
+        in ``refusals`` for :meth:`raise_refused`. Without ``round_sizes`` the labels are read
+        back once to plan the rounds here, and a bad batch (a label out of range, a NaN/inf row)
+        raises at once.
         """
         self._check_shapes(features, labels)
         n = labels.shape[0]
         if n == 0:
             return
-        if (round_sizes is not None or presorted) and (round_sizes is None or sum(round_sizes) != n
-                                                       or min(round_sizes) < 1):
-            raise ValueError(f"round_sizes {round_sizes} must be positive and add up to the batch size {n}")
-        f = features.detach().to(self.centers.dtype)
-        if presorted:
-            refused = _nonfinite_rows(f).any()
-            self.refusals[1] += refused
-            for rows in zip(f.split(round_sizes), labels.split(round_sizes)):
-                self._apply_round(*rows, refused)
-            return
-        labels = labels.long()
-        sorted_labels, order = torch.sort(labels, stable=True)
-        first = torch.searchsorted(sorted_labels, sorted_labels)
-        rank = torch.empty_like(labels)
-        rank[order] = torch.arange(n, device=labels.device) - first
-        by_round = torch.argsort(rank, stable=True)
-        per_round = torch.zeros(n, dtype=torch.long, device=labels.device)
-        per_round.index_add_(0, rank, torch.ones_like(rank))
-        bad_labels = ((labels < 0) | (labels >= self.num_classes)).sum()
-        bad_rows = _nonfinite_rows(f).sum()
+        f, labels = features.detach().to(self.centers.dtype), labels.long()
         refused = None
         if round_sizes is None:
-            counts = torch.cat([torch.stack([bad_labels, bad_rows]), per_round]).tolist()
-            self._raise_bad_values(f, labels, counts[0], counts[1])
-            round_sizes = [c for c in counts[2:] if c]  # non-increasing: the zeros are at the end
+            host = torch.cat([_nonfinite_rows(f).sum().view(1), labels]).tolist()  # the one read-back
+            bad_labels = sum(not 0 <= y < self.num_classes for y in host[1:])
+            self._raise_bad_values(f, labels, bad_labels, host[0])
+            order, round_sizes = update_rounds(np.asarray(host[1:], dtype=np.int64))
+            order = torch.from_numpy(order).to(labels.device)
+            f, labels = f.index_select(0, order), labels.index_select(0, order)
         else:
-            mismatch = (per_round[len(round_sizes):] != 0).any()
-            for r, size in enumerate(round_sizes):
-                mismatch |= per_round[r] != size
-            problems = torch.stack([bad_labels > 0, bad_rows > 0, mismatch])
-            self.refusals += problems
-            refused = problems.any()
-            labels = labels.clamp(0, self.num_classes - 1)
-        for rows in by_round.split(round_sizes):
-            self._apply_round(f.index_select(0, rows), labels.index_select(0, rows), refused)
+            if sum(round_sizes) != n or min(round_sizes) < 1:
+                raise ValueError(f"round_sizes {round_sizes} must be positive and add up to the batch "
+                                 f"size {n}")
+            refused = _nonfinite_rows(f).any()
+            self.refusals += refused
+        for rows in zip(f.split(round_sizes), labels.split(round_sizes)):
+            self._apply_round(*rows, refused)
 
     @torch.no_grad()
     def init_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.reading import EvalRows, resolve_pad
+from pipeline.augment import resolve_pad
+from pipeline.plan import EvalRows
 from pipeline.transforms import normalize
 
 LOADERS = ("auto", "dali", "torch")
@@ -54,13 +55,8 @@ class TrainBatch:
     images: torch.Tensor  # [sum(sizes), 3, H, W], channels_last, normalised, config dtype
     labels: torch.Tensor  # int64 [sum(sizes)], mix labels of each row's own source
     sizes: list[int]
+    batch_labels: list[np.ndarray]  # per source, the global batch (TrainPlan.batch_labels)
     replaced: int = 0  # undecodable images replaced in this batch (replace_bad only)
-    round_sizes: list[list[int]] | None = None  # per source, over all ranks (TrainPlan.round_sizes)
-    batch_labels: list[np.ndarray] | None = None  # per source, the global batch (TrainPlan.batch_labels)
-
-    def per_source(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-source (images, labels) views, no copies."""
-        return list(zip(self.images.split(self.sizes), self.labels.split(self.sizes)))
 
 
 class EvalLoader:

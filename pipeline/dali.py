@@ -29,7 +29,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipeline.batches import EvalLoader, LoaderConfig, TrainBatch, to_device
 from pipeline.dali_sources import EvalSource, TrainSource
-from pipeline.reading import EvalRows, TrainPlan, decode_rgb
+from pipeline.plan import EvalRows, TrainPlan, decode_rgb
 from pipeline.seeds import LOADER, int_seed
 from pipeline.shards import ShardError
 from pipeline.transforms import MEAN, STD
@@ -54,7 +54,7 @@ def _decode(encoded, cfg: LoaderConfig):
 
 def _images(encoded, cfg: LoaderConfig, shift=None, mirror=0):
     """The shared part of both graphs: decode, resize, (shifted crop), (mirror), normalise to
-    NHWC. Training passes the random parts in (pipeline.transforms.augment_params)."""
+    NHWC. Training passes the random parts in (pipeline.augment.augment_params)."""
     images = _decode(encoded, cfg)
     # Cubic for both up- and downscaling, antialiased: as close to PIL's bicubic as DALI gets.
     images = fn.resize(images, resize_x=cfg.width, resize_y=cfg.height, interp_type=types.INTERP_CUBIC,
@@ -191,8 +191,7 @@ class DaliTrainLoader:
             images, labels = to_device(_to_torch(images, self.cfg.device), labels, self.cfg)
             count = int(replaced.as_array().sum())
             self.replaced += count
-            yield TrainBatch(images, labels, list(self.plan.sizes), count, self.plan.round_sizes(e, it),
-                             self.plan.batch_labels(e, it))
+            yield TrainBatch(images, labels, list(self.plan.sizes), self.plan.batch_labels(e, it), count)
 
     def _run(self, g: int):
         while True:

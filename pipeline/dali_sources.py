@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from pipeline.reading import EvalRows, TrainPlan, check_header
+from pipeline.plan import EvalRows, TrainPlan, check_header
 from pipeline.shards import ShardError
 from pipeline.workers import become_worker
 

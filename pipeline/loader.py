@@ -4,7 +4,7 @@ Both backends (``pipeline.dali`` and ``pipeline.torch_loader``, imported here on
 read the same shards through :class:`TrainPlan`, so they sample the same indices for a given
 (seed, epoch, rank) and differ only in how the pixels are decoded and augmented. What they
 share (configuration, batches, the device hand-over) is ``pipeline.batches``; the reading side
-is the torch-free ``pipeline.reading`` (the workers import it). This module re-exports both, so
+is the torch-free training plan, ``pipeline.plan`` (the workers import it). This module re-exports both, so
 ``from pipeline.loader import LoaderConfig, build_train_loader`` is the one import a user needs.
 """
 from __future__ import annotations
@@ -13,12 +13,11 @@ import logging
 from pathlib import Path
 
 from pipeline.batches import LOADERS, EvalLoader, LoaderConfig, TrainBatch, to_device
-from pipeline.reading import (EvalRows, Rows, SourceSet, TrainPlan, check_header, decode_rgb,
-                              round_sizes, split_rows)
+from pipeline.plan import EvalRows, Rows, SourceSet, TrainPlan, check_header, decode_rgb, split_rows
 
 __all__ = ["LOADERS", "LoaderConfig", "TrainBatch", "EvalLoader", "select_loader", "build_train_loader",
            "build_eval_loader", "build_file_loader", "to_device", "EvalRows", "Rows", "SourceSet",
-           "TrainPlan", "check_header", "decode_rgb", "round_sizes", "split_rows"]
+           "TrainPlan", "check_header", "decode_rgb", "split_rows"]
 log = logging.getLogger(__name__)
 
 

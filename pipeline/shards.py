@@ -150,7 +150,7 @@ def _build_shard(records: list[Record], tar_path: str, idx_path: str, skip_bad: 
             members.append(_add_member(tar, r.key + ".json", json.dumps(meta, sort_keys=True).encode()))
     samples = len(records) - len(skipped)
     if samples:
-        _write_index_file(idx_path, members)  # offsets known from writing: no second pass over the tar
+        write_index(idx_path, members)  # offsets known from writing: no second pass over the tar
     return {"samples": samples, "sha256": _sha256(tar_path), "skipped": skipped}
 
 
@@ -232,23 +232,15 @@ def _sha256(path: str | Path) -> str:
 
 # ----------------------------------------------------------------------------- index
 
-def write_index(tar_path: str | Path, idx_path: str | Path) -> None:
-    """Write the DALI WebDataset index of a tar (the format of DALI's ``wds2idx``).
+def write_index(idx_path: str | Path, members: list[tuple[str, int, int]]) -> None:
+    """Write the DALI WebDataset index of a tar (the format of DALI's ``wds2idx``) from the
+    ``(name, data_offset, size)`` of its regular-file members, in tar order.
 
     Line 1 is ``v1.2 <samples>``; then one line per sample (members sharing the name up to the
     first dot of the file name, in tar order): ``ext data_offset size member_name`` repeated for
     each of its regular-file members. ``data_offset`` is where the member's bytes start (just
     after its 512-byte header).
     """
-    with tarfile.open(tar_path, "r:") as tar:
-        members = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
-    if not members:
-        raise ShardError(f"{tar_path}: no samples to index (empty tar)")
-    _write_index_file(idx_path, members)
-
-
-def _write_index_file(idx_path: str | Path, members: list[tuple[str, int, int]]) -> None:
-    """Group ``(name, data_offset, size)`` of regular files, in tar order, into index lines."""
     samples: list[list[str]] = []
     last = None
     for name, offset, size in members:

@@ -1,6 +1,6 @@
 """Fallback loaders for machines without DALI: PIL + torchvision in a torch DataLoader.
 
-Same sampler (through :class:`pipeline.reading.TrainPlan`) and transforms as the DALI path;
+Same sampler (through :class:`pipeline.plan.TrainPlan`) and transforms as the DALI path;
 one DataLoader item is one whole iteration (all sources), built in a worker as a uint8 NHWC
 tensor (decode, resize, crop, mirror); ``to_device`` normalises it where it lands, so the NCHW
 view is channels_last, like the DALI path's output. The workers end with the trainer and
@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.batches import EvalLoader, LoaderConfig, TrainBatch, to_device
-from pipeline.reading import EvalRows, TrainPlan, decode_rgb
+from pipeline.plan import EvalRows, TrainPlan, decode_rgb
 from pipeline.shards import ShardError
 from pipeline.transforms import test_pixels, train_pixels
 from pipeline.workers import become_worker, starting_workers
@@ -84,8 +84,7 @@ class TorchTrainLoader:
         for it, (images, labels, replaced) in enumerate(_from_workers(_batches(self._loader)), start):
             images, labels = to_device(images, labels, self.cfg)
             self.replaced += replaced
-            yield TrainBatch(images, labels, list(self.plan.sizes), replaced, self.plan.round_sizes(e, it),
-                             self.plan.batch_labels(e, it))
+            yield TrainBatch(images, labels, list(self.plan.sizes), self.plan.batch_labels(e, it), replaced)
 
 
 class _EvalBatches(Dataset):

@@ -2,16 +2,14 @@
 
 Train: resize 256x128 (bicubic), horizontal flip p=0.5, pad 10 (zeros), random crop back to
 256x128, ImageNet mean/std; at other sizes the padding scales with the width
-(:func:`default_pad`). Test: resize + normalise. The torchvision compositions below are the
-published way (the folder baseline); the torch fallback loader runs the same steps as
-:func:`train_pixels` / :func:`test_pixels` in its workers, which hand over uint8 pixels (a
-quarter of the bytes of floats), and :func:`normalize` runs where the batch lands, on the GPU
+(``pipeline.augment.default_pad``). Test: resize + normalise. The torchvision compositions
+below are the published way (the folder baseline); the torch fallback loader runs the same
+steps as :func:`train_pixels` / :func:`test_pixels` in its workers, which hand over uint8 pixels
+(a quarter of the bytes of floats), and :func:`normalize` runs where the batch lands, on the GPU
 when there is one. ``pipeline.dali`` builds the same graph.
 
-The training loaders draw the random parts (flip, crop offset) with :func:`augment_params`
-from a generator seeded by (seed, epoch, iteration) rather than inside the decoding workers,
-so an iteration's augmentation is the same whichever loader runs it, however many workers and
-ranks there are, and after a resume.
+The training loaders draw the random parts (flip, crop offset) with
+``pipeline.augment.augment_params`` (the augmentation's policy, torch-free for the workers).
 """
 from __future__ import annotations
 
@@ -21,8 +19,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-# torch-free, so the workers draw the random parts without torch:
-from pipeline.reading import FLIP_P, PAD, augment_params, default_pad, resolve_pad  # noqa: F401
+from pipeline.augment import FLIP_P, resolve_pad
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -30,7 +27,7 @@ STD = (0.229, 0.224, 0.225)
 
 def train_transform(height: int = 256, width: int = 128, pad: int | None = None) -> T.Compose:
     """PIL image -> normalised float tensor [3, H, W] with the training augmentation (``pad``
-    None: :func:`default_pad`)."""
+    None: ``pipeline.augment.default_pad``)."""
     return T.Compose([
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(p=FLIP_P),

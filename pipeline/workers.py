@@ -15,7 +15,7 @@ Three rules, for the DALI workers, the torch DataLoader workers and the shard bu
 - A spawned worker imports only what reading bytes needs. ``multiprocessing``'s spawn re-imports
   the parent's ``__main__`` script in every child; for ``train.py`` that is torch, DALI and the
   model, about 300 MB per worker. Our worker callbacks live in torch-free modules
-  (``pipeline.reading``, ``pipeline.dali_sources``), so :func:`starting_workers` hides
+  (``pipeline.plan``, ``pipeline.dali_sources``), so :func:`starting_workers` hides
   ``__main__`` from the children.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Helpers for tests that start real processes (train.py, torchrun, make_shards) and watch them
-through /proc (tools/rank_memory.py reads their process trees and memory)."""
+through /proc (tools/measure_memory.py reads their process trees and memory)."""
 from __future__ import annotations
 
 import os

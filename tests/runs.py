@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["--dataset_src1", "dukemtmc", "--dataset_src2", "cuhk03", "--dataset_src3", "msmt17v1",
            "-d", "market1501"]
@@ -22,3 +24,9 @@ def small_run(shards: Path, logs: Path, *extra: str, loader: str = "torch", work
 def history(logs: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, one per epoch."""
     return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint file as the run saved it (``torch.load``, weights only; no upgrade, no checks)."""
+    assert Path(path).is_file(), f"checkpoint {path} does not exist"
+    return torch.load(path, map_location="cpu", weights_only=True)

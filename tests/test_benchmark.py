@@ -90,6 +90,11 @@ def test_train_loaders_and_eval(synthetic_data, synthetic_shards, tmp_path, caps
     assert f"| the same with --aqe 3 ({r['aqe_seconds'] / r['seconds']:.2f}x) |" in md
 
 
+def test_time_metrics_small():
+    out = benchmark.time_metrics(50, 500, 64, "cpu", num_ids=40, num_cams=4)
+    assert out["seconds"] > 0 and 0.0 <= out["mAP"] <= 1.0 and out["num_gallery"] == 500
+
+
 def test_ops_times_the_model_parts_and_counts_aten_operations(tmp_path, capsys):
     assert benchmark.main(["ops", "--device", "cpu", "--warmup", "1", "--repeats", "2",
                            "--style-shape", "4", "8", "8", "4", "--batch", "16", "--features", "32",

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import (EVAL_PARTS, config_differences, load_checkpoint, position, read_checkpoint,
-                               save_checkpoint)
+from engine.checkpoint import (UPGRADES, VERSION, CheckpointError, TrainState, config_differences, position,
+                               read_checkpoint, save_checkpoint)
 from engine.loop import NonFiniteLoss, check_health
 from engine.optim import build_scheduler, warmup_multistep
 from engine.runlog import plot_history
 from engine.step import shuffle_plan
 from model.memory import MemoryClassifier
+from tests.runs import load_checkpoint
 
 
 def test_warmup_multistep_matches_published_schedule():
@@ -42,6 +43,7 @@ def test_checkpoint_roundtrip_is_weights_only_and_atomic(tmp_path):
     save_checkpoint(state, path)
     back = load_checkpoint(path)
     assert back["epoch"] == 3 and torch.equal(back["memories"][0], state["memories"][0])
+    assert back["version"] == VERSION
     assert [p.name for p in path.parent.iterdir()] == ["latest.pth"]  # no temporary left
 
     # A save that fails midway (torch.save raises while serialising, its temporary file already
@@ -62,26 +64,62 @@ def test_checkpoint_roundtrip_is_weights_only_and_atomic(tmp_path):
 
     # An arbitrary object in a checkpoint is refused, never unpickled.
     torch.save({"x": argparse.Namespace(a=1)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="evil.pth cannot be read as a checkpoint: .*could run code"):
+        read_checkpoint(tmp_path / "evil.pth")
     with pytest.raises(pickle.UnpicklingError):
-        load_checkpoint(tmp_path / "evil.pth")
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        load_checkpoint(tmp_path / "missing.pth")
+        torch.load(tmp_path / "evil.pth", weights_only=True)
+    with pytest.raises(CheckpointError, match="missing.pth does not exist"):
+        read_checkpoint(tmp_path / "missing.pth")
     diffs = config_differences({"arch": "resnet50", "seed": 1}, {"arch": "resnet18", "seed": 1})
     assert diffs == ["arch: checkpoint 'resnet50', now 'resnet18'"]
 
 
+def _train_state() -> TrainState:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return TrainState({}, model, optimizer, build_scheduler(optimizer), scaler)
+
+
 def test_checkpoints_of_earlier_releases_read_as_they_were_trained(tmp_path):
-    """Before -d took several targets a checkpoint held one ``target``; before --pad every size
-    was padded by 10 pixels: such a checkpoint reads as one target and pad 10, so resuming it at
-    128x64 names the padding that changed."""
-    old = {"config": {"arch": "resnet18", "target": "market1501", "width": 64, "height": 128},
-           "model": {"w": torch.zeros(2)}, "history": [{"epoch": 1, "mAP": 0.25, "rank1": 0.5}]}
-    save_checkpoint(old, tmp_path / "old.pth")
-    state = read_checkpoint(tmp_path / "old.pth", EVAL_PARTS)
-    assert state["config"]["targets"] == ["market1501"] and state["config"]["best_by"] == "first"
-    assert state["config"]["pad"] == 10 and "target" not in state["config"]
-    assert state["history"][0]["market1501/mAP"] == 0.25 and state["history"][0]["market1501/rank1"] == 0.5
-    assert config_differences(state["config"], {**state["config"], "pad": 5}) == ["pad: checkpoint 10, now 5"]
+    """A version 0 checkpoint as the releases before versions wrote it (torch.save of the dict,
+    no ``version``): before -d took several targets it held one ``target``, before --pad every
+    size was padded by 10 pixels, and a mid-epoch checkpoint carried neither its epoch's losses
+    nor its time. It reads as one target and pad 10 (so resuming it at 128x64 names the padding
+    that changed), and a run loads its states from it."""
+    old = _train_state()
+    torch.save({"config": {"arch": "resnet18", "target": "market1501", "width": 64, "height": 128},
+                "epoch": 1, "iteration": 5, "model": old.model.state_dict(), "memories": [torch.randn(4, 8)],
+                "optimizer": old.optimizer.state_dict(), "scheduler": old.scheduler.state_dict(),
+                "scaler": old.scaler.state_dict(), "best_map": 0.25,
+                "history": [{"epoch": 1, "mAP": 0.25, "rank1": 0.5}]}, tmp_path / "old.pth")
+    ckpt = read_checkpoint(tmp_path / "old.pth")
+    assert ckpt["version"] == VERSION
+    assert ckpt["config"]["targets"] == ["market1501"] and ckpt["config"]["best_by"] == "first"
+    assert ckpt["config"]["pad"] == 10 and "target" not in ckpt["config"]
+    assert ckpt["history"][0]["market1501/mAP"] == 0.25 and ckpt["history"][0]["market1501/rank1"] == 0.5
+    assert config_differences(ckpt["config"], {**ckpt["config"], "pad": 5}) == ["pad: checkpoint 10, now 5"]
+    state = _train_state()
+    state.load_state_dict(ckpt)
+    assert (state.epoch, state.iteration, state.epoch_losses, state.epoch_seconds) == (1, 5, [], None)
+    assert torch.equal(state.model.weight, old.model.weight)
+
+
+def test_checkpoints_carry_their_format_version(tmp_path):
+    """save_checkpoint writes the version; a current checkpoint reads back as written; one of a
+    newer format than this release knows is refused naming the file; an upgrade step per version."""
+    assert len(UPGRADES) == VERSION
+    state = _train_state()
+    state.config = {"arch": "resnet18", "targets": ["market1501"], "pad": 5}
+    state.epoch_losses, state.epoch_seconds = [1.5, 1.25], 3.0
+    save_checkpoint(state.state_dict(), tmp_path / "latest.pth")
+    assert load_checkpoint(tmp_path / "latest.pth")["version"] == VERSION
+    ckpt = read_checkpoint(tmp_path / "latest.pth")
+    assert ckpt["config"] == state.config
+    assert ckpt["epoch_losses"] == [1.5, 1.25] and ckpt["epoch_seconds"] == 3.0
+    torch.save({**load_checkpoint(tmp_path / "latest.pth"), "version": VERSION + 1}, tmp_path / "new.pth")
+    with pytest.raises(CheckpointError, match=f"new.pth: format version {VERSION + 1}, but this release"):
+        read_checkpoint(tmp_path / "new.pth")
 
 
 def test_positions_read_as_the_stop_line_says_them():
@@ -115,7 +153,7 @@ def test_shuffle_plan_routes_every_source_row(world):
     labels = [np.arange(s) // 4 for s in glob]  # 4 images per identity, sampler order
     plans = [shuffle_plan(sizes, world, r, seed=5, epoch=2, it=7, labels=labels) for r in range(world)]
     perm = plans[0].perm
-    assert torch.equal(perm, shuffle_plan([s * world for s in sizes], 1, 0, seed=5, epoch=2, it=7).perm)
+    assert torch.equal(perm, shuffle_plan(glob, 1, 0, seed=5, epoch=2, it=7, labels=labels).perm)
     outbox = [[local[r][int(i)] for i in p.send] for r, p in enumerate(plans)]
     outbox = [[box[sum(p.send_counts[:q]):sum(p.send_counts[:q + 1])] for q in range(world)]
               for box, p in zip(outbox, plans)]
@@ -141,11 +179,11 @@ def test_shuffle_plan_routes_every_source_row(world):
             assert at == sorted(at)
         for p in plans[1:]:
             assert torch.equal(p.source_rows[j], plans[0].source_rows[j])
-    unshuffled = shuffle_plan(sizes, world, 0, 5, 2, 7, shuffle=False)
+    unshuffled = shuffle_plan(sizes, world, 0, 5, 2, 7, labels, shuffle=False)
     assert unshuffled.perm.tolist() == list(range(n * world))
     assert perm.tolist() != list(range(n * world))
-    assert torch.equal(shuffle_plan(sizes, world, 0, seed=5, epoch=2, it=7).perm, perm)
-    assert not torch.equal(shuffle_plan(sizes, world, 0, 5, 2, 8).perm, perm)
+    assert torch.equal(shuffle_plan(sizes, world, 0, seed=5, epoch=2, it=7, labels=labels).perm, perm)
+    assert not torch.equal(shuffle_plan(sizes, world, 0, 5, 2, 8, labels).perm, perm)
 
 
 @pytest.mark.parametrize("epochs", [1, 2, 70])

@@ -99,7 +99,7 @@ def test_flip_test_and_query_expansion_follow_their_definitions(synthetic_shards
 
 
 def test_memories_start_as_each_identitys_mean_feature(synthetic_shards, one_rank):
-    """init_memories against the definition, computed another way: every mix image decoded with
+    """The memory initialisation against the definition, computed another way: every mix image decoded with
     PIL, test transform, forwarded alone through the model in eval mode, then per label the mean,
     L2-normalised."""
     model = case_model().eval()
@@ -152,8 +152,7 @@ def test_extract_features_keeps_the_mode_and_the_row_order(synthetic_shards, one
 
 def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
     """Start-up reads the three sources' mix sets with one loader (one pool of workers, not
-    three) and starts each memory exactly as engine.evaluate.init_memories does per source."""
-    from engine.evaluate import init_memories
+    three) and starts each memory exactly as a loader of its source alone would."""
     from model.memory import MemoryClassifier
     from model.resnet import build_model
     from pipeline.loader import LoaderConfig, build_eval_loader
@@ -168,6 +167,8 @@ def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
     classes = [int(a.labels.max()) + 1 for a in alone]
     one, each = ([MemoryClassifier(model.num_features, n) for n in classes] for _ in range(2))
     init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
-    init_memories(model, alone, each, torch.device("cpu"), None)
+    for loader, memory in zip(alone, each):  # a loader per source: its features, each identity's mean
+        feats = extract_features(model, loader, torch.device("cpu"), None)
+        memory.init_centers(feats, torch.from_numpy(loader.labels))
     for a, b in zip(one, each):
         torch.testing.assert_close(a.centers, b.centers, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.checkpoint import network_from_checkpoint
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import test_transform as eval_transform
 from tests.runs import TARGET

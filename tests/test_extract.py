@@ -15,7 +15,7 @@ from engine.evaluate import extract_features
 from engine.checkpoint import network_from_checkpoint
 from engine.features import FeatureExtractor, ImageError
 from pipeline.loader import LoaderConfig, build_eval_loader
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import test_transform as eval_transform
 from tests.runs import TARGET

@@ -10,7 +10,7 @@ import torch
 
 import train
 from engine.features import FeatureExtractor
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import normalize
 from tests.runs import TARGET, small_run
@@ -33,7 +33,7 @@ def test_train_on_cuda(synthetic_shards, tmp_path, loader, amp):
 
 def test_the_step_does_not_synchronise_with_the_host():
     """CUDA's sync debug mode raises at any point where the host would wait for the GPU: a bf16
-    iteration (channels_last, fused Adam, memory updates with the sampler's round sizes) must have none."""
+    iteration (channels_last, fused Adam, memory updates planned from the sampler's labels) must have none."""
     from engine.optim import build_optimizer, build_scaler
     from engine.step import shuffle_plan, train_step
     from model.memory import MemoryClassifier
@@ -49,9 +49,10 @@ def test_the_step_does_not_synchronise_with_the_host():
     scaler = build_scaler(device, torch.bfloat16)
     images = torch.randn(sum(sizes), 3, 128, 64, device=device).contiguous(memory_format=torch.channels_last)
     labels = (torch.arange(sum(sizes), device=device) // 4) % 50
+    batch_labels = [y.cpu().numpy() for y in labels.split(sizes)]
 
     def step(it: int) -> torch.Tensor:
-        plan = shuffle_plan(sizes, 1, 0, seed=0, epoch=0, it=it, round_sizes=[[8] * 4] * 3)
+        plan = shuffle_plan(sizes, 1, 0, seed=0, epoch=0, it=it, labels=batch_labels)
         return train_step(net, memories, images, labels, sizes, opt, scaler, torch.bfloat16, "il", plan)
 
     step(0)  # lazy initialisation (cuDNN, cuBLAS, allocator) may synchronise once
@@ -101,7 +102,7 @@ def test_dali_batches_are_ordered_on_the_current_stream(synthetic_shards):
 
 
 def test_auto_amp_picks_bf16_only_where_the_gpu_computes_in_it():
-    from engine.optim import amp_dtype
+    from engine.precision import amp_dtype
 
     native = torch.cuda.get_device_capability() >= (8, 0)
     assert amp_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else torch.float16)

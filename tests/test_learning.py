@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import train
-from engine.checkpoint import load_checkpoint
 from engine.evaluate import evaluate_target
 from model.resnet import build_model
 from model.style import UBS
 from pipeline.loader import LoaderConfig, build_eval_loader
-from tests.runs import SOURCES, history, small_run
+from tests.runs import SOURCES, history, load_checkpoint, small_run
 
 pytestmark = pytest.mark.slow  # each test trains (train.main)
 

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import load_checkpoint
 from tests.live import Live, cmdline, gone_within
-from tests.runs import ROOT
+from tests.runs import ROOT, load_checkpoint
 from tools import leave_one_out
 from tools.leave_one_out import read_jsonl
-from tools.rank_memory import descendants
+from tools.measure_memory import descendants
 
 TINY = ["-a", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "-b", "16",
         "--iters", "2", "--epochs", "1", "--workers", "0", "--test-batch-size", "64", "--loader", "torch",

@@ -18,8 +18,8 @@ from PIL import Image
 from pipeline import shards
 from pipeline.loader import LoaderConfig, SourceSet, build_eval_loader, build_train_loader
 from pipeline.records import DatasetSplits, Record
-from pipeline.transforms import (FLIP_P, MEAN, PAD, STD, augment_params, normalize, train_pixels,
-                                 train_transform)
+from pipeline.augment import FLIP_P, PAD, augment_params
+from pipeline.transforms import MEAN, STD, normalize, train_pixels, train_transform
 
 try:
     import nvidia.dali  # noqa: F401

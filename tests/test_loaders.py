@@ -13,9 +13,10 @@ from PIL import Image
 
 from pipeline import shards, transforms
 from pipeline.loader import (LoaderConfig, SourceSet, TrainPlan, build_eval_loader, build_train_loader,
-                             round_sizes, select_loader)
+                             select_loader)
 from pipeline.sampler import identity_batches, rank_slice
-from pipeline.transforms import MEAN, PAD, STD, augment_params, normalize, train_pixels
+from pipeline.augment import PAD, augment_params
+from pipeline.transforms import MEAN, STD, normalize, train_pixels
 
 try:
     import nvidia.dali  # noqa: F401
@@ -56,21 +57,15 @@ def _expected_labels(shards_dir, cfg: LoaderConfig, epoch: int, it: int) -> np.n
     return np.concatenate(out)
 
 
-def _expected_round_sizes(shards_dir, cfg: LoaderConfig, epoch: int, it: int) -> list[list[int]]:
-    """Per source, how many labels occur more than r times in the GLOBAL batch (all ranks' rows)."""
+def _expected_batch_labels(shards_dir, cfg: LoaderConfig, epoch: int, it: int) -> list[np.ndarray]:
+    """Per source, the labels of the GLOBAL batch (all ranks' rows) in sampler order."""
     out = []
     for k, name in enumerate(SOURCES):
         s = SourceSet(shards_dir / name)
         b = identity_batches(s.labels, s.camids, num_ids=cfg.num_ids, num_instances=cfg.num_instances,
                              num_batches=cfg.iters, seed=cfg.seed, epoch=epoch, source=k)[it]
-        counts = np.bincount(s.labels[b])
-        out.append([int((counts > r).sum()) for r in range(counts.max())])
+        out.append(s.labels[b])
     return out
-
-
-def test_round_sizes_count_labels_by_repeats():
-    assert round_sizes(np.array([7, 3, 7, 7, 1, 3])) == [3, 2, 1]
-    assert round_sizes(np.arange(5)) == [5]
 
 
 @pytest.mark.parametrize("loader,dtype,rank,world", [
@@ -90,12 +85,11 @@ def test_train_epochs(synthetic_shards, loader, dtype, rank, world):
             assert b.sizes == [per_rank] * 3 and b.labels.dtype == torch.int64
             expected = _expected_labels(synthetic_shards, cfg, epoch, it)
             np.testing.assert_array_equal(b.labels.numpy(), expected)
-            assert b.round_sizes == _expected_round_sizes(synthetic_shards, cfg, epoch, it)
+            want = _expected_batch_labels(synthetic_shards, cfg, epoch, it)
+            assert len(b.batch_labels) == 3
+            assert all(np.array_equal(got, y) for got, y in zip(b.batch_labels, want))
             pixels = _pixels(b.images)
             assert -0.01 <= pixels.min() and pixels.max() <= 1.01 and pixels.std() > 0.05
-            parts = b.per_source()
-            assert [len(x) for x, _ in parts] == b.sizes
-            assert all(x.data_ptr() == b.images[k * per_rank:].data_ptr() for k, (x, _) in enumerate(parts))
     assert train.replaced == 0
 
 

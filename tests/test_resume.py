@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import train
-from engine.checkpoint import load_checkpoint
-from tests.runs import ROOT, history, small_run
+from tests.runs import ROOT, history, load_checkpoint, small_run
 
 pytestmark = pytest.mark.slow  # each test trains (train.main or train.py)
 

@@ -20,10 +20,9 @@ import pytest
 import torch
 
 import train
-from engine.checkpoint import load_checkpoint
 from pipeline.files import WriteError, write_atomic
 from tests.live import Live, torchrun
-from tests.runs import ROOT, small_run
+from tests.runs import ROOT, load_checkpoint, small_run
 
 
 def refusal(capsys, argv: list[str]) -> str:

@@ -22,6 +22,12 @@ from pipeline import shards
 from pipeline.records import DatasetSplits, Record
 
 
+def index_tar(tar_path: Path, idx_path: Path) -> None:
+    """The index of a finished tar, from its members' offsets (the writer knows them as it writes)."""
+    with tarfile.open(tar_path, "r:") as tar:
+        shards.write_index(idx_path, [(m.name, m.offset_data, m.size) for m in tar if m.isreg()])
+
+
 def _image(path: Path, seed: int) -> Path:
     """A random 48x24 RGB picture, JPEG or PNG as the suffix says."""
     rng = np.random.default_rng(seed)
@@ -93,7 +99,7 @@ def test_index_is_what_dali_wds2idx_writes(raw, tmp_path):
     for tar in sorted((tmp_path / "market1501").glob("*.tar")):
         subprocess.run([sys.executable, str(wds2idx), str(tar), str(tmp_path / "dali.idx")],
                        check=True, capture_output=True)
-        shards.write_index(tar, tmp_path / "ours.idx")  # indexing a finished tar gives the same text
+        index_tar(tar, tmp_path / "ours.idx")  # indexing a finished tar gives the same text
         assert (tmp_path / "dali.idx").read_text() == tar.with_suffix(".idx").read_text()
         assert (tmp_path / "ours.idx").read_text() == tar.with_suffix(".idx").read_text()
 
@@ -234,7 +240,7 @@ def test_sample_without_one_image_member_is_refused(raw, tmp_path):
         for m, data in members:
             m.name = m.name.replace(".jpg", ".bmp")
             t.addfile(m, io.BytesIO(data))
-    shards.write_index(tar, tar.with_suffix(".idx"))
+    index_tar(tar, tar.with_suffix(".idx"))
     key = raw.train[0].key
     message = (f"{tar}:{key}: a sample needs one image member (.jpg or .png) and a .json member, "
                "it has .bmp, .json")

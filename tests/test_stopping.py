@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import load_checkpoint
 from tests.live import Live, alive, cmdline, gone_within, maps_library, torchrun
-from tests.runs import ROOT, small_run
-from tools.rank_memory import children, descendants, pss_bytes
+from tests.runs import ROOT, load_checkpoint, small_run
+from tools.measure_memory import children, descendants, pss_bytes
 
 STOP_LINE = re.compile(r"stopped by (SIG\w+) at epoch (\d+), iteration (\d+).*--resume (\S+)")
 RANK_MEMORY_GOAL = 2 * 2**30  # bytes of PSS for a whole rank with 4 DALI workers (docs/benchmarks.md)

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import train
-from engine.checkpoint import load_checkpoint
 from engine.metrics import METRICS
-from tests.runs import ROOT, history, small_run
+from tests.runs import ROOT, history, load_checkpoint, small_run
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,15 @@ import train
 from engine.config import ExecConfig, RunConfig
 from engine.evaluate import extract_features
 from engine.flags import configs
-from engine.optim import amp_dtype, build_scaler
+from engine.optim import build_scaler
+from engine.precision import amp_dtype
 from engine.preflight import check_flags
 from model.resnet import build_model
 from pipeline.loader import LoaderConfig, build_eval_loader
 from pipeline.records import DATASETS
 from pipeline.runlock import LOCK_NAME
 from pipeline.shards import SplitReader
-from pipeline.transforms import augment_params, default_pad
+from pipeline.augment import augment_params, default_pad
 from tests.oracles import literal_market, squared_euclidean, standard_re_ranking
 from tests.runs import SOURCES, history, small_run
 

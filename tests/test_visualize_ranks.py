@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from engine.features import FeatureExtractor
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from tests.runs import TARGET
 from tools import extract, visualize_ranks as vr

@@ -56,6 +56,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -330,7 +331,8 @@ def fast_iteration(args, cfg, info, num_classes: list[int], batches) -> Callable
     unit centres) and optimizer; ``batches`` None: one random batch on the device, again and again."""
     from engine.loop import Trainer, one_iteration
     from engine.network import build_network, wrap_network
-    from engine.optim import amp_dtype, build_optimizer, build_scaler
+    from engine.optim import build_optimizer, build_scaler
+    from engine.precision import amp_dtype
     from model.memory import MemoryClassifier
     from pipeline.loader import TrainBatch
 
@@ -453,19 +455,46 @@ def check_process_counts(counts: list[int], gpus: int) -> None:
 
 # ---------------------------------------------------------------- eval
 
+def time_metrics(num_query: int = 11659, num_gallery: int = 82161, dim: int = 2048,
+                 device: str | torch.device = "cpu", *, num_ids: int = 3060, num_cams: int = 15,
+                 chunk: int | None = None, seed: int = 0, aqe: int = 0) -> dict:
+    """Time ``engine.metrics.evaluate_features`` on random L2-normalised features (MSMT17 test size
+    by default), with ``aqe`` query expansion when > 0."""
+    from engine.metrics import default_chunk, evaluate_features
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    qf = torch.nn.functional.normalize(torch.randn(num_query, dim, generator=gen), dim=1).to(device)
+    gf = torch.nn.functional.normalize(torch.randn(num_gallery, dim, generator=gen), dim=1).to(device)
+    q_pids = torch.randint(num_ids, (num_query,), generator=gen)
+    g_pids = torch.randint(num_ids, (num_gallery,), generator=gen)
+    q_cams = torch.randint(num_cams, (num_query,), generator=gen)
+    g_cams = torch.randint(num_cams, (num_gallery,), generator=gen)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    res = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk=chunk, aqe=aqe)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "num_query": num_query, "num_gallery": num_gallery, "dim": dim,
+            "device": str(device), "threads": torch.get_num_threads(),
+            "chunk": chunk or default_chunk(num_gallery, device), "aqe": aqe, "mAP": res["mAP"],
+            "rank1": res["rank1"]}
+
+
 def measure_eval(args) -> list[dict]:
-    """The metrics at --eval-size (one run of ``engine.metrics.benchmark_eval``: at MSMT17 size it
+    """The metrics at --eval-size (one run of :func:`time_metrics`: at MSMT17 size it
     takes half a minute on a CPU) and the extraction forward as train.py evaluates (train.py's
     network in eval mode, autocast, --test-batch-size) on tensors already on the device."""
     from engine import distributed as du
-    from engine.metrics import benchmark_eval
     from engine.network import build_network
-    from engine.optim import amp_dtype, autocast
+    from engine.precision import amp_dtype, autocast
 
     info = du.init_distributed(args.device)
-    res = benchmark_eval(*args.eval_size, info.device)
+    res = time_metrics(*args.eval_size, info.device)
     if args.aqe:
-        with_aqe = benchmark_eval(*args.eval_size, info.device, aqe=args.aqe)
+        with_aqe = time_metrics(*args.eval_size, info.device, aqe=args.aqe)
         res.update(aqe_k=args.aqe, aqe_seconds=with_aqe["seconds"])
     dtype = amp_dtype(args.amp, info.device)
     model = build_network(run_config(args), info).eval()
@@ -517,7 +546,7 @@ def time_batch_norms(device: torch.device, args) -> list[dict]:
     bf16 on a GPU, fp32 on a CPU), per layer shape of the network, ``--bn-groups`` value and
     implementation; the ``all layers`` row weighs each shape by its number of layers.
     ``speedup``: against the first implementation."""
-    from engine.optim import amp_dtype, autocast
+    from engine.precision import amp_dtype, autocast
     from model.groups import batch_norm_groups, make_layout
     from model.resnet import GroupBatchNorm1d, GroupBatchNorm2d
 
@@ -560,9 +589,8 @@ def time_parts(device: torch.device, args) -> list[dict]:
     inside a queued iteration. ``speedup``: against the literal version of the same row."""
     import torch.nn.functional as F
 
-    from model.memory import MemoryClassifier
+    from model.memory import MemoryClassifier, update_rounds
     from model.style import UBS
-    from pipeline.reading import round_sizes
     from reference import LiteralUBS, loop_update
 
     sync, rows = device_sync(device), []
@@ -586,11 +614,13 @@ def time_parts(device: torch.device, args) -> list[dict]:
     mem = MemoryClassifier(args.features, args.classes).to(device)
     centers = torch.randn(args.classes, args.features, device=device, generator=g)
     mem.centers.copy_(F.normalize(centers, dim=1))
-    rounds = round_sizes(labels.cpu().numpy())  # what the sampler hands over in training
+    order, rounds = update_rounds(labels.cpu().numpy())  # training plans them on the host
+    order = torch.from_numpy(order).to(device)
+    planned = feats.index_select(0, order), labels.index_select(0, order)  # rows round after round
     shape = [args.batch, args.features, args.classes]
     for impl, fn in (("loop", lambda: loop_update(mem.centers, feats, labels, mem.momentum)),
                      ("read-back", lambda: mem.update(feats, labels)),
-                     ("rounds", lambda: mem.update(feats, labels, round_sizes=rounds))):
+                     ("rounds", lambda: mem.update(*planned, round_sizes=rounds))):
         rows.append(row("memory_update", shape, "float32", impl, fn))
     base = {(r["op"], r["dtype"]): r["ms"] for r in rows if r["impl"] in ("literal", "loop")}
     for r in rows:

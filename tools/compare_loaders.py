@@ -3,7 +3,7 @@ fixed, seeded model gives them.
 
 Both loaders read the same rows of the same shards. The training batch (iteration 0 of epoch 0
 of the three sources) carries the same flips and crop shifts in both (the loaders draw them
-with ``pipeline.transforms.augment_params``); the evaluation batches are the first ``--images``
+with ``pipeline.augment.augment_params``); the evaluation batches are the first ``--images``
 rows of each ``--eval`` dataset's query + gallery. For each batch this reports both loaders'
 per-channel pixel mean and std, their mean and largest absolute pixel difference (in 1/255),
 and the cosine similarity, image by image, of the features of a seeded, randomly initialised

@@ -415,7 +415,7 @@ def machine(device: str) -> dict:
             "packages": {m: module_version(m) for m in ("torchvision", "numpy", "PIL", "h5py", "scipy",
                                                           "matplotlib", "webdataset", "pytest")}}
     if device == "cuda":
-        from engine.optim import amp_dtype
+        from engine.precision import amp_dtype
 
         info.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
                     capability=".".join(map(str, torch.cuda.get_device_capability(0))),

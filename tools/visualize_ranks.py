@@ -40,7 +40,7 @@ from engine.errors import UsageError
 from engine.flags import Parser
 from engine.metrics import pairwise_distance
 from pipeline.loader import build_eval_loader
-from pipeline.reading import decode_rgb
+from pipeline.plan import decode_rgb
 from pipeline.files import write_atomic
 from pipeline.shards import SplitReader
 from tools.cli import add_extraction_flags, check_out_folder, open_split, run_tool, tool_features

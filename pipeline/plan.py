@@ -1,10 +1,11 @@
-"""What the loaders' worker processes need to read an iteration's bytes, and nothing more.
+"""The training plan: which rows each rank reads in each iteration, and what the loaders' worker
+processes need to read an iteration's bytes, and nothing more.
 
-The identity sampler's plan (:class:`TrainPlan`), the rows of the mix and evaluation sets and
-the random augmentation parameters, with the header check and the PIL decode. This module
-imports no torch, torchvision or DALI: DALI's spawned workers unpickle its objects, and every
-module a worker imports costs memory in each of them (torch alone about 300 MB);
-``pipeline.loader`` re-exports these names.
+The identity sampler's plan (:class:`TrainPlan`, with the iteration's random augmentation
+parameters from ``pipeline.augment``), the rows of the mix and evaluation sets, the header check
+and the PIL decode. This module imports no torch, torchvision or DALI: DALI's spawned workers
+unpickle its objects, and every module a worker imports costs memory in each of them (torch
+alone about 300 MB); ``pipeline.loader`` re-exports these names.
 """
 from __future__ import annotations
 
@@ -15,40 +16,13 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from PIL import Image
 
+from pipeline.augment import augment_params
 from pipeline.records import SPLITS, mix_labels
 from pipeline.sampler import identity_batches, rank_slice
-from pipeline.seeds import AUGMENT, stream_rng
 from pipeline.shards import ShardError, SplitReader, load_manifest
 
 if TYPE_CHECKING:
     from pipeline.batches import LoaderConfig
-
-PAD = 10  # the published zero padding before the random crop, in pixels at width 128
-FLIP_P = 0.5  # probability of the horizontal flip
-
-
-def default_pad(width: int) -> int:
-    """The padding before the random crop at input ``width``: the published 10 pixels at
-    256x128, scaled with the width so the crop moves by the same share of the image at any size
-    (10 pixels of a 16-pixel-wide image leave little of the person: learning stalls)."""
-    return round(PAD * width / 128)
-
-
-def resolve_pad(pad: int | None, width: int) -> int:
-    """A ``--pad`` setting in pixels: ``pad`` as given, or None for :func:`default_pad`."""
-    return default_pad(width) if pad is None else pad
-
-
-def augment_params(seed: int, epoch: int, it: int, n: int, pad: int = PAD) -> tuple[np.ndarray, np.ndarray]:
-    """Per image of one iteration's global batch (n rows, the sources one after another):
-    mirror flag (p=FLIP_P) and crop shift (dy, dx) in [-pad, pad], i.e. the crop's corner in
-    the image padded by ``pad`` minus ``pad``. Ranks take their rows of it, so an image is
-    augmented alike whatever the number of ranks."""
-    rng = stream_rng(seed, epoch, it, AUGMENT)
-    mirror = (rng.random(n) < FLIP_P).astype(np.int32)
-    shift = rng.integers(-pad, pad + 1, size=(n, 2)).astype(np.int32)
-    return mirror, shift
-
 
 class Rows:
     """Random access to chosen rows of several splits of one dataset; picklable (workers read it)."""
@@ -123,12 +97,6 @@ def decode_rgb(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
-def round_sizes(labels: np.ndarray) -> list[int]:
-    """For r = 0, 1, ...: how many labels occur more than r times (the memory-update rounds)."""
-    counts = np.unique(labels, return_counts=True)[1]
-    return [int((counts > r).sum()) for r in range(int(counts.max()))]
-
-
 class TrainPlan:
     """Which rows this rank reads in each iteration, and how they are fetched. Picklable."""
 
@@ -146,11 +114,6 @@ class TrainPlan:
     def indices(self, epoch: int) -> list[np.ndarray]:
         """Per source, this rank's rows for every iteration of ``epoch``: [iters, batch / world]."""
         return self._epoch(epoch)[0]
-
-    def round_sizes(self, epoch: int, it: int) -> list[list[int]]:
-        """Per source, :func:`round_sizes` of the GLOBAL batch of an iteration: the memory
-        update's rounds over all ranks' rows, known here without reading the device."""
-        return [round_sizes(labels[it]) for labels in self._epoch(epoch)[1]]
 
     def batch_labels(self, epoch: int, it: int) -> list[np.ndarray]:
         """Per source, the labels of the GLOBAL batch of an iteration in sampler order: the

@@ -4,7 +4,7 @@ worker; PSS counts a page shared by k processes as 1/k in each, so the sum is wh
 really holds) from /proc/<pid>/smaps_rollup, and report the peak, the most processes seen, and
 when a line of the run's output (by default train.py's "first iteration done") appeared.
 
-    python tools/rank_memory.py -- python train.py --loader dali --workers 4 ...
+    python tools/measure_memory.py -- python train.py --loader dali --workers 4 ...
 
 Linux only (/proc). docs/benchmarks.md, "Worker memory and start-up of one rank", has its figures.
 """
