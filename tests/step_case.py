@@ -18,15 +18,11 @@ from reference import LiteralUBS
 SIZES = [16, 16, 16]  # global rows per source: 4 identities x 4 images
 CLASSES = [5, 7, 6]
 ITERS = 2
-# input size of each arch: small, and for IBN's InstanceNorm three positions in layer3's map (with two,
-# each normalised pair is nearly +-1 whatever its values, which magnifies float64 rounding to 1e-7)
-IMAGE_SIZE = {"resnet18": (16, 8), "resnet50_ibn_a": (48, 16)}
 
 
-def build(bn_groups: int, bn_impl: str = "group-norm",
-          arch: str = "resnet18") -> tuple[torch.nn.Module, list[MemoryClassifier]]:
+def build(bn_groups: int, bn_impl: str = "group-norm") -> tuple[torch.nn.Module, list[MemoryClassifier]]:
     torch.manual_seed(0)
-    model = build_model(arch, style=UBS(), bn_groups=bn_groups, bn_impl=bn_impl).double().train()
+    model = build_model("resnet18", style=UBS(), bn_groups=bn_groups, bn_impl=bn_impl).double().train()
     memories = [MemoryClassifier(model.num_features, n).double() for n in CLASSES]
     g = torch.Generator().manual_seed(1)
     for m in memories:
@@ -43,11 +39,10 @@ def literal(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
-def batch(it: int, arch: str = "resnet18") -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
-    """Global images (of ``arch``'s size), labels (sources one after another, sampler order) and
-    labels per source."""
+def batch(it: int) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """Global images, labels (sources one after another, sampler order) and labels per source."""
     g = torch.Generator().manual_seed(100 + it)
-    images = torch.randn(sum(SIZES), 3, *IMAGE_SIZE[arch], generator=g, dtype=torch.float64)
+    images = torch.randn(sum(SIZES), 3, 16, 8, generator=g, dtype=torch.float64)
     labels = torch.cat([torch.randperm(n, generator=g)[:s // 4].repeat_interleave(4)
                         for n, s in zip(CLASSES, SIZES)])
     return images, labels, [y.numpy() for y in labels.split(SIZES)]

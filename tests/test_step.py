@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.cache
-def literal_run(mode: str, groups: int, arch: str = "resnet18") -> dict[str, torch.Tensor]:
+def literal_run(mode: str, groups: int) -> dict[str, torch.Tensor]:
     """tests/step_case.py's iterations as the published code runs them."""
-    model, memories = step_case.build(groups, arch=arch)
+    model, memories = step_case.build(groups)
     ref = step_case.literal(model)
     centers = [m.centers for m in memories]
     opt = torch.optim.Adam(ref.parameters(), lr=3.5e-4, weight_decay=5e-4)
     for it in range(step_case.ITERS):
-        images, labels, _ = step_case.batch(it, arch)
+        images, labels, _ = step_case.batch(it)
         plan = shuffle_plan(step_case.SIZES, 1, 0, seed=3, epoch=0, it=it, shuffle=mode != "fb")
         torch.manual_seed(10 + it)
         reference_step(ref, centers, list(images.split(step_case.SIZES)), list(labels.split(step_case.SIZES)),
@@ -44,13 +44,13 @@ def literal_run(mode: str, groups: int, arch: str = "resnet18") -> dict[str, tor
     return step_case.state(ref, memories)
 
 
-def fast_run(mode: str, groups: int, known_labels: bool = True, impl: str = "group-norm",
-             arch: str = "resnet18") -> tuple[dict[str, torch.Tensor], list[float]]:
-    model, memories = step_case.build(groups, impl, arch)
+def fast_run(mode: str, groups: int, known_labels: bool = True,
+             impl: str = "group-norm") -> tuple[dict[str, torch.Tensor], list[float]]:
+    model, memories = step_case.build(groups, impl)
     opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
     losses = []
     for it in range(step_case.ITERS):
-        images, labels, per_source = step_case.batch(it, arch)
+        images, labels, per_source = step_case.batch(it)
         plan = shuffle_plan(step_case.SIZES, 1, 0, seed=3, epoch=0, it=it, shuffle=mode != "fb",
                             labels=per_source if known_labels else None)
         torch.manual_seed(10 + it)
@@ -65,17 +65,6 @@ def test_fast_iteration_matches_the_published_one(mode, groups, impl):
     got, losses = fast_run(mode, groups, impl=impl)
     assert all(0 < loss < 20 for loss in losses)
     step_case.assert_same_state(got, literal_run(mode, groups))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("impl", BN_IMPLS)
-def test_ibn_iteration_matches_the_published_one(impl):
-    """resnet50_ibn_a too: the BatchNorm halves of its IBN layers take the statistics groups (the
-    InstanceNorm halves normalise each image alone, replicas or not). One grouped forward and
-    backward against the replicas, quicker: tests/test_ibn.py."""
-    got, losses = fast_run("il", 4, impl=impl, arch="resnet50_ibn_a")
-    assert all(0 < loss < 20 for loss in losses)
-    step_case.assert_same_state(got, literal_run("il", 4, "resnet50_ibn_a"))
 
 
 def test_memory_rounds_read_back_when_the_labels_are_not_known():
