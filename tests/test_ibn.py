@@ -5,6 +5,7 @@ replicas, and a small run that trains, evaluates, resumes and exports."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,29 +207,52 @@ def test_grouped_statistics_equal_the_literal_replicas(impl):
     assert grouped.layer1[0].bn1.BN.num_batches_tracked.item() == 4
 
 
+@pytest.fixture(scope="module")
+def resumed_run(synthetic_shards, weights_file, tmp_path_factory) -> tuple[list[str], Path]:
+    """From the public file's names (--pretrained FILE): one epoch, then resumed to a second.
+    Its flags and logs folder."""
+    logs = tmp_path_factory.mktemp("ibn_run")
+    flags = small_run(synthetic_shards, logs, "-a", ARCH, "--pretrained", str(weights_file),
+                      "--height", "48", "--width", "16")
+    assert train.main(flags) == 0
+    assert train.main([*flags, "--epochs", "2", "--resume", str(logs / "latest.pth")]) == 0
+    return flags, logs
+
+
 @pytest.mark.slow
-def test_trains_evaluates_resumes_and_exports(synthetic_shards, weights_file, tmp_path, capsys):
-    """From the public file's names (--pretrained FILE): one epoch, resumed to a second, the
-    checkpoint evaluated again with --evaluate, and exported with the same features."""
-    logs = tmp_path / "logs"
-    flags = ["-a", ARCH, "--pretrained", str(weights_file), "--height", "48", "--width", "16"]
-    assert train.main(small_run(synthetic_shards, logs, *flags)) == 0
-    assert train.main(small_run(synthetic_shards, logs, *flags, "--epochs", "2",
-                                "--resume", str(logs / "latest.pth"))) == 0
+def test_trains_resumes_and_evaluates(resumed_run, capsys):
+    """The resumed run's second epoch is recorded, and --evaluate of its checkpoint prints the
+    mAP the run logged."""
+    flags, logs = resumed_run
     rows = history(logs)
     assert [r["epoch"] for r in rows] == [1, 2]
     ckpt = load_checkpoint(logs / "latest.pth")
     assert ckpt["config"]["arch"] == ARCH and ckpt["epoch"] == 2
     capsys.readouterr()
-    assert train.main(small_run(synthetic_shards, logs, *flags, "--evaluate",
-                                "--resume", str(logs / "latest.pth"))) == 0
+    assert train.main([*flags, "--evaluate", "--resume", str(logs / "latest.pth")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert float(table[1].split()[1]) == pytest.approx(round(100 * rows[-1]["mAP"], 1), abs=0.051)
-    out = tmp_path / "reid.pt"
-    assert export.main(["--checkpoint", str(logs / "latest.pth"), "--format", "torchscript",
-                        "--out", str(out)]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exports_the_evaluation_features(resumed_run, tmp_path, fmt):
+    _, logs = resumed_run
     model, _ = network_from_checkpoint(logs / "latest.pth")
     assert isinstance(model.layer3[5].bn1, IBN)
     x = torch.randn(3, 3, 48, 16)
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(str(out))(x), model(x), rtol=1e-4, atol=1e-5)
+        want = model(x)
+    out = tmp_path / f"reid.{fmt}"
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    assert export.main(["--checkpoint", str(logs / "latest.pth"), "--format", fmt, "--out", str(out)]) == 0
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        got = torch.as_tensor(got)
+    else:
+        with torch.no_grad():
+            got = torch.jit.load(str(out))(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
