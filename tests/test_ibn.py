@@ -132,6 +132,26 @@ def test_ibn_normalises_halves_as_published():
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_channels_last_bf16_autocast():
+    """A grouped training forward under CPU bf16 autocast in channels_last stays finite and
+    channels_last through the IBN layers; in evaluation its features are those of fp32 (to bf16
+    rounding, which grows through 50 layers)."""
+    m = build_model(ARCH, bn_groups=2).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    x = x.to(memory_format=torch.channels_last)
+    seen = []
+    m.layer2[0].bn1.register_forward_hook(lambda mod, i, o: seen.append(o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.train()(x, sizes=[4, 4])
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert seen[0].dtype == torch.bfloat16 and seen[0].is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = m.eval()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m(x)
+    assert F.cosine_similarity(got, want).min() > 0.99
+
+
 def test_public_checkpoint_loads(weights_file):
     m = build_model(ARCH, pretrained=str(weights_file))
     got = m.state_dict()
