@@ -44,7 +44,7 @@ class IBN(nn.Module):
         fmt = torch.channels_last if last else torch.contiguous_format
         a, b = (t.contiguous(memory_format=fmt) for t in x.split([self.half, x.shape[1] - self.half], dim=1))
         b = self.BN(b)
-        # InstanceNorm runs NCHW (and in fp32 under CUDA autocast): its half takes the BN half's dtype
+        # InstanceNorm returns NCHW whatever it is given: the result takes x's layout and the BN half's dtype
         return torch.cat([self.IN(a).to(b.dtype), b], dim=1).contiguous(memory_format=fmt)
 
 
@@ -246,7 +246,8 @@ def input_problem(arch: str, height: int, width: int) -> str | None:
 def build_model(arch: str = "resnet50", pretrained: str = "none", last_stride: int = 1,
                 stem_relu: bool = False, style: nn.Module | None = None, bn_groups: int = 4,
                 bn_impl: str = BN_IMPLS[0]) -> ReIDNet:
-    """`pretrained`: "none" (random init), "imagenet" (torchvision's weights) or a local file;
+    """`pretrained`: "none" (random init), "imagenet" (torchvision's weights; resnet50_ibn_a has none:
+    pass IBN-Net's released file) or a local file;
     `bn_groups`: statistics groups per source batch (4 = the published runs, 1 = whole batches);
     `bn_impl`: how they are computed (``model.groups.BN_IMPLS``)."""
     model = ReIDNet(arch, last_stride=last_stride, stem_relu=stem_relu, style=style, bn_groups=bn_groups,
