@@ -130,9 +130,13 @@ def add_data_flags(d) -> None:
 
 
 def add_model_flags(m) -> None:
-    m.add_argument("-a", "--arch", choices=("resnet50", "resnet18"), default="resnet50", help="backbone")
+    m.add_argument("-a", "--arch", choices=("resnet50", "resnet18", "resnet50_ibn_a"), default="resnet50",
+                   help="backbone (resnet50_ibn_a: ResNet-50 with IBN-Net's instance-batch normalisation in "
+                        "layer1-3)")
     m.add_argument("--pretrained", default="imagenet",
-                   help="'imagenet' (torchvision's weights from its cache), a local .pth file, or 'none'")
+                   help="'imagenet' (torchvision's weights from its cache), a local .pth file, or 'none' "
+                        "(resnet50_ibn_a's ImageNet weights: IBN-Net's released resnet50_ibn_a-d9d0bb7b.pth, "
+                        "passed as a file)")
     m.add_argument("--stem-relu", action="store_true",
                    help="standard ResNet stem with ReLU after the stem BN (the published code has none)")
     m.add_argument("--update-style", "--updateStyle", action="store_true",

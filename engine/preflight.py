@@ -17,7 +17,7 @@ from engine.device import DeviceError, resolve_device
 from engine.errors import UsageError, checked
 from engine.precision import amp_dtype
 from model.groups import make_layout
-from model.resnet import imagenet_weights_file
+from model.resnet import imagenet_weights_file, input_problem
 from pipeline.build import build_shards
 from pipeline.files import long_name
 from pipeline.loader import LoaderConfig, build_eval_loader, select_loader
@@ -64,6 +64,8 @@ def check_flags(cfg: RunConfig, ex: ExecConfig, world: int) -> None:
                          "style module takes each image's statistics over layer1's feature map (a quarter "
                          "of the input's height and width): it needs two positions at least (e.g. --height "
                          "8 --width 4)")
+    if why := input_problem(cfg.arch, cfg.height, cfg.width):
+        raise UsageError(f"-a {cfg.arch} --height {cfg.height} --width {cfg.width}: {why}")
     if cfg.pad >= min(cfg.height, cfg.width):
         raise UsageError(f"--pad {cfg.pad} must be smaller than the input ({cfg.height}x{cfg.width}): "
                          "the crop would hold no part of the image")

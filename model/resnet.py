@@ -1,13 +1,15 @@
 """ResNet backbone for re-ID: last stride 1, average pooling, BatchNorm1d neck with a frozen
-bias, L2-normalised output (docs/design.md).
+bias, L2-normalised output (docs/design.md). ``resnet50_ibn_a`` is ResNet-50 with IBN-Net's
+instance-batch normalisation (:class:`IBN`) in layer1..layer3.
 
 Training forwards carry statistics groups (``model.groups``): ``model(x, sizes=[...])`` is the
 first forward of several sources at once, each source's batch cut into ``bn_groups`` groups with
 their own BatchNorm statistics; ``model(x, style=True)`` (or ``style=False`` in the FBF baseline)
 is the shuffled second forward, cut the same way, with per-group UBS statistics too. That is how
 the published runs (``nn.DataParallel`` on 4 GPUs) normalised, and ``rank``/``world`` make the
-groups the same sets of images on any number of ranks. Every BatchNorm is a ``GroupBatchNorm*``:
-plain ``nn.BatchNorm`` in evaluation and outside a grouped forward.
+groups the same sets of images on any number of ranks. Every BatchNorm is a ``GroupBatchNorm*``
+(the BatchNorm half of an :class:`IBN` too): plain ``nn.BatchNorm`` in evaluation and outside a
+grouped forward.
 """
 from __future__ import annotations
 
@@ -22,9 +24,49 @@ from torch import nn
 
 from model.groups import BN_IMPLS, Layout, batch_norm_groups, make_layout
 
+
+class IBN(nn.Module):
+    """Instance-batch normalisation, the "a" variant of IBN-Net (Pan et al., ECCV 2018): the first
+    half of the channels normalised per image (InstanceNorm, affine), the rest by BatchNorm.
+    Per-image statistics take each image's contrast and colour out of half of the early
+    features, which is why generalizable re-ID uses it. The names ``IN`` and ``BN`` are those of
+    the public checkpoint's parameters. Only ``BN`` has batch statistics (and so statistics
+    groups); InstanceNorm keeps no running statistics and normalises each image in evaluation too."""
+
+    def __init__(self, planes: int) -> None:
+        super().__init__()
+        self.half = int(planes * 0.5)
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(planes - self.half)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = x.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if last else torch.contiguous_format
+        a, b = (t.contiguous(memory_format=fmt) for t in x.split([self.half, x.shape[1] - self.half], dim=1))
+        b = self.BN(b)
+        # InstanceNorm returns NCHW whatever it is given: the result takes x's layout and the BN half's dtype
+        return torch.cat([self.IN(a).to(b.dtype), b], dim=1).contiguous(memory_format=fmt)
+
+
+def resnet50_ibn_a(weights: None = None) -> torchvision.models.ResNet:
+    """ResNet-50-IBN-a: torchvision's ResNet-50 (the same stem, stride on each bottleneck's 3x3
+    convolution, parameter names) whose bottlenecks in layer1, layer2 and layer3 normalise
+    after their first convolution with :class:`IBN` instead of BatchNorm (layer4 unchanged)."""
+    net = torchvision.models.resnet50(weights=weights)
+    for layer in (net.layer1, net.layer2, net.layer3):
+        for block in layer:
+            block.bn1 = IBN(block.bn1.num_features)
+    return net
+
+
+# the public ImageNet weights of resnet50_ibn_a (not torchvision's): IBN-Net's v1.0 GitHub release
+IBN_A_RELEASE = "resnet50_ibn_a-d9d0bb7b.pth"
+
+# arch -> (constructor, torchvision's ImageNet weights or None, feature size)
 ARCHS = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 2048),
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet50_ibn_a": (resnet50_ibn_a, None, 2048),
 }
 
 
@@ -169,8 +211,13 @@ def load_backbone(model: ReIDNet, path: str | Path) -> None:
 
 
 def imagenet_weights_file(arch: str) -> Path:
-    """Torchvision's cached ImageNet weights for `arch`, downloaded if absent and possible."""
-    url = ARCHS[arch][1].url
+    """Torchvision's cached ImageNet weights for `arch`, downloaded if absent and possible; an
+    arch torchvision has no weights of is refused, saying where its public file is."""
+    weights = ARCHS[arch][1]
+    if weights is None:
+        raise RuntimeError(f"{arch} has no torchvision weights: download {IBN_A_RELEASE} from the "
+                           f"XingangPan/IBN-Net GitHub releases (v1.0) and pass it as --pretrained FILE")
+    url = weights.url
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if not path.is_file():
         try:
@@ -185,10 +232,22 @@ def imagenet_weights_file(arch: str) -> Path:
     return path
 
 
+def input_problem(arch: str, height: int, width: int) -> str | None:
+    """Why `arch` cannot take `height` x `width` images, or None: IBN's InstanceNorm normalises
+    each image over its positions, and layer3's map (a sixteenth of the input's height and
+    width) must have two at least."""
+    if arch == "resnet50_ibn_a" and -(-height // 16) * -(-width // 16) < 2:
+        return (f"too small for {arch}, whose instance normalisation in layer3 takes each image's "
+                "statistics over a sixteenth of the input's height and width: it needs two positions at "
+                "least (e.g. --height 32 --width 16)")
+    return None
+
+
 def build_model(arch: str = "resnet50", pretrained: str = "none", last_stride: int = 1,
                 stem_relu: bool = False, style: nn.Module | None = None, bn_groups: int = 4,
                 bn_impl: str = BN_IMPLS[0]) -> ReIDNet:
-    """`pretrained`: "none" (random init), "imagenet" (torchvision's weights) or a local file;
+    """`pretrained`: "none" (random init), "imagenet" (torchvision's weights; resnet50_ibn_a has none:
+    pass IBN-Net's released file) or a local file;
     `bn_groups`: statistics groups per source batch (4 = the published runs, 1 = whole batches);
     `bn_impl`: how they are computed (``model.groups.BN_IMPLS``)."""
     model = ReIDNet(arch, last_stride=last_stride, stem_relu=stem_relu, style=style, bn_groups=bn_groups,
