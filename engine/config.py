@@ -6,14 +6,13 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from engine.flags import sources_of
 from pipeline.loader import LoaderConfig
 from pipeline.reading import resolve_pad
 
-SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")
 
-
-def setting(flag: str | tuple[str, ...] | None = None, resume: bool = True):
-    """A field of :class:`RunConfig`: ``flag`` names the parsed flag(s) it comes from (default:
+def setting(flag: str | None = None, resume: bool = True):
+    """A field of :class:`RunConfig`: ``flag`` names the parsed flag it comes from (default:
     the field's name); ``resume``: whether a resumed run must agree with the checkpoint on it."""
     return field(metadata={"flag": flag, "resume": resume})
 
@@ -24,7 +23,7 @@ class RunConfig:
     grow: a finished run can be continued)."""
 
     arch: str = setting()
-    sources: list[str] = setting(SOURCE_FLAGS)
+    sources: list[str] = setting()  # --sources or --dataset_src1/2/3 (engine.flags.sources_of)
     targets: list[str] = setting("dataset")
     batch_size: int = setting()
     num_instances: int = setting()
@@ -52,8 +51,7 @@ class RunConfig:
         values = {}
         for f in fields(cls):
             flag = f.metadata["flag"] or f.name
-            values[f.name] = ([getattr(args, n) for n in flag] if isinstance(flag, tuple)
-                              else getattr(args, flag))
+            values[f.name] = sources_of(args) if f.name == "sources" else getattr(args, flag)
         return cls(**values)
 
     def __post_init__(self) -> None:
