@@ -156,11 +156,11 @@ def get_parser() -> ToolParser:
     p = ToolParser(prog=PROG, description=__doc__, allow_abbrev=False,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, default=Path("shards"),
-                   help="folder of shards written by tools/make_shards.py, holding the four datasets "
-                        "(passed to every run; default: shards)")
+                   help="folder of shards written by tools/make_shards.py, holding the protocol's "
+                        "datasets (passed to every run; default: shards)")
     p.add_argument("--out", type=Path, required=True,
-                   help="folder of the runs (OUT/<mode>_to_<target>/: train.py's --logs-dir, plus done.json "
-                        "and sessions.jsonl) and of table.md and table.json")
+                   help="folder of the runs (OUT/<run>/, e.g. il_to_market1501: train.py's --logs-dir, plus "
+                        "done.json and sessions.jsonl) and of table.md and table.json")
     p.add_argument("--nproc-per-node", "--nproc_per_node", type=at_least(1), default=1, metavar="N",
                    help="processes (GPUs) per run; every run is started by torchrun, with N=1 too "
                         "(default: 1)")
@@ -169,7 +169,7 @@ def get_parser() -> ToolParser:
     p.add_argument("--baseline", choices=("fbf", "fb"), default="fbf",
                    help="the baseline run without --update-style, and beside IL with --both (default: fbf)")
     p.add_argument("--both", action="store_true",
-                   help="run IL and the --baseline side by side for every target (8 runs)")
+                   help="run IL and the --baseline side by side for every run of the protocol")
     p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="leave-one-out",
                    help="leave-one-out: the published table (each of the four targets trained on the other "
                         "three); no-duke: Market-1501, CUHK03-NP, MSMT17_V1 as targets, each trained on the "
