@@ -82,6 +82,22 @@ def test_any_number_of_sources_trains(synthetic_shards, tmp_path, capsys, source
 
 
 @pytest.mark.slow
+def test_one_source_on_two_ranks_keeps_ranks_identical(synthetic_shards, tmp_path):
+    """The single-source setting on 2 gloo ranks: each rank's half of the one source's batch,
+    the shuffled second forward exchanged, the memory updated alike on both ranks."""
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_train_check.py"), str(result),
+           *small_run(synthetic_shards, tmp_path / "logs", "--iters", "2", sources=["cuhk03"])]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(result.read_text())
+    assert res["exit_code"] == 0 and res["weights_max_diff"] == 0.0 and res["memories_max_diff"] == 0.0
+    assert 1e-6 < res["weights_change"] < 0.05, res["weights_change"]
+
+
+@pytest.mark.slow
 def test_dali_loader_trains(synthetic_shards, tmp_path):
     pytest.importorskip("nvidia.dali")
     assert train.main(small_run(synthetic_shards, tmp_path, loader="dali")) == 0
