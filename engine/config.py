@@ -6,9 +6,11 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from engine.flags import sources_of
+from engine.usage import UsageError
 from pipeline.loader import LoaderConfig
 from pipeline.reading import resolve_pad
+
+SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")  # the published spelling of 3 sources
 
 
 def setting(flag: str | None = None, resume: bool = True):
@@ -23,7 +25,7 @@ class RunConfig:
     grow: a finished run can be continued)."""
 
     arch: str = setting()
-    sources: list[str] = setting()  # --sources or --dataset_src1/2/3 (engine.flags.sources_of)
+    sources: list[str] = setting()  # --sources or --dataset_src1/2/3 (sources_of)
     targets: list[str] = setting("dataset")
     batch_size: int = setting()
     num_instances: int = setting()
@@ -74,3 +76,16 @@ class RunConfig:
                             iters=self.iters, seed=self.seed, workers=workers, dtype=dtype or torch.float32,
                             device=device, rank=rank, world=world, loader=loader,
                             test_batch_size=test_batch_size, pad=self.pad)
+
+
+def sources_of(args) -> list[str]:
+    """The run's sources: --sources, or the published --dataset_src1/2/3 (three sources, their
+    defaults the published Market-1501, DukeMTMC-reID, CUHK03); the two spellings together are
+    refused rather than one silently winning."""
+    if getattr(args, "sources", None) is None:
+        return [getattr(args, f) for f in SOURCE_FLAGS]
+    published = [f for f in SOURCE_FLAGS if f in getattr(args, "given", ())]
+    if published:
+        raise UsageError(f"--sources and --{published[0]}: two spellings of the sources; give --sources "
+                         "a,b,... or --dataset_src1/2/3, not both")
+    return list(args.sources)

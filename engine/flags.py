@@ -98,7 +98,6 @@ def names(text: str) -> list[str]:
 
 
 MAX_SOURCES = 5  # the datasets make_shards knows; each source is a memory and a batch per iteration
-SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")  # the published spelling of three sources
 
 
 def source_names(text: str) -> list[str]:
@@ -108,19 +107,6 @@ def source_names(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"expected 1 to {MAX_SOURCES} datasets, got {len(items)} in "
                                          f"{text!r}")
     return items
-
-
-def sources_of(args) -> list[str]:
-    """The run's sources: --sources, or the published --dataset_src1/2/3 (three sources, their
-    defaults the published Market-1501, DukeMTMC-reID, CUHK03); the two spellings together are
-    refused rather than one silently winning."""
-    if getattr(args, "sources", None) is None:
-        return [getattr(args, f) for f in SOURCE_FLAGS]
-    published = [f for f in SOURCE_FLAGS if f in getattr(args, "given", ())]
-    if published:
-        raise UsageError(f"--sources and --{published[0]}: two spellings of the sources; give --sources "
-                         "a,b,... or --dataset_src1/2/3, not both")
-    return list(args.sources)
 
 
 def train_parser(description: str) -> Parser:

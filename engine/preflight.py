@@ -12,9 +12,9 @@ from pathlib import Path
 from engine import distributed as du
 from engine.checkpoint import (RESUME_KEYS, CheckpointError, config_differences, read_checkpoint,
                                read_torch_file)
-from engine.config import RunConfig
+from engine.config import SOURCE_FLAGS, RunConfig
 from engine.device import DeviceError, resolve_device
-from engine.flags import SOURCE_FLAGS, WORKERS
+from engine.flags import WORKERS
 from engine.optim import amp_dtype
 from engine.usage import UsageError, checked
 from model.groups import make_layout
