@@ -1,8 +1,9 @@
-r"""Train Style Interleaved Learning (Tan et al., IEEE TMM 2023) on three source datasets and
-evaluate on an unseen target.
+r"""Train Style Interleaved Learning (Tan et al., IEEE TMM 2023) on source datasets (three in
+the published runs, 1 to 5 here: --sources) and evaluate on an unseen target.
 
     torchrun --nproc_per_node 4 train.py --update-style \
         --dataset_src1 market1501 --dataset_src2 dukemtmc --dataset_src3 cuhk03 -d msmt17v1
+    python train.py --update-style --sources market1501 -d dukemtmc     # single-source transfer
 
 One process per GPU (NCCL; gloo on CPU). `-b` is the global batch per source: every rank takes
 its slice of each sampled batch, so 1 and N GPUs train on the same global batches.

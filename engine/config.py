@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import UsageError
 from engine.evaluate import EvalOptions
 from pipeline.loader import LoaderConfig
 from pipeline.augment import resolve_pad
 
-SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")
+SOURCE_FLAGS = ("dataset_src1", "dataset_src2", "dataset_src3")  # the published spelling of 3 sources
 WORKERS = 4  # data worker processes per rank by default, where as many cores are available
 
 
@@ -27,9 +28,9 @@ def default_workers() -> int:
     return min(WORKERS, cores)
 
 
-def setting(default, flag: str | tuple[str, ...] | None = None, resume: bool = True):
+def setting(default, flag: str | None = None, resume: bool = True):
     """A field of :class:`RunConfig` with train.py's ``default`` (a list is copied for each
-    instance): ``flag`` names the parsed flag(s) it comes from (default: the field's name);
+    instance): ``flag`` names the parsed flag it comes from (default: the field's name);
     ``resume``: whether a resumed run must agree with the checkpoint on it."""
     metadata = {"flag": flag, "resume": resume}
     if isinstance(default, list):
@@ -43,7 +44,7 @@ class RunConfig:
     grow: a finished run can be continued)."""
 
     arch: str = setting("resnet50")
-    sources: list[str] = setting(["market1501", "dukemtmc", "cuhk03"], SOURCE_FLAGS)
+    sources: list[str] = setting(["market1501", "dukemtmc", "cuhk03"])  # --sources or --dataset_src1/2/3
     targets: list[str] = setting(["msmt17v1"], "dataset")
     batch_size: int = setting(64)
     num_instances: int = setting(4)
@@ -71,8 +72,7 @@ class RunConfig:
         values = {}
         for f in fields(cls):
             flag = f.metadata["flag"] or f.name
-            values[f.name] = ([getattr(args, n) for n in flag] if isinstance(flag, tuple)
-                              else getattr(args, flag))
+            values[f.name] = sources_of(args) if f.name == "sources" else getattr(args, flag)
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -95,6 +95,19 @@ class RunConfig:
                             iters=self.iters, seed=self.seed, workers=workers, dtype=dtype or torch.float32,
                             device=device, rank=rank, world=world, loader=loader,
                             test_batch_size=test_batch_size, pad=self.pad)
+
+
+def sources_of(args) -> list[str]:
+    """The run's sources: --sources, or the published --dataset_src1/2/3 (three sources, their
+    defaults the published Market-1501, DukeMTMC-reID, CUHK03); the two spellings together are
+    refused rather than one silently winning."""
+    if getattr(args, "sources", None) is None:
+        return [getattr(args, f) for f in SOURCE_FLAGS]
+    published = [f for f in SOURCE_FLAGS if f in getattr(args, "given", ())]
+    if published:
+        raise UsageError(f"--sources and --{published[0]}: two spellings of the sources; give --sources "
+                         "a,b,... or --dataset_src1/2/3, not both")
+    return list(args.sources)
 
 
 @dataclass

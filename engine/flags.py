@@ -89,6 +89,18 @@ def names(text: str) -> list[str]:
     return items
 
 
+MAX_SOURCES = 5  # the datasets make_shards knows; each source is a memory and a batch per iteration
+
+
+def source_names(text: str) -> list[str]:
+    """argparse type of --sources: 1 to MAX_SOURCES distinct dataset names, comma-separated."""
+    items = names(text)
+    if len(items) > MAX_SOURCES:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_SOURCES} datasets, got {len(items)} in "
+                                         f"{text!r}")
+    return items
+
+
 def train_parser(description: str) -> Parser:
     """Every flag of train.py."""
     p = Parser(prog="train.py", description=description, formatter_class=HelpFormatter)
@@ -100,7 +112,12 @@ def train_parser(description: str) -> Parser:
 
 
 def add_data_flags(d) -> None:
-    d.add_argument("--dataset_src1", default="market1501", help="first source dataset")
+    d.add_argument("--sources", type=source_names, default=None, metavar="SRC[,SRC...]",
+                   help=f"source datasets, comma-separated, 1 to {MAX_SOURCES}: each has its own memory "
+                        "classifier and its own identity batches of -b images (default: the three of "
+                        "--dataset_src1/2/3)")
+    d.add_argument("--dataset_src1", default="market1501",
+                   help="first source dataset (--dataset_src1/2/3: the published spelling of three sources)")
     d.add_argument("--dataset_src2", default="dukemtmc", help="second source dataset")
     d.add_argument("--dataset_src3", default="cuhk03", help="third source dataset")
     d.add_argument("-d", "--dataset", type=names, default=["msmt17v1"], metavar="TARGET[,TARGET...]",

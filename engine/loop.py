@@ -89,7 +89,8 @@ def train_one_epoch(t: Trainer, loader, epoch: int, start: int, *, stop: StopReq
         if (it + 1) % log_every == 0 or it + 1 == cfg.iters or res.stop_signal:
             du.mean_over_ranks(res.losses[checked: it + 1])
             check_health(res.losses, checked, it, t.memories, device, epoch, checkpoint_path)
-            runlog.advance(it + 1, res.losses[it], res.done * 3 * cfg.batch_size / (time.perf_counter() - t0))
+            images = res.done * len(cfg.sources) * cfg.batch_size
+            runlog.advance(it + 1, res.losses[it], images / (time.perf_counter() - t0))
             checked = it + 1
         if res.stop_signal:
             res.stopped_after = it + 1

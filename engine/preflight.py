@@ -12,7 +12,7 @@ from pathlib import Path
 from engine import distributed as du
 from engine.checkpoint import (RESUME_KEYS, CheckpointError, config_differences, read_checkpoint,
                                read_torch_file)
-from engine.config import WORKERS, ExecConfig, RunConfig
+from engine.config import SOURCE_FLAGS, WORKERS, ExecConfig, RunConfig
 from engine.device import DeviceError, resolve_device
 from engine.errors import UsageError, checked
 from engine.precision import amp_dtype
@@ -50,14 +50,16 @@ def check_flags(cfg: RunConfig, ex: ExecConfig, world: int) -> None:
         except ImportError:
             raise UsageError("--apex: NVIDIA apex is not installed (it is not on PyPI; build it from "
                              "NVIDIA's repository), or leave --apex out for torch's fused Adam") from None
-    for flag, name in zip(("--dataset_src1", "--dataset_src2", "--dataset_src3"), cfg.sources):
+    flags = (["--sources"] * len(cfg.sources) if "sources" in ex.given
+             else [f"--{f}" for f in SOURCE_FLAGS])
+    for flag, name in zip(flags, cfg.sources):
         if why := unknown_dataset(name, ex.shards):
             raise UsageError(f"{flag} {name!r}: {why}")
     for name in cfg.targets:
         check_target(name, ex.shards)
         if name in cfg.sources:
             raise UsageError(f"-d {name}: the target is also a source; it must stay unseen")
-    if len(set(cfg.sources)) != 3:
+    if len(set(cfg.sources)) != len(cfg.sources):  # --sources refuses a name given twice itself
         raise UsageError(f"sources {cfg.sources}: the three sources must differ")
     if cfg.mode == "il" and -(-cfg.height // 4) * -(-cfg.width // 4) < 2:
         raise UsageError(f"--height {cfg.height} --width {cfg.width}: too small for --update-style, whose "
@@ -74,8 +76,8 @@ def check_flags(cfg: RunConfig, ex: ExecConfig, world: int) -> None:
     if cfg.batch_size % world:
         raise UsageError(f"-b {cfg.batch_size} (global per source) must divide over {world} ranks")
     try:  # the statistics groups of the first and of the shuffled second forward
-        make_layout([cfg.batch_size // world] * 3, cfg.bn_groups, 0, world)
-        make_layout([3 * cfg.batch_size // world], cfg.bn_groups, 0, world)
+        make_layout([cfg.batch_size // world] * len(cfg.sources), cfg.bn_groups, 0, world)
+        make_layout([len(cfg.sources) * cfg.batch_size // world], cfg.bn_groups, 0, world)
     except ValueError as e:
         raise UsageError(f"--bn-groups {cfg.bn_groups} with -b {cfg.batch_size} on {world} rank(s): {e}") \
             from None

@@ -177,7 +177,8 @@ class Run:
         du.broadcast_state(st.model, buffers_only=True)
         row = {"epoch": epoch + 1, "loss": float(res.losses[res.first:].mean()),
                "lr": st.optimizer.param_groups[0]["lr"],
-               "images_per_s": res.timed * 3 * cfg.batch_size / res.seconds, "time_s": res.seconds}
+               "images_per_s": res.timed * len(cfg.sources) * cfg.batch_size / res.seconds,
+               "time_s": res.seconds}
         st.history.append(row)
         self.checkpoint(epoch + 1, 0, res)  # before the evaluation: a failed one loses nothing
         if (ex.eval_every and (epoch + 1) % ex.eval_every == 0) or epoch + 1 == cfg.epochs:

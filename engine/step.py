@@ -1,6 +1,6 @@
 """One training iteration of Style Interleaved Learning and of its two baselines.
 
-IL (``--update-style``): forward the three sources' batches (statistics per group of each
+IL (``--update-style``): forward the sources' batches (statistics per group of each
 source, ``model.groups``), loss = mean over sources of the memory loss, backward, optimizer step;
 then, without gradients, forward the shuffled concatenation once more with the style module on
 and update each source's memory with its own rows of that output in shuffled order. FBF: the

@@ -50,7 +50,7 @@ class LoaderConfig:
 
 @dataclass
 class TrainBatch:
-    """One iteration: the three sources' rows for this rank, stacked in source order."""
+    """One iteration: the sources' rows for this rank, stacked in source order."""
 
     images: torch.Tensor  # [sum(sizes), 3, H, W], channels_last, normalised, config dtype
     labels: torch.Tensor  # int64 [sum(sizes)], mix labels of each row's own source

@@ -1,7 +1,7 @@
 """Run by tests/test_step.py under torchrun: tests/step_case.py's iterations with the fast step
 on every rank (DDP over gloo, float64), then rank 0 saves the resulting state.
 
-    torchrun --nproc_per_node N tests/dist_step_check.py RESULT.pt MODE BN_GROUPS BN_IMPL
+    torchrun --nproc_per_node N tests/dist_step_check.py RESULT.pt MODE BN_GROUPS BN_IMPL [SOURCES]
 """
 from __future__ import annotations
 
@@ -21,15 +21,16 @@ from tests import step_case  # noqa: E402
 
 def main() -> int:
     result, mode, groups, impl = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    sources = int(sys.argv[5]) if len(sys.argv) > 5 else 3
     info = du.init_distributed("cpu")
-    model, memories = step_case.build(groups, impl)
+    model, memories = step_case.build(groups, impl, sources)
     model.rank, model.world = info.rank, info.world
     net = DistributedDataParallel(model)
     opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
-    mine = step_case.rank_rows(info.rank, info.world)
-    sizes = [s // info.world for s in step_case.SIZES]
+    mine = step_case.rank_rows(info.rank, info.world, sources)
+    sizes = [s // info.world for s in step_case.sizes(sources)]
     for it in range(step_case.ITERS):
-        images, labels, per_source = step_case.batch(it)
+        images, labels, per_source = step_case.batch(it, sources)
         plan = shuffle_plan(sizes, info.world, info.rank, seed=3, epoch=0, it=it, shuffle=mode != "fb",
                             labels=per_source)
         torch.manual_seed(10 + it)

@@ -139,9 +139,10 @@ def test_flags_shared_with_train_are_train_flags():
     for name in benchmark.COMMANDS:
         for action in benchmark.command_parser(name)._actions:
             mine = train.get(action.dest)
-            # ops --bn-groups/--bn-impl count several settings; --data-dir: the folder loader's raw folders
-            if mine is None or action.dest == "data_dir" or (name == "ops" and action.dest in ("bn_groups",
-                                                                                            "bn_impl")):
+            # ops --bn-groups/--bn-impl count several settings; --data-dir: the folder loader's raw folders;
+            # --sources: JPEG-folder datasets by default, so the folder loader can read them
+            if mine is None or action.dest in ("data_dir", "sources") or (
+                    name == "ops" and action.dest in ("bn_groups", "bn_impl")):
                 continue
             shared += 1
             assert (action.option_strings, action.default, action.help, action.choices) == (

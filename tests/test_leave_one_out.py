@@ -154,3 +154,103 @@ def test_missing_shards_are_named(synthetic_shards, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"--shards {shards} lacks complete shards of cuhk03, msmt17v1" in err, err
+
+
+def plan(*flags: str) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    args, _ = leave_one_out.get_parser().parse_known_args(["--out", "x", "--update-style", *flags])
+    return [(job.name, job.sources, job.targets) for job in leave_one_out.jobs_of(args)]
+
+
+def test_protocols_plan_their_runs():
+    """leave-one-out: the published sources of each target; no-duke: the other two targets and
+    CUHK-SYSU; single: one dataset, evaluated on the other three (those of --targets); --seeds:
+    every run once per seed, each in its own folder."""
+    assert plan() == [("il_to_market1501", ("dukemtmc", "cuhk03", "msmt17v1"), ("market1501",)),
+                      ("il_to_dukemtmc", ("market1501", "cuhk03", "msmt17v1"), ("dukemtmc",)),
+                      ("il_to_cuhk03", ("market1501", "dukemtmc", "msmt17v1"), ("cuhk03",)),
+                      ("il_to_msmt17v1", ("market1501", "dukemtmc", "cuhk03"), ("msmt17v1",))]
+    assert plan("--protocol", "no-duke") == [
+        ("il_noduke_to_market1501", ("msmt17v1", "cuhk_sysu", "cuhk03"), ("market1501",)),
+        ("il_noduke_to_cuhk03", ("market1501", "msmt17v1", "cuhk_sysu"), ("cuhk03",)),
+        ("il_noduke_to_msmt17v1", ("market1501", "cuhk_sysu", "cuhk03"), ("msmt17v1",))]
+    assert plan("--protocol", "single") == [
+        ("il_from_market1501", ("market1501",), ("dukemtmc", "cuhk03", "msmt17v1")),
+        ("il_from_dukemtmc", ("dukemtmc",), ("market1501", "cuhk03", "msmt17v1")),
+        ("il_from_cuhk03", ("cuhk03",), ("market1501", "dukemtmc", "msmt17v1")),
+        ("il_from_msmt17v1", ("msmt17v1",), ("market1501", "dukemtmc", "cuhk03"))]
+    assert plan("--protocol", "single", "--targets", "cuhk03")[0] == (
+        "il_from_market1501", ("market1501",), ("cuhk03",))
+    assert [name for name, *_ in plan("--targets", "cuhk03", "--seeds", "2,0", "--both")] == [
+        "il_to_cuhk03_seed2", "il_to_cuhk03_seed0", "fbf_to_cuhk03_seed2", "fbf_to_cuhk03_seed0"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--protocol", "no-duke", "--targets", "dukemtmc"],
+     "--targets dukemtmc: not a target of --protocol no-duke (its targets: market1501, cuhk03, msmt17v1)"),
+    (["--protocol", "all"], "argument --protocol: invalid choice: 'all'"),
+    (["--seeds", "0,0"], "--seeds: a seed is given twice in '0,0'"),
+    (["--seeds", "0,-1"], "--seeds: expected an integer >= 0, got -1"),
+    (["--seeds", "0,1", "--seed", "3"], "--seed is set by this tool for each run with --seeds"),
+    (["--sources", "market1501"], "--sources is set by this tool for each run"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_protocol_and_seed_flags_are_checked(tmp_path, capsys, flags, message):
+    code = leave_one_out.main(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("leave_one_out.py: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_no_duke_over_seeds_gives_mean_and_deviation(synthetic_shards, tmp_path):
+    """--protocol no-duke --seeds 0,1 on one target: a run per seed in its own folder (train.py
+    --seed N), a table row with the mean and sample standard deviation of the seeds' final
+    figures, each seed's figures in table.json, no published figures; a second call trains
+    nothing."""
+    out = tmp_path / "loo"
+    argv = ["--shards", str(synthetic_shards), "--out", str(out), "--update-style", "--protocol", "no-duke",
+            "--targets", "cuhk03", "--seeds", "0,1", *TINY]
+    assert leave_one_out.main(argv) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert table["protocol"] == "no-duke" and table["seeds"] == [0, 1] and table["published_by"] is None
+    [row] = table["runs"]
+    assert (row["target"], row["sources"], row["finished"], row["published"], row["diff"]) == (
+        "cuhk03", ["market1501", "msmt17v1", "cuhk_sysu"], True, None, None)
+    assert [s["seed"] for s in row["seeds"]] == [0, 1]
+    for seed in row["seeds"]:
+        logs = out / f"il_noduke_to_cuhk03_seed{seed['seed']}"
+        assert seed["run"] == logs.name
+        assert load_checkpoint(logs / "latest.pth")["config"]["seed"] == seed["seed"]
+        last = read_jsonl(logs / "metrics.jsonl")[-1]
+        assert seed["mAP"] == pytest.approx(100 * last["mAP"], abs=1e-3)
+        assert seed["command"][seed["command"].index("--sources") + 1] == "market1501,msmt17v1,cuhk_sysu"
+    for key in ("mAP", "rank1"):
+        values = [s[key] for s in row["seeds"]]
+        assert row[key] == pytest.approx(sum(values) / 2, abs=1e-3)
+        assert row[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-3)
+    md = (out / "table.md").read_text()
+    assert md.startswith("# Leave-one-out without DukeMTMC-reID: ours (mAP / rank-1, %)")
+    line = next(line for line in md.splitlines() if line.startswith("| CUHK03-NP | IL |"))
+    assert f"| 0, 1 | {row['mAP']:.1f} ± {row['mAP_std']:.1f} |" in line, line
+    assert "published" not in md.split("\n\n")[2]  # no published columns
+    assert leave_one_out.main(argv) == 0
+    assert json.loads((out / "table.json").read_text()) == table
+
+
+@pytest.mark.slow
+def test_single_source_runs_are_evaluated_on_the_other_datasets(synthetic_shards, tmp_path):
+    """--protocol single: a run per source (train.py --sources with one dataset), each evaluated
+    on the targets that are not its source; a table row per (source, target) pair."""
+    out = tmp_path / "single"
+    argv = ["--shards", str(synthetic_shards), "--out", str(out), "--update-style", "--protocol", "single",
+            "--targets", "market1501,cuhk03", *TINY, "--iters", "1"]
+    assert leave_one_out.main(argv) == 0
+    rows = json.loads((out / "table.json").read_text())["runs"]
+    pairs = [(r["sources"], r["target"]) for r in rows]
+    assert pairs == [(["dukemtmc"], "market1501"), (["cuhk03"], "market1501"), (["msmt17v1"], "market1501"),
+                     (["market1501"], "cuhk03"), (["dukemtmc"], "cuhk03"), (["msmt17v1"], "cuhk03")]
+    for r in rows:
+        last = read_jsonl(out / r["run"] / "metrics.jsonl")[-1]
+        assert r["finished"] and r["published"] is None
+        assert r["mAP"] == pytest.approx(100 * last[f"{r['target']}/mAP"], abs=1e-3)
+    assert (out / "table.md").read_text().startswith("# Single source: ours (mAP / rank-1, %)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.loader import LoaderConfig, SourceSet, TrainPlan
 from pipeline.sampler import identity_batches, rank_slice
 
 
@@ -110,3 +111,25 @@ def test_refuses_fewer_identities_than_a_batch_needs():
     with pytest.raises(ValueError, match="source cuhk03: 3 identities have 2 or more images, "
                                          "fewer than the 4 distinct identities a batch needs"):
         identity_batches(labels, camids, num_ids=4, num_batches=1, seed=0, epoch=0, name="cuhk03")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_source_has_its_own_batches_whatever_the_number_of_sources(synthetic_shards, world):
+    """The training plan samples each source's identity batches from its own stream (seed, epoch,
+    position): a source's rows are the same in a run of 1, 2 or 4 sources, and an iteration holds
+    -b rows of each source (its rank's slice), their labels, round sizes and augmentations."""
+    names = ["dukemtmc", "cuhk03", "msmt17v1", "cuhk_sysu"]
+    sets = {n: SourceSet(synthetic_shards / n) for n in names}
+    cfg = LoaderConfig(num_ids=4, num_instances=4, iters=3, seed=5, rank=world - 1, world=world, workers=0)
+    plans = {k: TrainPlan([sets[n] for n in names[:k]], cfg) for k in (1, 2, 4)}
+    for k, plan in plans.items():
+        rows = plan.indices(1)
+        assert len(rows) == k and plan.sizes == [16 // world] * k
+        for j in range(k):
+            np.testing.assert_array_equal(rows[j], plans[4].indices(1)[j])
+            assert rows[j].shape == (3, 16 // world)
+        assert [len(y) for y in plan.batch_labels(1, 2)] == [16] * k
+        assert len(plan.round_sizes(1, 2)) == k
+        assert all(len(a) == k * 16 // world for a in plan.augmentation(1, 2))
+    mirror, _ = plans[4].augmentation(1, 2)
+    np.testing.assert_array_equal(plans[1].augmentation(1, 2)[0], mirror[:16 // world])

@@ -29,30 +29,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.cache
-def literal_run(mode: str, groups: int) -> dict[str, torch.Tensor]:
+def literal_run(mode: str, groups: int, sources: int = 3) -> dict[str, torch.Tensor]:
     """tests/step_case.py's iterations as the published code runs them."""
-    model, memories = step_case.build(groups)
+    model, memories = step_case.build(groups, sources=sources)
     ref = step_case.literal(model)
     centers = [m.centers for m in memories]
     opt = torch.optim.Adam(ref.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    sizes = step_case.sizes(sources)
     for it in range(step_case.ITERS):
-        images, labels, per_source = step_case.batch(it)
-        plan = shuffle_plan(step_case.SIZES, 1, 0, 3, 0, it, per_source, shuffle=mode != "fb")
+        images, labels, per_source = step_case.batch(it, sources)
+        plan = shuffle_plan(sizes, 1, 0, 3, 0, it, per_source, shuffle=mode != "fb")
         torch.manual_seed(10 + it)
-        reference_step(ref, centers, list(images.split(step_case.SIZES)), list(labels.split(step_case.SIZES)),
+        reference_step(ref, centers, list(images.split(sizes)), list(labels.split(sizes)),
                        opt, mode, perm=plan.perm, replicas=groups)
     return step_case.state(ref, memories)
 
 
-def fast_run(mode: str, groups: int, impl: str = "group-norm") -> tuple[dict[str, torch.Tensor], list[float]]:
-    model, memories = step_case.build(groups, impl)
+def fast_run(mode: str, groups: int, impl: str = "group-norm",
+             sources: int = 3) -> tuple[dict[str, torch.Tensor], list[float]]:
+    model, memories = step_case.build(groups, impl, sources)
     opt = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
     losses = []
+    sizes = step_case.sizes(sources)
     for it in range(step_case.ITERS):
-        images, labels, per_source = step_case.batch(it)
-        plan = shuffle_plan(step_case.SIZES, 1, 0, 3, 0, it, per_source, shuffle=mode != "fb")
+        images, labels, per_source = step_case.batch(it, sources)
+        plan = shuffle_plan(sizes, 1, 0, 3, 0, it, per_source, shuffle=mode != "fb")
         torch.manual_seed(10 + it)
-        losses.append(float(train_step(model, memories, images, labels, step_case.SIZES, opt,
+        losses.append(float(train_step(model, memories, images, labels, sizes, opt,
                                        build_scaler(torch.device("cpu"), None), None, mode, plan)))
     return step_case.state(model, memories), losses
 
@@ -63,6 +66,20 @@ def test_fast_iteration_matches_the_published_one(mode, groups, impl):
     got, losses = fast_run(mode, groups, impl=impl)
     assert all(0 < loss < 20 for loss in losses)
     step_case.assert_same_state(got, literal_run(mode, groups))
+
+
+@pytest.mark.parametrize("sources, mode, groups", [
+    (1, "il", 4), (1, "fbf", 4), (1, "fb", 4), (1, "il", 1), (2, "il", 4), (2, "il", 2), (4, "il", 4),
+    (4, "fb", 4), (4, "il", 1)])
+def test_any_number_of_sources_matches_the_published_iteration(sources, mode, groups):
+    """1, 2 and 4 sources (1: the single-source transfer setting): a memory per source, the
+    statistics groups of each source's batch and of the shuffled second forward over all of
+    them (G groups of sources x 16 / G rows), as DataParallel on G GPUs computes them."""
+    got, losses = fast_run(mode, groups, sources=sources)
+    assert all(0 < loss < 20 for loss in losses)
+    want = literal_run(mode, groups, sources)
+    assert sum(k.startswith("memory.") for k in want) == sources
+    step_case.assert_same_state(got, want)
 
 
 def test_statistics_groups_change_the_result():
@@ -83,13 +100,26 @@ def test_ranks_repeat_the_published_iteration(tmp_path, world, mode, groups, imp
     ranks, groups=2 on 4; the implementations differ only in local groups), the global shuffle
     moved by all-to-all, memories updated in the global shuffled order. Rank 0 ends where the
     literal single process does."""
+    run_ranks(tmp_path, world, mode, groups, impl)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sources, mode, groups", [(1, "il", 4), (2, "il", 1), (4, "il", 4), (1, "fb", 1)])
+def test_ranks_repeat_the_published_iteration_with_any_number_of_sources(tmp_path, sources, mode, groups):
+    """2 gloo ranks, 1, 2 and 4 sources: groups held whole by the ranks (4 groups) or spanning
+    both (1 group), as above."""
+    run_ranks(tmp_path, 2, mode, groups, "group-norm", sources)
+
+
+def run_ranks(tmp_path: Path, world: int, mode: str, groups: int, impl: str, sources: int = 3) -> None:
+    """tests/dist_step_check.py on ``world`` gloo ranks; rank 0's state against the literal run."""
     result = tmp_path / "state.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-           str(ROOT / "tests" / "dist_step_check.py"), str(result), mode, str(groups), impl]
+           str(ROOT / "tests" / "dist_step_check.py"), str(result), mode, str(groups), impl, str(sources)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    step_case.assert_same_state(torch.load(result, weights_only=True), literal_run(mode, groups))
+    step_case.assert_same_state(torch.load(result, weights_only=True), literal_run(mode, groups, sources))
 
 
 def fake_step(mode: str) -> torch.Tensor:

@@ -59,6 +59,44 @@ def test_baselines_run(synthetic_shards, tmp_path, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sources", [["cuhk03"], ["dukemtmc", "cuhk03"], ["dukemtmc", "cuhk03", "msmt17v1"],
+                                     ["dukemtmc", "cuhk03", "msmt17v1", "cuhk_sysu"]], ids=len)
+def test_any_number_of_sources_trains(synthetic_shards, tmp_path, capsys, sources):
+    """--sources with 1 (single-source transfer), 2, 3 and 4 sources: a memory per source with a
+    centre per identity of its mix set, the iteration's images counted over the sources; a
+    resume with other sources is refused, naming them."""
+    assert train.main(small_run(synthetic_shards, tmp_path, sources=sources)) == 0
+    ckpt = load_checkpoint(tmp_path / "latest.pth")
+    assert ckpt["config"]["sources"] == sources
+    classes = [json.loads((synthetic_shards / s / "manifest.json").read_text())["mix"]["ids"]
+               for s in sources]
+    assert [tuple(m.shape) for m in ckpt["memories"]] == [(n, 512) for n in classes]
+    row = history(tmp_path)[0]
+    assert row["loss"] > 0 and 0 <= row["mAP"] <= 1
+    other = sources[1:] or ["msmt17v1"]
+    capsys.readouterr()
+    assert train.main(small_run(synthetic_shards, tmp_path, "--epochs", "2", "--resume",
+                                str(tmp_path / "latest.pth"), sources=other)) == 2
+    assert f"sources: checkpoint {sources}, now {other}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_source_on_two_ranks_keeps_ranks_identical(synthetic_shards, tmp_path):
+    """The single-source setting on 2 gloo ranks: each rank's half of the one source's batch,
+    the shuffled second forward exchanged, the memory updated alike on both ranks."""
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_train_check.py"), str(result),
+           *small_run(synthetic_shards, tmp_path / "logs", "--iters", "2", sources=["cuhk03"])]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(result.read_text())
+    assert res["exit_code"] == 0 and res["weights_max_diff"] == 0.0 and res["memories_max_diff"] == 0.0
+    assert 1e-6 < res["weights_change"] < 0.05, res["weights_change"]
+
+
+@pytest.mark.slow
 def test_dali_loader_trains(synthetic_shards, tmp_path):
     pytest.importorskip("nvidia.dali")
     assert train.main(small_run(synthetic_shards, tmp_path, loader="dali")) == 0

@@ -129,6 +129,41 @@ def test_every_refusal_of_check_flags(flags, world, message):
     assert re.search(message, _refusal([*GOOD, *flags], world))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--sources", "market1501,dukemtmc", "--dataset_src2", "cuhk03"],
+     "--sources and --dataset_src2: two spellings of the sources"),
+    (["--sources", "market1501,dukemtmc,cuhk03,msmt17v1,cuhk_sysu,viper"],
+     "argument --sources: expected 1 to 5 datasets, got 6"),
+    (["--sources", "cuhk03,cuhk03"], "argument --sources: a dataset is named twice"),
+    (["--sources", "cuhk03,viper"], "--sources 'viper': unknown dataset"),
+    (["--sources", "cuhk03,market1501"], "-d market1501: the target is also a source"),
+    (["--sources", "cuhk03", "-b", "16", "--bn-groups", "32"], "--bn-groups 32 with -b 16 on 1 rank"),
+])
+def test_sources_refusals(capsys, flags, message):
+    assert train.main(["-d", "market1501", "--pretrained", "none", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: ") and message in err[0], err
+
+
+def test_sources_spell_any_number_of_sources():
+    """--sources a,b,c is the published --dataset_src1/2/3 (the same configuration, so either
+    resumes the other); 1, 2, 4 and 5 sources pass the checks; the default is the published three."""
+    def config(flags):
+        return RunConfig.from_args(train.get_parser().parse_args([*flags, "-b", "16"]))
+
+    published = config(SOURCES)
+    assert config(["--sources", "dukemtmc,cuhk03,msmt17v1", "-d", "market1501"]) == published
+    assert config([]).sources == ["market1501", "dukemtmc", "cuhk03"]
+    for sources, target in (("market1501", "dukemtmc"), ("market1501,cuhk03", "msmt17v1"),
+                            ("market1501,cuhk03,cuhk_sysu,dukemtmc", "msmt17v1")):
+        args = train.get_parser().parse_args(["--sources", sources, "-d", target, "-b", "16", "--pretrained",
+                                              "none"])
+        cfg = RunConfig.from_args(args)
+        assert cfg.sources == sources.split(",")
+        check_flags(args, cfg, 2)
+    assert len(config(["--sources", "market1501,cuhk03,cuhk_sysu,dukemtmc,msmt17v1"]).sources) == 5
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_cuda_refused_without_a_gpu():
     assert "--device cuda: torch sees no CUDA device" in _refusal([*GOOD, "--device", "cuda"])

@@ -66,7 +66,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.config import ExecConfig, RunConfig
 from engine.device import DeviceError, resolve_device
 from engine.errors import UsageError
-from engine.flags import HelpFormatter, add_train_flags, at_least
+from engine.flags import HelpFormatter, add_train_flags, at_least, source_names
 from model.groups import BN_IMPLS
 from tools.bench import report
 from tools.bench.timing import device_sync, machine, measure
@@ -81,7 +81,9 @@ COMMANDS = {
 }
 ALL = ("loaders", "step", "train", "eval")
 CUHK03_SOURCES = ["dukemtmc", "cuhk03", "msmt17v1"]  # the Market-1501 target's sources
-STEP_CLASSES = [1041, 702, 767]  # ids of MSMT17, Duke, CUHK03 train sets: realistic memory sizes
+# ids of the MSMT17, Duke, CUHK03, Market, CUHK-SYSU train sets: realistic memory sizes, the first
+# as many as the run has sources
+STEP_CLASSES = [1041, 702, 767, 751, 5532]
 LAUNCHER_FLAGS = ("impl", "gpus", "out", "worker", "result")  # decided per launch, not forwarded
 
 
@@ -92,12 +94,10 @@ def process_counts(text: str) -> list[int]:
     return [at_least(1)(n) for n in text.split(",")]
 
 
-def three_sources(text: str) -> str:
-    """argparse type of --sources: three distinct comma-separated datasets, as train.py trains on."""
-    names = text.split(",")
-    if len(names) != 3 or len(set(names)) != 3 or not all(names):
-        raise argparse.ArgumentTypeError(f"expected three different datasets separated by commas, "
-                                         f"got {text!r}")
+def source_list(text: str) -> str:
+    """argparse type of --sources: 1 to 5 distinct comma-separated datasets, as train.py's
+    --sources (kept as the text: a torchrun worker parses it again)."""
+    source_names(text)
     return text
 
 
@@ -171,9 +171,9 @@ def add_data_flags(d, name: str) -> None:
     add_train_flags(d, "shards")
     d.add_argument("--data-dir", type=Path, default=None,
                    help="raw datasets (DATA/<name>/...), which the published folder loader reads")
-    d.add_argument("--sources", type=three_sources, default="market1501,dukemtmc,msmt17v1",
-                   help="three source datasets (JPEG-folder datasets, so the folder loader can read "
-                        "them)")
+    d.add_argument("--sources", type=source_list, default="market1501,dukemtmc,msmt17v1",
+                   help="source datasets, as train.py's --sources (JPEG-folder datasets, so the folder "
+                        "loader can read them)")
     add_train_flags(d, "workers")
     if name in ("train", "all"):
         add_train_flags(d, "loader")
@@ -315,7 +315,7 @@ def measure_iterations(args, impl: str, mode: str) -> dict:
     info = du.init_distributed(args.device)
     iters = args.warmup + args.window * args.repeats
     cfg = run_config(args, iters=iters)
-    batches, num_classes, loader = None, STEP_CLASSES, None
+    batches, num_classes, loader = None, STEP_CLASSES[:len(cfg.sources)], None
     if mode == "train":
         batches, num_classes, loader = train_batches(args, cfg, impl, info)
     make = fast_iteration if impl == "fast" else reference_iteration
@@ -323,7 +323,7 @@ def measure_iterations(args, impl: str, mode: str) -> dict:
     du.cleanup()
     return {"mode": mode, "impl": impl, "world": info.world, **timing, "loader": loader,
             "bn_impl": resolve_bn_impl(cfg.bn_impl, info.device) if impl == "fast" else None,
-            "images_per_s": 3 * cfg.batch_size / timing["s_per_iter"]}
+            "images_per_s": len(cfg.sources) * cfg.batch_size / timing["s_per_iter"]}
 
 
 def fast_iteration(args, cfg, info, num_classes: list[int], batches) -> Callable[[], object]:
@@ -655,12 +655,13 @@ def count_step_ops(cfg, batch: int = 64, size: tuple[int, int] = (32, 16)) -> di
 
     torch.manual_seed(0)
     model = build_network(cfg, DistInfo(0, 1, 0, torch.device("cpu"))).train()
-    memories = [MemoryClassifier(model.num_features, n) for n in STEP_CLASSES]
+    classes = STEP_CLASSES[:len(cfg.sources)]
+    memories = [MemoryClassifier(model.num_features, n) for n in classes]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scaler = build_scaler(torch.device("cpu"), None)
-    sizes = [batch] * 3
-    labels = [torch.randperm(n)[:batch // 4].repeat_interleave(4) for n in STEP_CLASSES]
-    images = torch.randn(3 * batch, 3, *size).contiguous(memory_format=torch.channels_last)
+    sizes = [batch] * len(classes)
+    labels = [torch.randperm(n)[:batch // 4].repeat_interleave(4) for n in classes]
+    images = torch.randn(len(classes) * batch, 3, *size).contiguous(memory_format=torch.channels_last)
     counter, forwards = OpCounter(), []
 
     def forward_pre(*_):

@@ -1,17 +1,25 @@
-r"""The published leave-one-out table in one command.
+r"""The published leave-one-out table, and two other protocols, in one command.
 
     python tools/leave_one_out.py --shards shards --out logs/loo --update-style [train.py flags]
 
-Trains each of Market-1501, DukeMTMC-reID, CUHK03-NP and MSMT17_V1 as the unseen target of a run
-on the other three (the published runs' sources, in their order), one run after another, each as
+--protocol leave-one-out (the default, the published table) trains each of Market-1501,
+DukeMTMC-reID, CUHK03-NP and MSMT17_V1 as the unseen target of a run on the other three (the
+published runs' sources, in their order); --protocol no-duke leaves DukeMTMC-reID out: each of
+Market-1501, CUHK03-NP and MSMT17_V1 is the target of a run on the other two and CUHK-SYSU (a
+source only); --protocol single trains on one of the four datasets at a time and evaluates each
+run on the other three. One run after another, each as
 
     python -m torch.distributed.run --standalone --nproc-per-node N train.py --shards SHARDS \
-        --dataset_src1 A --dataset_src2 B --dataset_src3 C -d TARGET --logs-dir OUT/<run> ...
+        --sources A,B,C -d TARGET --logs-dir OUT/<run> ...
 
-then writes OUT/table.md and OUT/table.json: mAP and rank-1 of each target next to the published
-figures (Tan et al., IEEE TMM 2023), the difference, and each run's wall time. The figures are
-the final epoch's evaluation, as the published runs report them (the best epoch's mAP is given
-beside them, labelled, for reference only).
+then writes OUT/table.md and OUT/table.json: mAP and rank-1 of each target, and for the
+leave-one-out protocol the published figures (Tan et al., IEEE TMM 2023) and the difference, with
+each run's wall time. The figures are the final epoch's evaluation, as the published runs report
+them (the best epoch's mAP is given beside them, labelled, for reference only).
+
+--seeds 0,1,2 trains every run once per seed (train.py --seed, each seed in its own folder
+OUT/<run>_seed<N>) and the table gives the mean and standard deviation over the seeds of each
+target's mAP and rank-1, with each seed's figures in table.json.
 
 With --update-style the runs are IL and compare with the published IL row; without it they are
 the baseline of --baseline (FBF by default, FB with --baseline fb) and compare with its
@@ -19,8 +27,9 @@ published row; --both runs IL and the baseline side by side (8 runs).
 
 Every other flag goes to train.py unchanged (e.g. -a, -b, --epochs, --iters, --workers,
 --pretrained, --device, --data-dir; `python train.py --help` lists them) and is checked by
-train.py's parser before any run starts; the flags this tool sets per run (-d,
---dataset_src1/2/3, --logs-dir, --resume, --overwrite) and --evaluate are refused.
+train.py's parser before any run starts; the flags this tool sets per run (-d, --sources,
+--dataset_src1/2/3, --logs-dir, --resume, --overwrite, and --seed with --seeds) and --evaluate are
+refused.
 
 Resumable: a run that finished (train.py exited 0) has OUT/<run>/done.json and is skipped by a
 later call; a run that was interrupted continues from its OUT/<run>/latest.pth. SIGINT or SIGTERM
@@ -39,6 +48,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -63,8 +73,21 @@ SOURCES = {  # the published runs' sources, in their order (README, "Training on
     "cuhk03": ("market1501", "dukemtmc", "msmt17v1"),
     "msmt17v1": ("market1501", "dukemtmc", "cuhk03"),
 }
+NO_DUKE_SOURCES = {  # without DukeMTMC-reID: the other two targets and CUHK-SYSU (a source only)
+    "market1501": ("msmt17v1", "cuhk_sysu", "cuhk03"),
+    "cuhk03": ("market1501", "msmt17v1", "cuhk_sysu"),
+    "msmt17v1": ("market1501", "cuhk_sysu", "cuhk03"),
+}
+PROTOCOLS = {  # name -> (title, what a run is)
+    "leave-one-out": ("Leave-one-out", "each target is unseen: trained on the other three datasets (the "
+                                       "published runs' sources), evaluated on it"),
+    "no-duke": ("Leave-one-out without DukeMTMC-reID", "each target is unseen: trained on the other two of "
+                "Market-1501, CUHK03-NP and MSMT17_V1 and on CUHK-SYSU (a source only), evaluated on it"),
+    "single": ("Single source", "each run trains on one dataset and is evaluated on each of the other "
+               "three (a row per pair)"),
+}
 TITLES = {"market1501": "Market-1501", "dukemtmc": "DukeMTMC-reID", "cuhk03": "CUHK03-NP",
-          "msmt17v1": "MSMT17_V1"}
+          "msmt17v1": "MSMT17_V1", "cuhk_sysu": "CUHK-SYSU"}
 MODES = {"il": "IL", "fbf": "FBF baseline", "fb": "FB baseline"}
 # (mAP, rank-1) in %, Tan et al., "Style Interleaved Learning for Generalizable Person
 # Re-identification", IEEE TMM 2023: IL and its two baselines, ResNet-50, leave-one-out.
@@ -77,7 +100,8 @@ PUBLISHED = {
             "msmt17v1": (13.7, 33.4)},
 }
 # train.py flags this tool sets per run (argparse dest -> spelling in messages).
-OWN_PER_RUN = {"dataset": "-d", "dataset_src1": "--dataset_src1", "dataset_src2": "--dataset_src2",
+OWN_PER_RUN = {"dataset": "-d", "sources": "--sources", "dataset_src1": "--dataset_src1",
+               "dataset_src2": "--dataset_src2",
                "dataset_src3": "--dataset_src3", "logs_dir": "--logs-dir", "resume": "--resume",
                "overwrite": "--overwrite", "evaluate": "--evaluate"}
 # train.py flags this tool takes itself; an abbreviation of them would reach train.py unseen.
@@ -87,21 +111,36 @@ TOOL_FILES = {"sessions.jsonl", "done.json", ".lock"}  # what this tool keeps in
 
 @dataclass(frozen=True)
 class Job:
-    """One training: ``mode`` (il, fbf or fb) on ``target`` from its published sources."""
+    """One training of a protocol: ``mode`` (il, fbf or fb) on ``sources``, evaluated on
+    ``targets``, with train.py's --seed ``seed`` (None: the flags' seed, one run per setting)."""
 
-    target: str
+    protocol: str
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
     mode: str
+    seed: int | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.mode}_to_{self.target}"
-
-    @property
-    def sources(self) -> tuple[str, ...]:
-        return SOURCES[self.target]
+        """The run's folder: ``<mode>_to_<target>`` (leave-one-out), ``<mode>_noduke_to_<target>``,
+        ``<mode>_from_<source>`` (single), each with ``_seed<N>`` under --seeds."""
+        if self.protocol == "single":
+            base = f"{self.mode}_from_{self.sources[0]}"
+        else:
+            base = f"{self.mode}{'_noduke' if self.protocol == 'no-duke' else ''}_to_{self.targets[0]}"
+        return base if self.seed is None else f"{base}_seed{self.seed}"
 
     def title(self) -> str:
-        return f"{MODES[self.mode]}: {' + '.join(self.sources)} -> {self.target}"
+        seed = "" if self.seed is None else f" (seed {self.seed})"
+        return f"{MODES[self.mode]}: {' + '.join(self.sources)} -> {', '.join(self.targets)}{seed}"
+
+
+def published(protocol: str, mode: str, target: str) -> dict | None:
+    """The published (mAP, rank-1) of a table row: the leave-one-out protocol's only."""
+    if protocol != "leave-one-out":
+        return None
+    pub = PUBLISHED[mode][target]
+    return {"mAP": pub[0], "rank1": pub[1]}
 
 
 # ------------------------------------------------------------------------------------- flags
@@ -109,11 +148,11 @@ def get_parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__, allow_abbrev=False,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, default=Path("shards"),
-                   help="folder of shards written by tools/make_shards.py, holding the four datasets "
-                        "(passed to every run; default: shards)")
+                   help="folder of shards written by tools/make_shards.py, holding the protocol's "
+                        "datasets (passed to every run; default: shards)")
     p.add_argument("--out", type=Path, required=True,
-                   help="folder of the runs (OUT/<mode>_to_<target>/: train.py's --logs-dir, plus done.json "
-                        "and sessions.jsonl) and of table.md and table.json")
+                   help="folder of the runs (OUT/<run>/, e.g. il_to_market1501: train.py's --logs-dir, plus "
+                        "done.json and sessions.jsonl) and of table.md and table.json")
     p.add_argument("--nproc-per-node", "--nproc_per_node", type=at_least(1), default=1, metavar="N",
                    help="processes (GPUs) per run; every run is started by torchrun, with N=1 too "
                         "(default: 1)")
@@ -122,9 +161,19 @@ def get_parser() -> Parser:
     p.add_argument("--baseline", choices=("fbf", "fb"), default="fbf",
                    help="the baseline run without --update-style, and beside IL with --both (default: fbf)")
     p.add_argument("--both", action="store_true",
-                   help="run IL and the --baseline side by side for every target (8 runs)")
-    p.add_argument("--targets", type=target_list, default=list(TARGETS), metavar="T[,T...]",
-                   help=f"only these targets, comma-separated, of {', '.join(TARGETS)} (default: all four)")
+                   help="run IL and the --baseline side by side for every run of the protocol")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="leave-one-out",
+                   help="leave-one-out: the published table (each of the four targets trained on the other "
+                        "three); no-duke: Market-1501, CUHK03-NP, MSMT17_V1 as targets, each trained on the "
+                        "other two and CUHK-SYSU; single: a run per dataset of the four, evaluated on the "
+                        "other three (default: leave-one-out)")
+    p.add_argument("--targets", type=target_list, default=None, metavar="T[,T...]",
+                   help=f"only these targets, comma-separated, of {', '.join(TARGETS)} (default: all the "
+                        "protocol's; no-duke has no DukeMTMC-reID target; with single, the targets each run "
+                        "is evaluated on)")
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="S[,S...]",
+                   help="train every run once per seed (train.py --seed, each in its own folder) and give "
+                        "the mean and standard deviation over them (default: one run, train.py's --seed)")
     p.add_argument("--shutdown-timeout", type=at_least(1), default=300, metavar="S",
                    help="seconds torchrun waits for its trainers after a stop signal before killing them: "
                         "long enough for the evaluation that may be running (default: 300)")
@@ -137,6 +186,13 @@ def target_list(text: str) -> list[str]:
     if unknown or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"expected distinct names of {', '.join(TARGETS)}, got {text!r}")
     return [t for t in TARGETS if t in names]  # the table's order
+
+
+def seed_list(text: str) -> list[int]:
+    seeds = [at_least(0)(n.strip()) for n in text.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is given twice in {text!r}")
+    return seeds
 
 
 def check_train_flags(extra: list[str]) -> set[str]:
@@ -158,14 +214,27 @@ def check_train_flags(extra: list[str]) -> set[str]:
 
 
 def jobs_of(args) -> list[Job]:
+    """The protocol's runs, in the table's order: per run of the protocol, each mode, each seed."""
     modes = ["il", args.baseline] if args.both else ["il"] if args.update_style else [args.baseline]
-    return [Job(t, m) for t in args.targets for m in modes]
+    targets = args.targets or [t for t in TARGETS if args.protocol != "no-duke" or t in NO_DUKE_SOURCES]
+    if args.protocol == "single":
+        runs = [((s,), tuple(t for t in targets if t != s)) for s in TARGETS]
+        runs = [(s, t) for s, t in runs if t]
+    else:
+        table = NO_DUKE_SOURCES if args.protocol == "no-duke" else SOURCES
+        if unknown := [t for t in targets if t not in table]:
+            raise UsageError(f"--targets {','.join(unknown)}: not a target of --protocol {args.protocol} "
+                          f"(its targets: {', '.join(table)})")
+        runs = [(table[t], (t,)) for t in targets]
+    seeds = args.seeds or [None]
+    return [Job(args.protocol, s, t, m, seed) for s, t in runs for m in modes for seed in seeds]
 
 
-def check_shards(shards: Path) -> None:
-    """Complete shards of the four datasets (any run needs all four: its target and the others)."""
+def check_shards(shards: Path, jobs: list[Job]) -> None:
+    """Complete shards of every dataset the runs train or evaluate on."""
+    used = {n for job in jobs for n in job.sources + job.targets}
     missing = []
-    for name in TARGETS:
+    for name in [n for n in TITLES if n in used]:
         try:
             load_manifest(shards / name)
         except (OSError, ValueError):
@@ -211,9 +280,9 @@ def train_command(job: Job, args, extra: list[str]) -> list[str]:
     logs = args.out / job.name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(args.nproc_per_node), "--shutdown-timeout", str(args.shutdown_timeout), str(ROOT / "train.py"),
-           "--shards", str(args.shards), "--dataset_src1", job.sources[0], "--dataset_src2", job.sources[1],
-           "--dataset_src3", job.sources[2], "-d", job.target, "--logs-dir", str(logs),
-           *(["--update-style"] if job.mode == "il" else ["--baseline", job.mode]), *extra]
+           "--shards", str(args.shards), "--sources", ",".join(job.sources), "-d", ",".join(job.targets),
+           "--logs-dir", str(logs), *(["--update-style"] if job.mode == "il" else ["--baseline", job.mode]),
+           *([] if job.seed is None else ["--seed", str(job.seed)]), *extra]
     if (logs / "latest.pth").is_file():
         cmd += ["--resume", str(logs / "latest.pth")]
     elif any(p.name not in TOOL_FILES for p in logs.iterdir()):
@@ -257,15 +326,20 @@ def scores(row: dict, target: str) -> tuple[float, float] | None:
 
 
 def finish_job(job: Job, logs: Path, nproc: int, extra: list[str]) -> dict:
-    """done.json of a run whose training exited 0: its final and best evaluations, wall time, commands."""
+    """done.json of a run whose training exited 0: per target its final and best evaluations; wall
+    time, commands."""
     history, sessions = read_jsonl(logs / "metrics.jsonl"), read_jsonl(logs / "sessions.jsonl")
-    final = scores(history[-1], job.target) if history else None
-    evaluated = [(h["epoch"], s) for h in history if (s := scores(h, job.target)) is not None]
-    best = max(evaluated, key=lambda e: e[1][0]) if evaluated else None
+    results = {}
+    for target in job.targets:
+        final = scores(history[-1], target) if history else None
+        evaluated = [(h["epoch"], s) for h in history if (s := scores(h, target)) is not None]
+        best = max(evaluated, key=lambda e: e[1][0]) if evaluated else None
+        results[target] = {
+            "final": final and {"epoch": history[-1]["epoch"], "mAP": final[0], "rank1": final[1]},
+            "best": best and {"epoch": best[0], "mAP": best[1][0], "rank1": best[1][1]}}
     done = {
-        "run": job.name, "target": job.target, "sources": list(job.sources), "mode": job.mode,
-        "final": final and {"epoch": history[-1]["epoch"], "mAP": final[0], "rank1": final[1]},
-        "best": best and {"epoch": best[0], "mAP": best[1][0], "rank1": best[1][1]},
+        "run": job.name, "protocol": job.protocol, "targets": list(job.targets), "sources": list(job.sources),
+        "mode": job.mode, "seed": job.seed, "results": results,
         "eval_error": history[-1].get("eval_error") if history else None,
         "epochs_run": history[-1]["epoch"] if history else 0,
         "wall_s": round(sum(s["wall_s"] for s in sessions), 3), "sessions": len(sessions),
@@ -287,12 +361,15 @@ def read_done(logs: Path) -> dict | None:
 
 
 def summary(done: dict) -> str:
-    pub = PUBLISHED[done["mode"]][done["target"]]
-    got = (f"mAP {done['final']['mAP']:.1f} rank-1 {done['final']['rank1']:.1f}" if done["final"]
-           else "no final evaluation")
+    parts = []
+    for target, res in done["results"].items():
+        final = res["final"]
+        got = f"mAP {final['mAP']:.1f} rank-1 {final['rank1']:.1f}" if final else "no final evaluation"
+        pub = published(done["protocol"], done["mode"], target)
+        parts.append(("" if len(done["results"]) == 1 else f"{target}: ") + got
+                     + (f" (published {pub['mAP']:.1f} / {pub['rank1']:.1f})" if pub else ""))
     n = done["epochs_run"]
-    return (f"{got} (published {pub[0]:.1f} / {pub[1]:.1f}), {n} epoch{'' if n == 1 else 's'}, "
-            f"{clock(done['wall_s'])}")
+    return f"{'; '.join(parts)}, {n} epoch{'' if n == 1 else 's'}, {clock(done['wall_s'])}"
 
 
 def clock(seconds: float) -> str:
@@ -305,83 +382,134 @@ def clock(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------- the table
+def run_row(job: Job, target: str, out: Path) -> dict:
+    """One run's figures on one target (one seed's, under --seeds)."""
+    done = read_done(out / job.name)
+    pub = published(job.protocol, job.mode, target)
+    row = {"run": job.name, "target": target, "sources": list(job.sources), "mode": job.mode,
+           "finished": done is not None, "published": pub}
+    if job.seed is not None:
+        row["seed"] = job.seed
+    if done is not None:
+        res = done["results"].get(target) or {"final": None, "best": None}
+        final = res["final"] or {}
+        row.update({
+            "mAP": final.get("mAP"), "rank1": final.get("rank1"), "epoch": final.get("epoch"),
+            "diff": None if not (final and pub) else {"mAP": round(final["mAP"] - pub["mAP"], 4),
+                                                      "rank1": round(final["rank1"] - pub["rank1"], 4)},
+            "best": res["best"], "eval_error": done["eval_error"], "epochs_run": done["epochs_run"],
+            "wall_s": done["wall_s"], "sessions": done["sessions"],
+            "nproc_per_node": done["nproc_per_node"], "train_flags": done["train_flags"],
+            "command": done["command"],
+        })
+    return row
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """A table row of one setting trained once per seed: mean and sample standard deviation (None
+    below two seeds) of mAP and rank-1 over the seeds with a final evaluation; each seed's row."""
+    first = runs[0]
+    row = {k: first[k] for k in ("target", "sources", "mode", "published")}
+    row["finished"] = all(r["finished"] for r in runs)
+    scored = [r for r in runs if r.get("mAP") is not None]
+    for key in ("mAP", "rank1"):
+        values = [r[key] for r in scored]
+        row[key] = round(statistics.fmean(values), 4) if values else None
+        row[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
+    pub = row["published"]
+    row["diff"] = None if not (scored and pub) else {k: round(row[k] - pub[k], 4) for k in ("mAP", "rank1")}
+    row["seeds"] = runs
+    return row
+
+
 def table_rows(jobs: list[Job], out: Path) -> list[dict]:
-    rows = []
+    """A row per (mode, sources, target), by target and then in the jobs' order: one run's, or
+    under --seeds the statistics over its seeds' runs."""
+    settings: dict[tuple, list[dict]] = {}
     for job in jobs:
-        done = read_done(out / job.name)
-        pub = PUBLISHED[job.mode][job.target]
-        row = {"run": job.name, "target": job.target, "sources": list(job.sources), "mode": job.mode,
-               "finished": done is not None, "published": {"mAP": pub[0], "rank1": pub[1]}}
-        if done is not None:
-            final = done["final"] or {}
-            row.update({
-                "mAP": final.get("mAP"), "rank1": final.get("rank1"), "epoch": final.get("epoch"),
-                "diff": None if not final else {"mAP": round(final["mAP"] - pub[0], 4),
-                                                "rank1": round(final["rank1"] - pub[1], 4)},
-                "best": done["best"], "eval_error": done["eval_error"], "epochs_run": done["epochs_run"],
-                "wall_s": done["wall_s"], "sessions": done["sessions"],
-                "nproc_per_node": done["nproc_per_node"], "train_flags": done["train_flags"],
-                "command": done["command"],
-            })
-        rows.append(row)
-    return rows
+        for target in job.targets:
+            settings.setdefault((job.mode, job.sources, target), []).append(run_row(job, target, out))
+    by_target = sorted(settings.items(), key=lambda kv: TARGETS.index(kv[0][2]))
+    return [over_seeds(runs) if "seed" in runs[0] else runs[0] for _, runs in by_target]
 
 
 def write_table(jobs: list[Job], out: Path) -> list[dict]:
     rows = table_rows(jobs, out)
+    protocol = jobs[0].protocol
+    seeds = sorted({job.seed for job in jobs if job.seed is not None})
     doc = {
+        "protocol": protocol,
         "reported": "final epoch's evaluation (as the published runs); best: the highest mAP of any epoch",
         "units": "percent",
+        **({"seeds": seeds, "over_seeds": "mean and sample standard deviation of the seeds' final "
+                                          "evaluations; each seed's run in 'seeds'"} if seeds else {}),
         "published_by": "Tan et al., Style Interleaved Learning for Generalizable Person Re-identification, "
-                        "IEEE TMM 2023 (ResNet-50)",
+                        "IEEE TMM 2023 (ResNet-50)" if protocol == "leave-one-out" else None,
         "runs": rows,
     }
     write_atomic(out / "table.json", lambda tmp: tmp.write_text(json.dumps(doc, indent=1) + "\n"))
-    write_atomic(out / "table.md", lambda tmp: tmp.write_text(markdown(rows)))
+    write_atomic(out / "table.md", lambda tmp: tmp.write_text(markdown(rows, protocol)))
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], protocol: str) -> str:
     def num(v):
         return "-" if v is None else f"{v:.1f}"
 
     def diff(v):
         return "-" if v is None else f"{v:+.1f}"
 
-    lines = [
-        "# Leave-one-out: ours vs published (mAP / rank-1, %)", "",
-        "Each target is unseen: trained on the other three datasets, evaluated on it. Ours: the final "
-        "epoch's evaluation, as the published runs report it; best: the highest mAP of any epoch (its "
-        "epoch in brackets), for reference only. Published: Tan et al., IEEE TMM 2023 (ResNet-50).", "",
-        "| target | method | sources | mAP | published | diff | rank-1 | published | diff | best mAP (epoch) "
-        "| epochs | wall |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    def spread(r, key):
+        return num(r[key]) if r.get(f"{key}_std") is None else f"{r[key]:.1f} ± {r[f'{key}_std']:.1f}"
+
+    title, what = PROTOCOLS[protocol]
+    has_published = protocol == "leave-one-out"
+    seeded = any("seeds" in r for r in rows)
+    text = (f"{what[0].upper()}{what[1:]}. Ours: the final epoch's evaluation, as the published runs "
+            "report it" + ("; mean ± standard deviation (sample) over the seeds, each seed's figures in "
+                           "table.json" if seeded else "; best: the highest mAP of any epoch (its epoch in "
+                           "brackets), for reference only")
+            + (". Published: Tan et al., IEEE TMM 2023 (ResNet-50)." if has_published
+               else ". No published figures exist for this protocol."))
+    head = ["target", "method", "sources", *(["seeds"] * seeded)]
+    for metric in ("mAP", "rank-1"):
+        head += [metric, *(["published", "diff"] * has_published)]
+    head += [*(["best mAP (epoch)"] * (not seeded)), "epochs", "wall"]
+    lines = [f"# {title}: ours{' vs published' if has_published else ''} (mAP / rank-1, %)", "", text, "",
+             "| " + " | ".join(head) + " |",
+             "| " + " | ".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + " |"]
     for r in rows:
-        sources = " + ".join(TITLES[s] for s in r["sources"])
-        head = f"| {TITLES[r['target']]} | {MODES[r['mode']]} | {sources} "
-        pub = r["published"]
-        if not r["finished"]:
-            lines.append(head + f"| not finished | {num(pub['mAP'])} | | | {num(pub['rank1'])} | | | | |")
-            continue
-        d = r["diff"] or {}
-        best = f"{num(r['best']['mAP'])} ({r['best']['epoch']})" if r["best"] else "-"
-        lines.append(head + f"| {num(r['mAP'])} | {num(pub['mAP'])} | {diff(d.get('mAP'))} "
-                            f"| {num(r['rank1'])} | {num(pub['rank1'])} | {diff(d.get('rank1'))} "
-                            f"| {best} | {r['epochs_run']} | {clock(r['wall_s'])} |")
+        pub, d = r["published"] or {}, r.get("diff") or {}
+        runs = r.get("seeds", [r])
+        done = [x for x in runs if x["finished"]]
+        cells = [TITLES[r["target"]], MODES[r["mode"]], " + ".join(TITLES[s] for s in r["sources"])]
+        if seeded:
+            cells.append(", ".join(str(x["seed"]) for x in done)
+                         + (f" ({len(runs) - len(done)} not finished)" if len(done) < len(runs) else ""))
+        for key in ("mAP", "rank1"):
+            cells.append(spread(r, key) if done else "not finished" if key == "mAP" else "")
+            if has_published:
+                cells += [num(pub.get(key)), diff(d.get(key)) if done else ""]
+        if not seeded:
+            best = r.get("best")
+            cells.append("" if not done else f"{num(best['mAP'])} ({best['epoch']})" if best else "-")
+        cells += [str(max(x["epochs_run"] for x in done)), clock(sum(x["wall_s"] for x in done))] if done \
+            else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    if any(r["target"] == "msmt17v1" and r["mode"] == "il" for r in rows):
+    if has_published and any(r["target"] == "msmt17v1" and r["mode"] == "il" for r in rows):
         lines += ["The published MSMT17_V1 IL figure is the evaluation after epoch 36 of a run whose log "
                   "stops there.", ""]
-    failed = [r["run"] for r in rows if r["finished"] and r["mAP"] is None]
+    runs = [x for r in rows for x in r.get("seeds", [r])]
+    failed = sorted({x["run"] for x in runs if x["finished"] and x["mAP"] is None})
     if failed:
         lines += [f"No final evaluation (see eval_error in table.json): {', '.join(failed)}.", ""]
-    finished = [r for r in rows if r["finished"]]
-    setups = {(r["nproc_per_node"], tuple(r["train_flags"])) for r in finished}
+    setups = {(x["nproc_per_node"], tuple(x["train_flags"])) for x in runs if x["finished"]}
     if len(setups) == 1:
         nproc, flags = setups.pop()
-        lines += [f"train.py flags besides the sources, target and mode: `{shlex.join(flags) or '(none)'}`; "
-                  f"{nproc} process{'es' if nproc > 1 else ''} per run. Commands: table.json.", ""]
+        lines += [f"train.py flags besides the sources, target{', seed' if seeded else ''} and mode: "
+                  f"`{shlex.join(flags) or '(none)'}`; {nproc} process{'es' if nproc > 1 else ''} per run. "
+                  "Commands: table.json.", ""]
     elif setups:
         lines += ["The runs were trained with different train.py flags or process counts: see each "
                   "run's command in table.json.", ""]
@@ -393,11 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, extra = get_parser().parse_known_args(argv)
         given = check_train_flags(extra)
+        if args.seeds is not None and "seed" in given:
+            raise UsageError("--seed is set by this tool for each run with --seeds: leave it out, or leave "
+                          "--seeds out to train once with --seed")
         jobs = jobs_of(args)
         if args.out.exists() and not args.out.is_dir():
             raise UsageError(f"--out {args.out} is a file, expected a folder")
         if "data_dir" not in given:  # with --data-dir, train.py builds the missing shards
-            check_shards(args.shards)
+            check_shards(args.shards, jobs)
         try:
             args.out.mkdir(parents=True, exist_ok=True)
             lock = hold_folder(args.out)
