@@ -14,13 +14,12 @@ import torchvision
 from torch import nn
 
 import train
-from engine.checkpoint import load_checkpoint
-from engine.features import network_from_checkpoint
+from engine.checkpoint import network_from_checkpoint
 from model.groups import BN_IMPLS
 from model.resnet import IBN, GroupBatchNorm2d, build_model, input_problem
 from model.style import UBS
 from reference import LiteralUBS, replica_forward
-from tests.runs import history, small_run
+from tests.runs import history, load_checkpoint, small_run
 from tools import export
 
 ARCH = "resnet50_ibn_a"

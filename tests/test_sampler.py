@@ -129,7 +129,6 @@ def test_each_source_has_its_own_batches_whatever_the_number_of_sources(syntheti
             np.testing.assert_array_equal(rows[j], plans[4].indices(1)[j])
             assert rows[j].shape == (3, 16 // world)
         assert [len(y) for y in plan.batch_labels(1, 2)] == [16] * k
-        assert len(plan.round_sizes(1, 2)) == k
         assert all(len(a) == k * 16 // world for a in plan.augmentation(1, 2))
     mirror, _ = plans[4].augmentation(1, 2)
     np.testing.assert_array_equal(plans[1].augmentation(1, 2)[0], mirror[:16 // world])

@@ -158,9 +158,9 @@ def test_sources_spell_any_number_of_sources():
                             ("market1501,cuhk03,cuhk_sysu,dukemtmc", "msmt17v1")):
         args = train.get_parser().parse_args(["--sources", sources, "-d", target, "-b", "16", "--pretrained",
                                               "none"])
-        cfg = RunConfig.from_args(args)
+        cfg, ex = configs(args)
         assert cfg.sources == sources.split(",")
-        check_flags(args, cfg, 2)
+        check_flags(cfg, ex, 2)
     assert len(config(["--sources", "market1501,cuhk03,cuhk_sysu,dukemtmc,msmt17v1"]).sources) == 5
 
 
