@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from engine.config import RunConfig
-from engine.metrics import METRICS
+from engine.evaluation.metrics import METRICS
 from model.resnet import build_model
 from pipeline.files import write_atomic
 

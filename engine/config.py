@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import UsageError
-from engine.evaluate import EvalOptions
+from engine.evaluation.targets import EvalOptions
 from pipeline.loader import LoaderConfig
 from pipeline.augment import resolve_pad
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from engine.config import WORKERS, ExecConfig, RunConfig, default_workers
 from engine.device import DEVICES
 from engine.errors import UsageError
-from engine.evaluate import EvalOptions
+from engine.evaluation.targets import EvalOptions
 from model.groups import BN_IMPLS
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -16,7 +16,7 @@ from engine import distributed as du
 from engine.checkpoint import NETWORK_KEYS, CheckpointError, TrainState, copy_checkpoint, \
     network_from_checkpoint, position, save_checkpoint
 from engine.config import ExecConfig, RunConfig
-from engine.evaluate import evaluate_target, init_memories_in_one_pass
+from engine.evaluation.targets import evaluate_target, extract_features
 from engine.logsdir import LogsDir, claim_logs_dir
 from engine.network import build_network, wrap_network
 from engine.loop import EpochResult, Trainer
@@ -31,6 +31,18 @@ from pipeline.loader import build_eval_loader, build_train_loader
 from pipeline.shards import ShardError
 
 log = logging.getLogger("train")
+
+
+def init_memories(model, mix, memories: list, device: torch.device, dtype) -> None:
+    """Each memory starts as the L2-normalised mean feature of every identity of its source
+    (eval mode, test transform), computed from all ranks' parts so every rank agrees. The
+    sources' mix sets are read one after another by one loader (``mix.rows.source`` tells the
+    sources apart): one pool of workers starts instead of one per source."""
+    feats = extract_features(model, mix, device, dtype)
+    source = torch.as_tensor(mix.rows.source, device=feats.device)
+    labels = torch.as_tensor(mix.labels, device=feats.device)
+    for s, memory in enumerate(memories):
+        memory.init_centers(feats[source == s], labels[source == s])
 
 
 @dataclass
@@ -134,7 +146,7 @@ class Run:
             log.info("initialising memories from source features (%s)",
                      ", ".join(f"{s}: {n} ids" for s, n in zip(cfg.sources, self.train_loader.num_classes)))
             mix = build_eval_loader(self.ex.shards, cfg.sources, "mix", self.lcfg)
-            init_memories_in_one_pass(st.model, mix, st.memories, self.device, self.dtype)
+            init_memories(st.model, mix, st.memories, self.device, self.dtype)
             del mix  # its workers end now
         else:
             for mem, centers in zip(st.memories, self.ckpt["memories"]):

@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from engine.metrics import METRICS
+from engine.evaluation.metrics import METRICS
 from pipeline.files import write_atomic
 
 log = logging.getLogger("train")

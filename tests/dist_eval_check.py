@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine import distributed as du  # noqa: E402
-from engine.evaluate import (EvalOptions, evaluate_target, extract_features,  # noqa: E402
-                             init_memories_in_one_pass)
+from engine.evaluation.targets import EvalOptions, evaluate_target, extract_features  # noqa: E402
+from engine.run import init_memories  # noqa: E402
 from model.memory import MemoryClassifier  # noqa: E402
 from model.resnet import ReIDNet, build_model  # noqa: E402
 from pipeline.loader import LoaderConfig, build_eval_loader  # noqa: E402
@@ -55,7 +55,7 @@ def run_case(shards: Path, rank: int, world: int) -> dict:
     target = build_eval_loader(shards, TARGET, "test", cfg)
     mix = build_eval_loader(shards, SOURCE, "mix", cfg)
     memory = MemoryClassifier(model.num_features, int(mix.labels.max()) + 1)
-    init_memories_in_one_pass(model, mix, [memory], device, None)
+    init_memories(model, mix, [memory], device, None)
     out = {"features": extract_features(model, target, device, None), "centers": memory.centers}
     for name, options in CASES.items():
         res = evaluate_target(model, target, device, None, options)

@@ -1,4 +1,4 @@
-"""engine/evaluate.py end to end on real shards and a real (untrained) ResNet-18: the target's
+"""engine/evaluation/targets.py end to end on real shards and a real (untrained) ResNet-18: the target's
 query is ranked against its gallery and not the other way round, plain and re-ranked results
 equal the literal protocol and the standard re-ranking, memories start as each identity's mean
 feature (also when start-up reads the three sources in one pass), and 2 gloo ranks give what 1 rank
@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.evaluate import evaluate_target, extract_features, init_memories_in_one_pass
+from engine.evaluation.targets import evaluate_target, extract_features
+from engine.run import init_memories
 from pipeline.loader import SourceSet, build_eval_loader, decode_rgb
 from pipeline.shards import SplitReader
 from pipeline import transforms
@@ -166,7 +167,7 @@ def test_memories_start_from_one_pass_over_the_sources(synthetic_shards):
     assert len(mix) == sum(len(a) for a in alone)
     classes = [int(a.labels.max()) + 1 for a in alone]
     one, each = ([MemoryClassifier(model.num_features, n) for n in classes] for _ in range(2))
-    init_memories_in_one_pass(model, mix, one, torch.device("cpu"), None)
+    init_memories(model, mix, one, torch.device("cpu"), None)
     for loader, memory in zip(alone, each):  # a loader per source: its features, each identity's mean
         feats = extract_features(model, loader, torch.device("cpu"), None)
         memory.init_centers(feats, torch.from_numpy(loader.labels))

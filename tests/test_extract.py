@@ -1,4 +1,4 @@
-"""engine/features.py and tools/extract.py: a trained checkpoint on any images gives the
+"""engine/evaluation/features.py and tools/extract.py: a trained checkpoint on any images gives the
 features evaluation uses."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.evaluate import extract_features
+from engine.evaluation.targets import extract_features
 from engine.checkpoint import network_from_checkpoint
-from engine.features import FeatureExtractor, ImageError
+from engine.evaluation.features import FeatureExtractor, ImageError
 from pipeline.loader import LoaderConfig, build_eval_loader
 from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
@@ -28,7 +28,7 @@ def query(synthetic_shards):
 
 @pytest.fixture(scope="module")
 def eval_query_features(trained_checkpoint, synthetic_shards) -> torch.Tensor:
-    """The query rows' features as evaluation computes them (engine.evaluate on the eval loader)."""
+    """The query rows' features as evaluation computes them (engine.evaluation.targets on the eval loader)."""
     model, cfg = network_from_checkpoint(trained_checkpoint)
     model = model.to(memory_format=torch.channels_last)
     lcfg = LoaderConfig(height=cfg["height"], width=cfg["width"], workers=0, loader="torch",

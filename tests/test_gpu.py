@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from engine.features import FeatureExtractor
+from engine.evaluation.features import FeatureExtractor
 from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import normalize

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from engine.evaluate import evaluate_target
+from engine.evaluation.targets import evaluate_target
 from model.resnet import build_model
 from model.style import UBS
 from pipeline.loader import LoaderConfig, build_eval_loader

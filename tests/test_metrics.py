@@ -1,4 +1,4 @@
-"""engine.metrics against a literal per-query Market-1501 implementation (tests/oracles.py), and
+"""engine.evaluation.metrics against a literal per-query Market-1501 implementation (tests/oracles.py), and
 pairwise_distance against torch.cdist."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.metrics import evaluate_features, evaluate_rank, pairwise_distance
+from engine.evaluation.metrics import evaluate_features, evaluate_rank, pairwise_distance
 from tests.oracles import literal_market
 
 

@@ -1,4 +1,4 @@
-"""engine.rerank against a step-by-step transcription of the standard re_ranking function."""
+"""engine.evaluation.rerank against a step-by-step transcription of the standard re_ranking function."""
 from __future__ import annotations
 
 import operator
@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.metrics import evaluate_features, evaluate_rank, pairwise_distance
-from engine.rerank import _nearest, check_size, re_ranking
+from engine.evaluation.metrics import evaluate_features, evaluate_rank, pairwise_distance
+from engine.evaluation.rerank import _nearest, check_size, re_ranking
 from tests.oracles import standard_re_ranking
 
 
 def clustered(seed=0, ids=12, per_id=6, nq=12, dim=8, spread=0.6):
     """Identities as Gaussian clusters; the first image of each of `nq` identities is a query.
 
-    Distances are squared Euclidean, as engine.metrics passes them.
+    Distances are squared Euclidean, as engine.evaluation.metrics passes them.
     """
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(ids, dim))
@@ -61,9 +61,9 @@ def test_matches_standard(seed, ids, per_id, nq, k1, k2, lam):
 
 @pytest.mark.parametrize("blocks", [clustered(5, 15, 5, 10)[0], tied(4, 10, 40)], ids=["clustered", "tied"])
 def test_matches_standard_in_small_blocks(blocks, monkeypatch):
-    monkeypatch.setattr("engine.rerank.TRIPLETS_PER_BLOCK", 50)
-    monkeypatch.setattr("engine.rerank.KEYS_PER_BLOCK", 200)
-    monkeypatch.setattr("engine.rerank.TILE", 7)
+    monkeypatch.setattr("engine.evaluation.rerank.TRIPLETS_PER_BLOCK", 50)
+    monkeypatch.setattr("engine.evaluation.rerank.KEYS_PER_BLOCK", 200)
+    monkeypatch.setattr("engine.evaluation.rerank.TILE", 7)
     assert_standard(blocks, k1=6, k2=3)
 
 
@@ -119,7 +119,7 @@ def test_improves_map_on_clustered_data(kw):
 
 
 def test_evaluate_features_rerankssquared_euclidean_distances():
-    """engine.metrics feeds squared Euclidean distances, which the standard code then squares again
+    """engine.evaluation.metrics feeds squared Euclidean distances, which the standard code then squares again
     (as in the IL code's evaluator)."""
     gen = torch.Generator().manual_seed(7)
     centres = torch.randn(15, 16, generator=gen)

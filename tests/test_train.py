@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from engine.metrics import METRICS
+from engine.evaluation.metrics import METRICS
 from tests.runs import ROOT, history, load_checkpoint, small_run
 
 

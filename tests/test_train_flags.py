@@ -12,7 +12,7 @@ import torch._dynamo
 
 import train
 from engine.config import ExecConfig, RunConfig
-from engine.evaluate import extract_features
+from engine.evaluation.targets import extract_features
 from engine.flags import configs
 from engine.optim import build_scaler
 from engine.precision import amp_dtype

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.features import FeatureExtractor
+from engine.evaluation.features import FeatureExtractor
 from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from tests.runs import TARGET

@@ -458,9 +458,9 @@ def check_process_counts(counts: list[int], gpus: int) -> None:
 def time_metrics(num_query: int = 11659, num_gallery: int = 82161, dim: int = 2048,
                  device: str | torch.device = "cpu", *, num_ids: int = 3060, num_cams: int = 15,
                  chunk: int | None = None, seed: int = 0, aqe: int = 0) -> dict:
-    """Time ``engine.metrics.evaluate_features`` on random L2-normalised features (MSMT17 test size
+    """Time ``engine.evaluation.metrics.evaluate_features`` on random L2-normalised features (MSMT17 test size
     by default), with ``aqe`` query expansion when > 0."""
-    from engine.metrics import default_chunk, evaluate_features
+    from engine.evaluation.metrics import default_chunk, evaluate_features
 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)

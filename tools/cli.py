@@ -15,7 +15,7 @@ from engine.checkpoint import CheckpointError
 from engine.config import WORKERS, default_workers
 from engine.device import DEVICES, DeviceError
 from engine.errors import UsageError
-from engine.features import features_by_loader
+from engine.evaluation.features import features_by_loader
 from engine.flags import at_least
 from pipeline.files import WriteError, output_problem
 from pipeline.loader import EvalLoader, LoaderConfig
@@ -76,7 +76,7 @@ def _bar(loader: EvalLoader) -> Iterable:
 
 def tool_features(args, make_loaders: Callable[[LoaderConfig], Iterable[EvalLoader]], *, flip: bool = False,
                   progress: bool = True) -> list[torch.Tensor]:
-    """:func:`engine.features.features_by_loader` for a tool's flags (``--checkpoint``,
+    """:func:`engine.evaluation.features.features_by_loader` for a tool's flags (``--checkpoint``,
     ``--device``, ``--loader``, ``--workers``, ``--batch-size``), with a progress bar per loader;
     what fails is one :class:`UsageError` line naming the flag, or the image that does not decode."""
     try:

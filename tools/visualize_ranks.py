@@ -5,7 +5,7 @@ match) or red (a wrong one), with the distance under each.
     python tools/visualize_ranks.py --checkpoint logs/run/best.pth --shards shards -d market1501 \\
         --out ranks/ --num-queries 20 --topk 10
 
-The ranking is evaluation's (engine.metrics, Market-1501 protocol): squared Euclidean distances of
+The ranking is evaluation's (engine.evaluation.metrics, Market-1501 protocol): squared Euclidean distances of
 the L2-normalised features, ties broken by gallery order, and the gallery images of the query's
 identity taken by the query's own camera are left out (junk images are dropped when the shards
 are built; distractors stay in the gallery and count as wrong matches). The queries are the first
@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from engine.errors import UsageError
 from engine.flags import Parser
-from engine.metrics import pairwise_distance
+from engine.evaluation.metrics import pairwise_distance
 from pipeline.loader import build_eval_loader
 from pipeline.plan import decode_rgb
 from pipeline.files import write_atomic

@@ -210,7 +210,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, *, max_rank: i
         if aqe:
             qf = expand_queries(qf, gf, aqe, metric, chunk)
         if rerank:
-            from engine.rerank import check_size, re_ranking
+            from engine.evaluation.rerank import check_size, re_ranking
 
             check_size(len(qf), len(gf))
             dist = re_ranking(*(_distance(x, y, metric, y.pow(2).sum(1)).cpu().numpy()

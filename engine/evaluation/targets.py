@@ -1,4 +1,4 @@
-"""Feature extraction split over ranks, target-domain evaluation and memory initialisation."""
+"""Feature extraction split over ranks and target-domain evaluation."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from engine.distributed import gather_varying_rows
-from engine.metrics import evaluate_features
+from engine.evaluation.metrics import evaluate_features
 from engine.precision import autocast
 
 
@@ -55,16 +55,3 @@ def evaluate_target(model, loader, device: torch.device, amp_dtype,
     q_dev = q.to(feats.device)
     return evaluate_features(feats[q_dev], feats[~q_dev], pids[q], pids[~q], camids[q], camids[~q],
                              rerank=options.rerank, aqe=options.aqe)
-
-
-def init_memories_in_one_pass(model, mix, memories: list, device: torch.device, dtype) -> None:
-    """Each memory starts as the L2-normalised mean feature of every identity of its source
-    (eval mode, test transform), computed from all ranks' parts so every rank agrees. The
-    sources' mix sets are read one after another by one loader (``mix.rows.source`` tells the
-    sources apart): one pool of workers starts instead of one per source."""
-    feats = extract_features(model, mix, device, dtype)
-    source = torch.as_tensor(mix.rows.source, device=feats.device)
-    labels = torch.as_tensor(mix.labels, device=feats.device)
-    for s, memory in enumerate(memories):
-        memory.init_centers(feats[source == s], labels[source == s])
-

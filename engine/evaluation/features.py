@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine.checkpoint import network_from_checkpoint
 from engine.device import resolve_device
-from engine.evaluate import extract_features
+from engine.evaluation.targets import extract_features
 from engine.precision import amp_dtype, autocast
 from pipeline.loader import EvalLoader, LoaderConfig, select_loader
 from pipeline.plan import decode_rgb

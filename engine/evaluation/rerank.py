@@ -48,7 +48,7 @@ def check_size(num_query: int, num_gallery: int) -> None:
     if need > MAX_BYTES:
         raise ValueError(f"re-ranking needs the full {n} x {n} distance matrix of {num_query} queries "
                          f"+ {num_gallery} gallery images ({need / 2**30:.1f} GiB as float32), above "
-                         f"the {MAX_BYTES / 2**30:.0f} GiB limit (engine.rerank.MAX_BYTES); "
+                         f"the {MAX_BYTES / 2**30:.0f} GiB limit (engine.evaluation.rerank.MAX_BYTES); "
                          "evaluate without re-ranking")
 
 
@@ -198,7 +198,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6,
     """Re-ranked [num_query, num_gallery] float32 distances, as the standard function returns them.
 
     The blocks are query-gallery [Q, G], query-query [Q, Q] and gallery-gallery [G, G] distances
-    (engine.metrics passes squared Euclidean ones); k1, k2 and lambda_value default to the paper's.
+    (engine.evaluation.metrics passes squared Euclidean ones); k1, k2 and lambda_value default to the paper's.
     """
     q_g, q_q, g_g = (np.asarray(x) for x in (q_g_dist, q_q_dist, g_g_dist))
     nq, ng = q_g.shape
