@@ -15,10 +15,14 @@ from torch import nn
 
 import train
 from engine.checkpoint import network_from_checkpoint
+from engine.optim import build_scaler
+from engine.step import shuffle_plan, train_step
 from model.groups import BN_IMPLS
+from model.memory import MemoryClassifier
 from model.resnet import IBN, GroupBatchNorm2d, build_model, input_problem
 from model.style import UBS
-from reference import LiteralUBS, replica_forward
+from reference import LiteralUBS, reference_step, replica_forward
+from tests import step_case
 from tests.runs import history, load_checkpoint, small_run
 from tools import export
 
@@ -224,6 +228,46 @@ def test_grouped_statistics_equal_the_literal_replicas(impl):
     for (name, a), (_, b) in zip(grouped.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=lambda m: f"{name}: {m}")
     assert grouped.layer1[0].bn1.BN.num_batches_tracked.item() == 4
+
+
+def test_training_step_equals_the_published_one_before_the_optimizer():
+    """The whole IL iteration (engine.step.train_step: the grouped forward of three sources, the
+    memory loss, the shuffled styled second forward, the planned memory update) against the
+    published one (reference_step: 4 literal replicas, the per-sample memory loop) for this
+    backbone. Plain SGD with lr 1 makes each weight's change its gradient, compared as above;
+    Adam would turn the stem BatchNorm bias's rounding-noise gradient into steps of lr."""
+    torch.manual_seed(0)
+    fast = build_model(ARCH, bn_groups=4, style=UBS()).double().train()
+    ref = copy.deepcopy(fast)
+    ref.bn_groups, ref.style = 1, LiteralUBS()
+    before = {n: p.detach().clone() for n, p in fast.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    centers = [F.normalize(torch.randn(n, fast.num_features, generator=g, dtype=torch.float64), dim=1)
+               for n in step_case.CLASSES]
+    memories = [MemoryClassifier(fast.num_features, len(c)).double() for c in centers]
+    for m, c in zip(memories, centers):
+        m.centers.copy_(c)
+    initial, centers = centers, [c.clone() for c in centers]
+    sizes = step_case.SIZES
+    x = torch.randn(sum(sizes), 3, 48, 16, generator=g, dtype=torch.float64)
+    y = torch.cat([torch.randperm(n, generator=g)[:4].repeat_interleave(4) for n in step_case.CLASSES])
+    plan = shuffle_plan(sizes, 1, 0, 3, 0, 0, [t.numpy() for t in y.split(sizes)])
+    torch.manual_seed(2)
+    loss = train_step(fast, memories, x, y, sizes, torch.optim.SGD(fast.parameters(), lr=1.0),
+                      build_scaler(torch.device("cpu"), None), None, "il", plan)
+    torch.manual_seed(2)
+    want = reference_step(ref, centers, list(x.split(sizes)), list(y.split(sizes)),
+                          torch.optim.SGD(ref.parameters(), lr=1.0), "il", perm=plan.perm, replicas=4)
+    assert abs(loss.item() - want) <= 1e-9 * abs(want)
+    steps = {n: before[n] - p.detach() for n, p in ref.named_parameters()}
+    scale = max(s.abs().max().item() for s in steps.values())
+    for name, p in fast.named_parameters():
+        assert_close_to_scale(before[name] - p.detach(), steps[name], scale, name)
+    for (name, a), (_, b) in zip(fast.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    for j, (m, c) in enumerate(zip(memories, centers)):
+        assert_close_to_scale(m.centers, c, 1.0, f"memory {j}")
+    assert all(not torch.allclose(m.centers, c) for m, c in zip(memories, initial))
 
 
 @pytest.fixture(scope="module")
