@@ -69,8 +69,8 @@ def test_fast_iteration_matches_the_published_one(mode, groups, impl):
 
 
 @pytest.mark.parametrize("sources, mode, groups", [
-    (1, "il", 4), (1, "fbf", 4), (1, "fb", 4), (1, "il", 1), (2, "il", 4), (2, "il", 2), (4, "il", 4),
-    (4, "fb", 4), (4, "il", 1)])
+    (1, "il", 4), (1, "il", 1), (2, "il", 4), (2, "il", 2), (4, "il", 4), (4, "il", 1),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [(1, "fbf", 4), (1, "fb", 4), (4, "fb", 4)])])
 def test_any_number_of_sources_matches_the_published_iteration(sources, mode, groups):
     """1, 2 and 4 sources (1: the single-source transfer setting): a memory per source, the
     statistics groups of each source's batch and of the shuffled second forward over all of
