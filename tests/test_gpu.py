@@ -31,6 +31,23 @@ def test_train_on_cuda(synthetic_shards, tmp_path, loader, amp):
     assert len(rows) == 2 and all(r["loss"] > 0 and 0 <= r["mAP"] <= 1 for r in rows)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, sources", [
+    (["-a", "resnet50_ibn_a"], None), ([], ["cuhk03"]),
+    ([], ["dukemtmc", "cuhk03", "msmt17v1", "cuhk_sysu"])],
+    ids=["ibn", "one-source", "four-sources"])
+def test_other_backbones_and_numbers_of_sources_train_on_cuda(synthetic_shards, tmp_path, extra, sources):
+    """IBN-Net (its instance-norm halves under autocast and channels_last) and 1 and 4 sources
+    (a memory and identity batches each) train, evaluate and resume on the GPU, as on the CPU
+    (tests/test_ibn.py, tests/test_train.py)."""
+    run = small_run(synthetic_shards, tmp_path, *extra, "--amp", "auto", sources=sources)
+    argv = [a if a != "cpu" else "cuda" for a in run]
+    assert train.main(argv) == 0
+    assert train.main([*argv, "--epochs", "2", "--resume", str(tmp_path / "latest.pth")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 0 and 0 <= r["mAP"] <= 1 for r in rows)
+
+
 def test_the_step_does_not_synchronise_with_the_host():
     """CUDA's sync debug mode raises at any point where the host would wait for the GPU: a bf16
     iteration (channels_last, fused Adam, memory updates planned from the sampler's labels) must have none."""
