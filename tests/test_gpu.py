@@ -38,14 +38,16 @@ def test_train_on_cuda(synthetic_shards, tmp_path, loader, amp):
     ids=["ibn", "one-source", "four-sources"])
 def test_other_backbones_and_numbers_of_sources_train_on_cuda(synthetic_shards, tmp_path, extra, sources):
     """IBN-Net (its instance-norm halves under autocast and channels_last) and 1 and 4 sources
-    (a memory and identity batches each) train, evaluate and resume on the GPU, as on the CPU
-    (tests/test_ibn.py, tests/test_train.py)."""
+    (a memory and identity batches each) train and evaluate on the GPU, as on the CPU
+    (tests/test_ibn.py, tests/test_train.py); IBN-Net resumes too. Four short runs, kept few for the
+    gpu-tests step's time limit."""
     run = small_run(synthetic_shards, tmp_path, *extra, "--amp", "auto", sources=sources)
     argv = [a if a != "cpu" else "cuda" for a in run]
     assert train.main(argv) == 0
-    assert train.main([*argv, "--epochs", "2", "--resume", str(tmp_path / "latest.pth")]) == 0
+    if sources is None:
+        assert train.main([*argv, "--epochs", "2", "--resume", str(tmp_path / "latest.pth")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["loss"] > 0 and 0 <= r["mAP"] <= 1 for r in rows)
+    assert len(rows) == (1 if sources else 2) and all(r["loss"] > 0 and 0 <= r["mAP"] <= 1 for r in rows)
 
 
 def test_the_step_does_not_synchronise_with_the_host():
