@@ -14,13 +14,13 @@ TARGET = "market1501"
 
 
 def small_run(shards: Path, logs: Path, *extra: str, loader: str = "torch", workers: int = 1,
-              sources: list[str] | None = None) -> list[str]:
-    """train.py flags: resnet18 at 64x32, 4 ids x 4 per source, 3 iterations of one epoch on the CPU;
-    ``sources``: --sources instead of SOURCES' three (the target stays TARGET)."""
+              sources: list[str] | None = None, device: str = "cpu") -> list[str]:
+    """train.py flags: resnet18 at 64x32, 4 ids x 4 per source, 3 iterations of one epoch on
+    ``device``; ``sources``: --sources instead of SOURCES' three (the target stays TARGET)."""
     data = SOURCES if sources is None else ["--sources", ",".join(sources), "-d", TARGET]
     return ["--shards", str(shards), "--logs-dir", str(logs), *data, "-a", "resnet18", "--pretrained",
             "none", "--height", "64", "--width", "32", "-b", "16", "--iters", "3", "--epochs", "1",
-            "--workers", str(workers), "--test-batch-size", "64", "--loader", loader, "--device", "cpu",
+            "--workers", str(workers), "--test-batch-size", "64", "--loader", loader, "--device", device,
             "--no-progress", "--update-style", *extra]
 
 

@@ -37,11 +37,16 @@ def build(bn_groups: int, bn_impl: str = "group-norm",
           sources: int = 3) -> tuple[torch.nn.Module, list[MemoryClassifier]]:
     torch.manual_seed(0)
     model = build_model("resnet18", style=UBS(), bn_groups=bn_groups, bn_impl=bn_impl).double().train()
-    memories = [MemoryClassifier(model.num_features, n).double() for n in classes(sources)]
+    return model, memories(model.num_features, classes(sources))
+
+
+def memories(features: int, counts: list[int]) -> list[MemoryClassifier]:
+    """A float64 memory per source, of ``counts[j]`` random unit centres, the same wherever made."""
+    out = [MemoryClassifier(features, n).double() for n in counts]
     g = torch.Generator().manual_seed(1)
-    for m in memories:
+    for m in out:
         m.centers.copy_(F.normalize(torch.randn(m.centers.shape, generator=g, dtype=torch.float64), dim=1))
-    return model, memories
+    return out
 
 
 def literal(model: torch.nn.Module) -> torch.nn.Module:

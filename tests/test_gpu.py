@@ -2,7 +2,6 @@
 DALI GPU loader when installed. Skipped on machines without CUDA."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from engine.evaluation.features import FeatureExtractor
 from pipeline.plan import decode_rgb
 from pipeline.shards import SplitReader
 from pipeline.transforms import normalize
-from tests.runs import TARGET, small_run
+from tests.runs import TARGET, history, small_run
 from tools import export, extract, visualize_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -25,9 +24,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_train_on_cuda(synthetic_shards, tmp_path, loader, amp):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
-    argv = [a if a != "cpu" else "cuda" for a in small_run(synthetic_shards, tmp_path, loader=loader)]
+    argv = small_run(synthetic_shards, tmp_path, loader=loader, device="cuda")
     assert train.main([*argv, "--amp", amp, "--epochs", "2"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = history(tmp_path)
     assert len(rows) == 2 and all(r["loss"] > 0 and 0 <= r["mAP"] <= 1 for r in rows)
 
 
@@ -41,12 +40,11 @@ def test_other_backbones_and_numbers_of_sources_train_on_cuda(synthetic_shards, 
     (a memory and identity batches each) train and evaluate on the GPU, as on the CPU
     (tests/test_ibn.py, tests/test_train.py); IBN-Net resumes too. Four short runs, kept few for the
     gpu-tests step's time limit."""
-    run = small_run(synthetic_shards, tmp_path, *extra, "--amp", "auto", sources=sources)
-    argv = [a if a != "cpu" else "cuda" for a in run]
+    argv = small_run(synthetic_shards, tmp_path, *extra, "--amp", "auto", sources=sources, device="cuda")
     assert train.main(argv) == 0
     if sources is None:
         assert train.main([*argv, "--epochs", "2", "--resume", str(tmp_path / "latest.pth")]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = history(tmp_path)
     assert len(rows) == (1 if sources else 2) and all(r["loss"] > 0 and 0 <= r["mAP"] <= 1 for r in rows)
 
 

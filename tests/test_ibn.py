@@ -4,7 +4,6 @@ weights file through --pretrained, its statistics groups against the literal Dat
 replicas, and a small run that trains, evaluates, resumes and exports."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,9 @@ from engine.checkpoint import network_from_checkpoint
 from engine.optim import build_scaler
 from engine.step import shuffle_plan, train_step
 from model.groups import BN_IMPLS
-from model.memory import MemoryClassifier
 from model.resnet import IBN, GroupBatchNorm2d, build_model, input_problem
 from model.style import UBS
-from reference import LiteralUBS, reference_step, replica_forward
+from reference import reference_step, replica_forward
 from tests import step_case
 from tests.runs import history, load_checkpoint, small_run
 from tools import export
@@ -208,8 +206,7 @@ def test_grouped_statistics_equal_the_literal_replicas(impl):
     same draws) against 4 replicas too. In float64; 48x16: layer3's map has 3 positions."""
     torch.manual_seed(0)
     grouped = build_model(ARCH, bn_groups=4, bn_impl=impl, style=UBS()).double().train()
-    ref = copy.deepcopy(grouped)
-    ref.bn_groups, ref.style = 1, LiteralUBS()
+    ref = step_case.literal(grouped)
     x = torch.randn(48, 3, 48, 16, dtype=torch.float64).to(memory_format=torch.channels_last)
     out = grouped(x, sizes=[16, 16, 16])
     want = torch.cat([replica_forward(ref, part, 4) for part in x.split(16)])
@@ -241,17 +238,13 @@ def test_training_step_equals_the_published_one_before_the_optimizer():
     steps of lr."""
     torch.manual_seed(0)
     fast = build_model(ARCH, bn_groups=2, style=UBS()).double().train()
-    ref = copy.deepcopy(fast)
-    ref.bn_groups, ref.style = 1, LiteralUBS()
+    ref = step_case.literal(fast)
     before = {n: p.detach().clone() for n, p in fast.named_parameters()}
-    g = torch.Generator().manual_seed(1)
     sizes, classes = [8, 8], step_case.CLASSES[:2]
-    centers = [F.normalize(torch.randn(n, fast.num_features, generator=g, dtype=torch.float64), dim=1)
-               for n in classes]
-    memories = [MemoryClassifier(fast.num_features, len(c)).double() for c in centers]
-    for m, c in zip(memories, centers):
-        m.centers.copy_(c)
-    initial, centers = centers, [c.clone() for c in centers]
+    memories = step_case.memories(fast.num_features, classes)
+    initial = [m.centers.clone() for m in memories]
+    centers = [c.clone() for c in initial]
+    g = torch.Generator().manual_seed(1)
     x = torch.randn(sum(sizes), 3, 48, 16, generator=g, dtype=torch.float64)
     y = torch.cat([torch.randperm(n, generator=g)[:2].repeat_interleave(4) for n in classes])
     plan = shuffle_plan(sizes, 1, 0, 3, 0, 0, [t.numpy() for t in y.split(sizes)])
